@@ -1,0 +1,118 @@
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "kernels/jagged.h"
+#include "launch.h"
+
+namespace provcollate {
+namespace {
+
+// Items per task: enough bytes that a task outweighs the cost of handing it to a thread.
+int64_t grain(int64_t bytes_per_item) {
+  constexpr int64_t kTaskBytes = 1 << 18;
+  return std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, bytes_per_item));
+}
+
+template <typename word_t>
+void fill_words(char* dst, int64_t bytes, const FillPattern& fill) {
+  word_t word;
+  std::memcpy(&word, fill.bytes.data(), sizeof(word_t));
+  std::fill_n(reinterpret_cast<word_t*>(dst), bytes / static_cast<int64_t>(sizeof(word_t)), word);
+}
+
+struct Word16 {
+  uint64_t lo, hi;
+};
+
+void fill_rows(char* dst, int64_t bytes, const FillPattern& fill) {
+  if (bytes <= 0) return;
+  if (fill.zero) {
+    std::memset(dst, 0, bytes);
+    return;
+  }
+  switch (fill.unit) {
+    case 1: return fill_words<uint8_t>(dst, bytes, fill);
+    case 2: return fill_words<uint16_t>(dst, bytes, fill);
+    case 4: return fill_words<uint32_t>(dst, bytes, fill);
+    case 8: return fill_words<uint64_t>(dst, bytes, fill);
+    default: return fill_words<Word16>(dst, bytes, fill);
+  }
+}
+
+at::Tensor pad_cpu(const at::Tensor& values, const at::Tensor& offsets, int64_t max_len,
+                   const at::Scalar& pad_value, bool left) {
+  const PadArgs a = pad_args(values, offsets, max_len);
+  at::Tensor out = at::empty(a.out_shape, values.options());
+  const int64_t row = row_bytes(a.values, 1);
+  if (out.numel() == 0) return out;
+  const char* src = static_cast<const char*>(a.values.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const FillPattern fill(pad_value, values.scalar_type(), copy_unit(row, {src, dst}));
+  const int64_t* off = a.offsets.const_data_ptr<int64_t>();
+  const int64_t item_bytes = max_len * row;
+  at::parallel_for(0, a.batch, grain(item_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const kernels::Span s = kernels::item_span(off, b, a.total, max_len, left);
+      char* item = dst + b * item_bytes;
+      fill_rows(item, s.padded * row, fill);
+      std::memcpy(item + s.padded * row, src + s.jagged * row, s.len * row);
+      fill_rows(item + (s.padded + s.len) * row, (max_len - s.padded - s.len) * row, fill);
+    }
+  });
+  return out;
+}
+
+at::Tensor unpad_cpu(const at::Tensor& padded, const at::Tensor& offsets, int64_t total,
+                     bool left) {
+  const UnpadArgs a = unpad_args(padded, offsets, total);
+  at::Tensor out = at::empty(a.out_shape, padded.options());
+  const int64_t row = row_bytes(a.padded, 2);
+  if (out.numel() == 0) return out;
+  const char* src = static_cast<const char*>(a.padded.const_data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
+  const int64_t* off = a.offsets.const_data_ptr<int64_t>();
+  const int64_t item_bytes = a.max_len * row;
+  const int64_t mean_bytes = a.batch > 0 ? total * row / a.batch : 0;
+  at::parallel_for(0, a.batch, grain(mean_bytes), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const kernels::Span s = kernels::item_span(off, b, total, a.max_len, left);
+      std::memcpy(dst + s.jagged * row, src + b * item_bytes + s.padded * row, s.len * row);
+    }
+  });
+  return out;
+}
+
+void unpad_scatter_cpu(const at::Tensor& dst, const at::Tensor& padded, const at::Tensor& lengths,
+                       const at::Tensor& dst_offsets, bool left) {
+  const ScatterArgs a = unpad_scatter_args(dst, padded, lengths, dst_offsets);
+  const int64_t row = row_bytes(a.padded, 2);
+  if (a.batch == 0 || row == 0 || a.max_len == 0) return;
+  // Rows are written into a contiguous buffer; a non-contiguous dst gets it copied back.
+  at::Tensor out = dst.is_contiguous() ? dst : dst.contiguous();
+  const char* src = static_cast<const char*>(a.padded.const_data_ptr());
+  char* base = static_cast<char*>(out.data_ptr());
+  const int64_t* len = a.lengths.const_data_ptr<int64_t>();
+  const int64_t* dst_off = a.dst_offsets.const_data_ptr<int64_t>();
+  const int64_t item_bytes = a.max_len * row;
+  at::parallel_for(0, a.batch, grain(item_bytes / 2), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const kernels::Span s =
+          kernels::scatter_span(len, dst_off, b, a.dst_rows, a.max_len, left);
+      std::memcpy(base + s.jagged * row, src + b * item_bytes + s.padded * row, s.len * row);
+    }
+  });
+  if (!out.is_same(dst)) dst.copy_(out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(provcollate, CPU, m) {
+  m.impl("pad", &pad_cpu);
+  m.impl("unpad", &unpad_cpu);
+  m.impl("unpad_scatter_", &unpad_scatter_cpu);
+}
+
+}  // namespace provcollate

@@ -1,0 +1,161 @@
+#include "launch.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace provcollate {
+
+bool checked_mode() {
+  static const bool on = [] {
+    const char* v = std::getenv("PROVCOLLATE_CHECK");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+void check_size_arg(const char* op, const char* name, int64_t value) {
+  TORCH_CHECK_VALUE(value >= 0, op, ": ", name, " must be >= 0, got ", value);
+}
+
+at::Tensor index_arg(const char* op, const char* name, const at::Tensor& t, int64_t numel,
+                     const c10::Device& device) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, ": ", name,
+                   " must be an int32 or int64 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.numel() == numel, op, ": ", name, " must have ", numel,
+                    " elements, got ", t.numel());
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be on ", device,
+                    " like the data, got ", t.device());
+  return t.to(at::kLong).contiguous();
+}
+
+namespace {
+at::Tensor on_host_if_checked(const at::Tensor& t) {
+  if (t.is_cpu()) return t;
+  return checked_mode() ? t.cpu() : at::Tensor();
+}
+}  // namespace
+
+void check_offsets(const char* op, const at::Tensor& offsets, int64_t total, int64_t max_len) {
+  const at::Tensor host = on_host_if_checked(offsets);
+  if (!host.defined()) return;
+  const int64_t* o = host.data_ptr<int64_t>();
+  const int64_t batch = host.numel() - 1;
+  TORCH_CHECK_VALUE(o[0] == 0, op, ": offsets must start at 0, got offsets[0] = ", o[0]);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = o[b + 1] - o[b];
+    TORCH_CHECK_VALUE(len >= 0, op, ": offsets must not decrease, got offsets[", b, "] = ", o[b],
+                      " > offsets[", b + 1, "] = ", o[b + 1]);
+    TORCH_CHECK_VALUE(len <= max_len, op, ": item ", b, " has length ", len,
+                      " (offsets[", b + 1, "] - offsets[", b, "]), more than max_len = ", max_len);
+  }
+  TORCH_CHECK_VALUE(o[batch] == total, op, ": offsets must end at the number of rows, ", total,
+                    ", got offsets[", batch, "] = ", o[batch]);
+}
+
+void check_scatter(const char* op, const at::Tensor& lengths, const at::Tensor& dst_offsets,
+                   int64_t dst_rows, int64_t max_len) {
+  const at::Tensor l_host = on_host_if_checked(lengths);
+  if (!l_host.defined()) return;
+  const at::Tensor d_host = on_host_if_checked(dst_offsets);
+  const int64_t* l = l_host.data_ptr<int64_t>();
+  const int64_t* d = d_host.data_ptr<int64_t>();
+  for (int64_t b = 0; b < l_host.numel(); ++b) {
+    TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= max_len, op, ": lengths[", b, "] must be in [0, ",
+                      max_len, "] (padded.size(1)), got ", l[b]);
+    TORCH_CHECK_VALUE(d[b] >= 0 && d[b] <= dst_rows - l[b], op, ": rows [", d[b], ", ",
+                      d[b] + l[b], ") of item ", b, " (dst_offsets[", b, "] + lengths[", b,
+                      "]) must lie inside dst's ", dst_rows, " rows");
+  }
+}
+
+int64_t row_bytes(const at::Tensor& t, int64_t leading_dims) {
+  int64_t n = static_cast<int64_t>(t.element_size());
+  for (int64_t d = leading_dims; d < t.dim(); ++d) n *= t.size(d);
+  return n;
+}
+
+int64_t copy_unit(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
+  int64_t unit = 16;
+  while (unit > 1 && row_bytes % unit != 0) unit /= 2;
+  for (const void* p : ptrs) {
+    while (unit > 1 && reinterpret_cast<uintptr_t>(p) % unit != 0) unit /= 2;
+  }
+  return unit;
+}
+
+FillPattern::FillPattern(const c10::Scalar& value, c10::ScalarType dtype, int64_t unit_)
+    : unit(unit_) {
+  // at::full checks that the value fits the dtype (e.g. -100 into uint8 is an error).
+  const at::Tensor one = at::full({}, value, at::TensorOptions().dtype(dtype));
+  const int64_t elem = static_cast<int64_t>(one.element_size());
+  TORCH_INTERNAL_ASSERT(unit % elem == 0 && unit <= 16);
+  for (int64_t i = 0; i < unit; i += elem) std::memcpy(bytes.data() + i, one.const_data_ptr(), elem);
+  zero = true;
+  for (int64_t i = 0; i < unit; ++i) zero = zero && bytes[i] == 0;
+}
+
+PadArgs pad_args(const at::Tensor& values, const at::Tensor& offsets, int64_t max_len) {
+  check_size_arg("pad", "max_len", max_len);
+  TORCH_CHECK_VALUE(values.dim() >= 1, "pad: values must have a leading length dimension "
+                    "[total, ...], got a 0-d tensor");
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 1, "pad: offsets must be 1-D with "
+                    "B+1 >= 1 elements, got shape ", offsets.sizes());
+  PadArgs a;
+  a.batch = offsets.numel() - 1;
+  a.total = values.size(0);
+  a.max_len = max_len;
+  a.offsets = index_arg("pad", "offsets", offsets, a.batch + 1, values.device());
+  check_offsets("pad", a.offsets, a.total, max_len);
+  a.values = values.contiguous();
+  a.out_shape = {a.batch, max_len};
+  for (int64_t d = 1; d < values.dim(); ++d) a.out_shape.push_back(values.size(d));
+  return a;
+}
+
+UnpadArgs unpad_args(const at::Tensor& padded, const at::Tensor& offsets, int64_t total) {
+  check_size_arg("unpad", "total", total);
+  TORCH_CHECK_VALUE(padded.dim() >= 2, "unpad: padded must be [B, max_len, ...], got shape ",
+                    padded.sizes());
+  UnpadArgs a;
+  a.batch = padded.size(0);
+  a.max_len = padded.size(1);
+  a.total = total;
+  a.offsets = index_arg("unpad", "offsets", offsets, a.batch + 1, padded.device());
+  check_offsets("unpad", a.offsets, total, a.max_len);
+  a.padded = padded.contiguous();
+  a.out_shape = {total};
+  for (int64_t d = 2; d < padded.dim(); ++d) a.out_shape.push_back(padded.size(d));
+  return a;
+}
+
+ScatterArgs unpad_scatter_args(const at::Tensor& dst, const at::Tensor& padded,
+                               const at::Tensor& lengths, const at::Tensor& dst_offsets) {
+  const char* op = "unpad_scatter_";
+  TORCH_CHECK_VALUE(padded.dim() >= 2, op, ": padded must be [B, max_len, ...], got shape ",
+                    padded.sizes());
+  TORCH_CHECK_VALUE(dst.dim() == padded.dim() - 1, op, ": dst must be [rows, ",
+                    "*padded.shape[2:]] with ", padded.dim() - 1, " dims, got shape ",
+                    dst.sizes());
+  TORCH_CHECK_VALUE(dst.sizes().slice(1) == padded.sizes().slice(2), op,
+                    ": trailing dims of dst ", dst.sizes().slice(1),
+                    " must equal those of padded ", padded.sizes().slice(2));
+  TORCH_CHECK_TYPE(dst.scalar_type() == padded.scalar_type(), op, ": dst and padded must have "
+                   "one dtype, got ", dst.scalar_type(), " and ", padded.scalar_type());
+  TORCH_CHECK_VALUE(dst.device() == padded.device(), op, ": dst and padded must be on one "
+                    "device, got ", dst.device(), " and ", padded.device());
+  ScatterArgs a;
+  a.batch = padded.size(0);
+  a.max_len = padded.size(1);
+  a.dst_rows = dst.size(0);
+  a.lengths = index_arg(op, "lengths", lengths, a.batch, padded.device());
+  a.dst_offsets = index_arg(op, "dst_offsets", dst_offsets, a.batch, padded.device());
+  check_scatter(op, a.lengths, a.dst_offsets, a.dst_rows, a.max_len);
+  a.padded = padded.contiguous();
+  return a;
+}
+
+}  // namespace provcollate

@@ -1,0 +1,22 @@
+// The module and the dispatcher schemas of every op. Kernels register themselves per backend
+// (cpu/, cuda/); fake kernels and autograd are registered in provcollate/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import provcollate._C` loads this library, which runs the registrations below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(provcollate, m) {
+  // Every output size is a host integer, so no op ever waits on the device to learn it.
+  m.def("pad(Tensor values, Tensor offsets, SymInt max_len, Scalar pad_value=0, bool left=False)"
+        " -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("unpad(Tensor padded, Tensor offsets, SymInt total, bool left=False) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("unpad_scatter_(Tensor(a!) dst, Tensor padded, Tensor lengths, Tensor dst_offsets,"
+        " bool left=False) -> ()",
+        {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,116 @@
+"""pad / unpad / unpad_scatter_: the compiled ops, where Python meets the dispatcher.
+
+Also registered as ``torch.ops.provcollate.{pad, unpad, unpad_scatter_}``. Every output size
+(``max_len``, ``total``) is a host integer, so no op ever reads a device value back: on a GPU
+they queue work and return at once. Offsets are ``[B+1]`` int32 or int64 starting at 0
+(flash-attention's ``cu_seqlens``). Offsets that live on the CPU are validated; on a GPU the
+kernels stay in bounds whatever the offsets hold, and ``PROVCOLLATE_CHECK=1`` validates them
+too (at the cost of a device-to-host copy).
+
+Without the compiled extension these functions run on :mod:`provcollate.reference`.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import reference
+
+__all__ = ["pad", "unpad", "unpad_scatter_", "HAS_EXTENSION"]
+
+try:
+    from . import _C  # noqa: F401  (loading it registers torch.ops.provcollate.*)
+
+    HAS_EXTENSION = True
+except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+    HAS_EXTENSION = False
+    warnings.warn(
+        f"provcollate: the compiled extension could not be loaded ({exc}); running on the "
+        "pure-PyTorch reference (provcollate.reference), which is correct but slower. "
+        "Rebuild with `pip install --no-build-isolation -e .`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _check_int(op: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+
+
+def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, left: bool = False) -> torch.Tensor:
+    """Jagged rows ``values [total, ...]`` to a padded ``[B, max_len, ...]``.
+
+    Item ``b`` is ``values[offsets[b]:offsets[b+1]]``; it fills the first (``left=False``) or last
+    (``left=True``) positions of row ``b``, the rest is ``pad_value``. Differentiable in ``values``.
+    """
+    _check_int("pad", "max_len", max_len)
+    if not HAS_EXTENSION:
+        return reference.pad(values, offsets, max_len, pad_value, left)
+    return torch.ops.provcollate.pad(values, offsets, max_len, pad_value, left)
+
+
+def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: int, left: bool = False) -> torch.Tensor:
+    """Padded ``[B, max_len, ...]`` back to jagged ``[total, ...]``: the masked gather of real rows.
+
+    ``total`` must equal ``offsets[-1]``; pass it from the host (e.g. ``batch.lengths.sum()``
+    computed where the lengths were made) so nothing waits on the device. Differentiable.
+    """
+    _check_int("unpad", "total", total)
+    if not HAS_EXTENSION:
+        return reference.unpad(padded, offsets, total, left)
+    return torch.ops.provcollate.unpad(padded, offsets, total, left)
+
+
+def unpad_scatter_(dst: torch.Tensor, padded: torch.Tensor, lengths: torch.Tensor, dst_offsets: torch.Tensor, left: bool = False) -> torch.Tensor:
+    """Write ``padded[b, :lengths[b]]`` to ``dst[dst_offsets[b] : dst_offsets[b] + lengths[b]]``, in place.
+
+    The real rows of each padded item go straight to their slots in ``dst`` (with ``left=True``
+    the last ``lengths[b]`` rows of item ``b``). Destinations of different items must not
+    overlap. Returns ``dst``.
+    """
+    if not HAS_EXTENSION:
+        return reference.unpad_scatter_(dst, padded, lengths, dst_offsets, left)
+    torch.ops.provcollate.unpad_scatter_(dst, padded, lengths, dst_offsets, left)
+    return dst
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("provcollate::pad")
+    def _pad_fake(values, offsets, max_len, pad_value=0, left=False):
+        torch._check(offsets.dim() == 1 and offsets.numel() >= 1, lambda: "pad: offsets must be 1-D with B+1 >= 1 elements")
+        return values.new_empty((offsets.shape[0] - 1, max_len, *values.shape[1:]))
+
+    @torch.library.register_fake("provcollate::unpad")
+    def _unpad_fake(padded, offsets, total, left=False):
+        torch._check(padded.dim() >= 2, lambda: "unpad: padded must be [B, max_len, ...]")
+        return padded.new_empty((total, *padded.shape[2:]))
+
+    @torch.library.register_fake("provcollate::unpad_scatter_")
+    def _unpad_scatter_fake(dst, padded, lengths, dst_offsets, left=False):
+        return None
+
+    def _pad_setup(ctx, inputs, output):
+        values, offsets, _max_len, _pad_value, left = inputs
+        ctx.save_for_backward(offsets)
+        ctx.total = values.shape[0]
+        ctx.left = left
+
+    def _pad_backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        return torch.ops.provcollate.unpad(grad, offsets, ctx.total, ctx.left), None, None, None, None
+
+    def _unpad_setup(ctx, inputs, output):
+        padded, offsets, _total, left = inputs
+        ctx.save_for_backward(offsets)
+        ctx.max_len = padded.shape[1]
+        ctx.left = left
+
+    def _unpad_backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        return torch.ops.provcollate.pad(grad, offsets, ctx.max_len, 0, ctx.left), None, None, None
+
+    torch.library.register_autograd("provcollate::pad", _pad_backward, setup_context=_pad_setup)
+    torch.library.register_autograd("provcollate::unpad", _unpad_backward, setup_context=_unpad_setup)

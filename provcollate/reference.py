@@ -1,0 +1,95 @@
+"""Pure-PyTorch reference of every provcollate op.
+
+The test oracle, and the fallback when the compiled extension is missing. Written for clarity
+with boolean masks, independent of the kernels' index arithmetic; it validates its arguments
+like the compiled ops do (it reads offsets on the host, wherever they live).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["pad", "unpad", "unpad_scatter_", "valid_mask"]
+
+
+def _lengths(op: str, offsets: torch.Tensor, total: int, max_len: int) -> torch.Tensor:
+    if offsets.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: offsets must be an int32 or int64 tensor, got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"{op}: offsets must be 1-D with B+1 >= 1 elements, got shape {tuple(offsets.shape)}")
+    o = offsets.long().cpu()
+    if o[0].item() != 0:
+        raise ValueError(f"{op}: offsets must start at 0, got offsets[0] = {o[0].item()}")
+    lengths = o[1:] - o[:-1]
+    if lengths.numel() and lengths.min().item() < 0:
+        b = int((lengths < 0).nonzero()[0])
+        raise ValueError(f"{op}: offsets must not decrease, got offsets[{b}] = {o[b].item()} > offsets[{b + 1}] = {o[b + 1].item()}")
+    if lengths.numel() and lengths.max().item() > max_len:
+        b = int((lengths > max_len).nonzero()[0])
+        raise ValueError(f"{op}: item {b} has length {lengths[b].item()} (offsets[{b + 1}] - offsets[{b}]), more than max_len = {max_len}")
+    if o[-1].item() != total:
+        raise ValueError(f"{op}: offsets must end at the number of rows, {total}, got offsets[{o.numel() - 1}] = {o[-1].item()}")
+    return lengths
+
+
+def valid_mask(lengths: torch.Tensor, max_len: int, left: bool = False) -> torch.Tensor:
+    """[B, max_len] bool: True where position t of item b holds a real row."""
+    t = torch.arange(max_len, device=lengths.device)
+    if left:
+        return t >= (max_len - lengths)[:, None]
+    return t < lengths[:, None]
+
+
+def _check_size(op: str, name: str, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{op}: {name} must be >= 0, got {value}")
+
+
+def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, left: bool = False) -> torch.Tensor:
+    _check_size("pad", "max_len", max_len)
+    if values.dim() < 1:
+        raise ValueError("pad: values must have a leading length dimension [total, ...], got a 0-d tensor")
+    lengths = _lengths("pad", offsets, values.shape[0], max_len).to(values.device)
+    out = values.new_full((lengths.numel(), max_len, *values.shape[1:]), pad_value)
+    out[valid_mask(lengths, max_len, left)] = values
+    return out
+
+
+def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: int, left: bool = False) -> torch.Tensor:
+    _check_size("unpad", "total", total)
+    if padded.dim() < 2:
+        raise ValueError(f"unpad: padded must be [B, max_len, ...], got shape {tuple(padded.shape)}")
+    if offsets.numel() != padded.shape[0] + 1:
+        raise ValueError(f"unpad: offsets must have {padded.shape[0] + 1} elements, got {offsets.numel()}")
+    lengths = _lengths("unpad", offsets, total, padded.shape[1]).to(padded.device)
+    return padded[valid_mask(lengths, padded.shape[1], left)]
+
+
+def unpad_scatter_(dst: torch.Tensor, padded: torch.Tensor, lengths: torch.Tensor, dst_offsets: torch.Tensor, left: bool = False) -> torch.Tensor:
+    op = "unpad_scatter_"
+    if padded.dim() < 2:
+        raise ValueError(f"{op}: padded must be [B, max_len, ...], got shape {tuple(padded.shape)}")
+    if dst.shape[1:] != padded.shape[2:]:
+        raise ValueError(f"{op}: trailing dims of dst {tuple(dst.shape[1:])} must equal those of padded {tuple(padded.shape[2:])}")
+    if dst.dtype != padded.dtype:
+        raise TypeError(f"{op}: dst and padded must have one dtype, got {dst.dtype} and {padded.dtype}")
+    batch, max_len = padded.shape[:2]
+    for name, t in (("lengths", lengths), ("dst_offsets", dst_offsets)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{op}: {name} must be an int32 or int64 tensor, got {t.dtype}")
+        if t.dim() != 1 or t.numel() != batch:
+            raise ValueError(f"{op}: {name} must be 1-D with {batch} elements, got shape {tuple(t.shape)}")
+    lengths = lengths.long().to(dst.device)
+    dst_offsets = dst_offsets.long().to(dst.device)
+    if batch:
+        if lengths.min() < 0 or lengths.max() > max_len:
+            b = int(((lengths < 0) | (lengths > max_len)).nonzero()[0])
+            raise ValueError(f"{op}: lengths[{b}] must be in [0, {max_len}] (padded.size(1)), got {lengths[b].item()}")
+        end = dst_offsets + lengths
+        bad = (dst_offsets < 0) | (end > dst.shape[0])
+        if bad.any():
+            b = int(bad.nonzero()[0])
+            raise ValueError(f"{op}: rows [{dst_offsets[b].item()}, {end[b].item()}) of item {b} must lie inside dst's {dst.shape[0]} rows")
+    starts = torch.cumsum(lengths, 0) - lengths
+    rows = torch.repeat_interleave(dst_offsets - starts, lengths) + torch.arange(int(lengths.sum()), device=dst.device)
+    dst[rows] = padded[valid_mask(lengths, max_len, left)]
+    return dst
