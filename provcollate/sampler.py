@@ -24,6 +24,8 @@ def _as_lengths(lengths) -> torch.Tensor:
         t = torch.as_tensor(lengths).detach().cpu()
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{owner}: lengths must be a 1-D sequence, numpy array or tensor of ints, got {type(lengths).__name__} ({exc})") from None
+    if t.numel() == 0 and t.dim() == 1:
+        return t.long()
     if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
         raise TypeError(f"{owner}: lengths must hold integers, got dtype {t.dtype}")
     if t.dim() != 1:
@@ -165,7 +167,7 @@ class LengthBucketSampler(Sampler[List[int]]):
                 longest = int(self._sorted[-1])
                 raise ValueError(f"{owner}: example {longest} has length {self.lengths[longest].item()}, more than max_tokens = {self.max_tokens}")
             ends = _token_budget_ends(self.lengths[self._sorted], self.max_tokens)
-            starts = [0] + ends[:-1]
+            starts = [0, *ends[:-1]] if ends else []
         if even_batches:
             target = len(starts) + (-len(starts) % self.num_replicas)
             if target > self.num_examples:
