@@ -1,0 +1,92 @@
+"""Helpers shared by provcollate's benchmark scripts: the machine, timing, markdown results.
+
+    machine()                      -> dict: CPU model, cores, torch threads, versions
+    median_time(fn, min_run_time)  -> median seconds of one call of fn (torch.utils.benchmark)
+    best_of(times)                 -> the figure to report from several rounds of median_time
+    markdown_table(headers, rows)  -> str, a GitHub markdown table
+    command_line()                 -> str, the exact command that ran this script
+    write_markdown(path, title, sections, machine_info=None) -> writes the results page
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch.utils.benchmark import Timer
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What the numbers were measured on: CPU model, cores, torch threads and library versions."""
+    import provcollate
+
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "provcollate": provcollate.__version__,
+        "provcollate_compiled": provcollate.HAS_EXTENSION,
+    }
+
+
+def median_time(fn: Callable[[], object], min_run_time: float = 0.2) -> float:
+    """Median seconds of one ``fn()``, over as many calls as fit in ``min_run_time`` (after a warm-up).
+
+    Runs with the process's current ``torch.get_num_threads()``: Timer would otherwise pin one thread.
+    """
+    fn()
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def best_of(times: Iterable[float]) -> float:
+    """The smallest of several rounds' medians: on a shared machine noise only ever adds time."""
+    return min(times)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub markdown table; numbers must already be formatted as the caller wants them."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def command_line() -> str:
+    """The command that ran this process, as a user would type it from the repo root."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]))
+    return shlex.join(["python", script, *sys.argv[1:]])
+
+
+def write_markdown(path: str, title: str, sections: Sequence[str], machine_info: dict | None = None) -> None:
+    """Write a results page: title, the machine and the command, then ``sections`` (markdown) in order."""
+    m = machine_info or machine()
+    head = [
+        f"# {title}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Python {m['python']}, provcollate {m['provcollate']}"
+        + ("" if m["provcollate_compiled"] else " (reference fallback: extension not compiled)"),
+        "",
+        f"Command: `{command_line()}`",
+    ]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n\n".join(["\n".join(head), *sections]) + "\n")
