@@ -132,19 +132,23 @@ def test_drop_last_with_shuffle_varies_the_dropped_examples():
     assert {i for b in unshuffled for i in b} == set(range(12))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(lengths=st.lists(st.integers(0, 30), min_size=4, max_size=80), world=st.integers(1, 4),
-       batch_size=st.integers(1, 12), shuffle=st.booleans())
-def test_even_batches(lengths, world, batch_size, shuffle):
-    batches = -(-len(lengths) // batch_size)
+       size=st.integers(1, 12), by_tokens=st.booleans(), shuffle=st.booleans())
+def test_even_batches(lengths, world, size, by_tokens, shuffle):
+    """Every rank gets the same number of batches, each example still exactly once, within the budget."""
+    budget = dict(max_tokens=max(lengths) + size) if by_tokens else dict(batch_size=size)
+    batches = pc.LengthBucketSampler(lengths, **budget).num_batches
     if batches + (-batches % world) > len(lengths):
         with pytest.raises(ValueError, match="even_batches needs"):
-            pc.LengthBucketSampler(lengths, batch_size=batch_size, num_replicas=world, rank=0, even_batches=True)
+            pc.LengthBucketSampler(lengths, **budget, num_replicas=world, rank=0, even_batches=True)
         return
-    per_rank, samplers = all_ranks(lengths, world, batch_size=batch_size, shuffle=shuffle, even_batches=True)
+    per_rank, samplers = all_ranks(lengths, world, **budget, shuffle=shuffle, even_batches=True)
     check_partition(lengths, per_rank, samplers, len(lengths))
+    check_buckets(lengths, per_rank)
     assert len({len(b) for b in per_rank}) == 1
-    assert all(len(b) <= batch_size for batches in per_rank for b in batches)
+    for b in (b for batches in per_rank for b in batches):
+        assert len(b) <= budget["batch_size"] if not by_tokens else len(b) * max(lengths[i] for i in b) <= budget["max_tokens"]
 
 
 def test_fewer_batches_than_ranks_leaves_the_rest_empty():
