@@ -30,17 +30,17 @@ def _sources(pattern: str) -> list:
 def extensions():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    cxx = ["-O3", "-fvisibility=hidden"]
     define_macros = []
     if os.environ.get("PROVCOLLATE_DEBUG") == "1":
-        cxx = ["-O0", "-g", "-std=c++17"]
+        cxx = ["-O0", "-g"]
     extra = {"cxx": cxx}
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
         ext_cls = cpp_extension.CUDAExtension
         sources += _sources("csrc/cuda/*.cu")
         define_macros.append(("PROVCOLLATE_WITH_CUDA", None))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     return [
         ext_cls(
             name="provcollate._C",

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <string>
 
 namespace provcollate {
@@ -14,6 +15,20 @@ bool checked_mode() {
     return v != nullptr && std::string(v) == "1";
   }();
   return on;
+}
+
+Emulation emulation() {
+  const char* v = std::getenv("PROVCOLLATE_EMULATE_DEVICE");
+  if (v == nullptr || std::string(v).empty() || std::string(v) == "0") return Emulation::off;
+  if (std::string(v) == "int64") return Emulation::int64;
+  TORCH_CHECK_VALUE(std::string(v) == "1", "PROVCOLLATE_EMULATE_DEVICE must be 0, 1 or int64, "
+                    "got '", v, "'");
+  return Emulation::device;
+}
+
+ElementGrid element_grid(int64_t elements, int64_t stride_slack) {
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  return ElementGrid{elements, elements > kInt32Max - stride_slack};
 }
 
 void check_size_arg(const char* op, const char* name, int64_t value) {
@@ -89,8 +104,17 @@ int64_t copy_unit(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
 
 FillPattern::FillPattern(const c10::Scalar& value, c10::ScalarType dtype, int64_t unit_)
     : unit(unit_) {
-  // at::full checks that the value fits the dtype (e.g. -100 into uint8 is an error).
   const at::Tensor one = at::full({}, value, at::TensorOptions().dtype(dtype));
+  if (c10::isIntegralType(dtype, /*includeBool=*/true)) {
+    // A silent wrap (-100 as uint8 is 156) would put a valid-looking token id in the padding.
+    const c10::Scalar back = one.item();
+    const bool same = value.isBoolean()          ? back.equal(value.toBool())
+                      : value.isFloatingPoint() ? back.equal(value.toDouble())
+                      : value.isIntegral(false) ? back.equal(value.toLong())
+                                                : false;
+    TORCH_CHECK_VALUE(same, "pad: pad_value ", value, " cannot be represented in ", dtype,
+                      " (it would become ", back, ")");
+  }
   const int64_t elem = static_cast<int64_t>(one.element_size());
   TORCH_INTERNAL_ASSERT(unit % elem == 0 && unit <= 16);
   for (int64_t i = 0; i < unit; i += elem) std::memcpy(bytes.data() + i, one.const_data_ptr(), elem);

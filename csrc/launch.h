@@ -4,7 +4,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <c10/core/Scalar.h>
+
+#include "kernels/jagged.h"
 
 #include <array>
 #include <cstdint>
@@ -58,6 +61,39 @@ int64_t row_bytes(const at::Tensor& t, int64_t leading_dims);
 // Largest power of two <= 16 dividing row_bytes and the address of every pointer: the widest
 // word a launcher may move rows in.
 int64_t copy_unit(int64_t row_bytes, std::initializer_list<const void*> ptrs);
+
+// Calls f(word_t{}) with the unsigned word of `unit` bytes (1, 2, 4, 8 or 16).
+template <typename F>
+void dispatch_word(int64_t unit, const F& f) {
+  switch (unit) {
+    case 1: return f(uint8_t{});
+    case 2: return f(uint16_t{});
+    case 4: return f(uint32_t{});
+    case 8: return f(uint64_t{});
+    case 16: return f(kernels::Word16{});
+    default: TORCH_INTERNAL_ASSERT(false, "provcollate: no word of ", unit, " bytes");
+  }
+}
+
+// Elements a launch of the element bodies covers, and whether their index needs 64 bits
+// (32-bit division is several times cheaper on a GPU, so it is used whenever it is safe).
+struct ElementGrid {
+  int64_t elements;
+  bool int64_index;
+};
+ElementGrid element_grid(int64_t elements, int64_t stride_slack);
+
+template <typename F>
+void dispatch_index(bool int64_index, const F& f) {
+  if (int64_index) return f(int64_t{});
+  return f(int32_t{});
+}
+
+// PROVCOLLATE_EMULATE_DEVICE=1 runs the CPU ops through the CUDA element bodies instead of the
+// CPU copy loops, choosing words and index widths as a CUDA launch would; =int64 forces 64-bit
+// indices. For tests: it lets a machine without a GPU run the GPU's index arithmetic.
+enum class Emulation { off, device, int64 };
+Emulation emulation();
 
 // The pad value converted to the tensor's dtype and repeated to fill `unit` bytes.
 struct FillPattern {

@@ -1,13 +1,11 @@
 // The module and the dispatcher schemas of every op. Kernels register themselves per backend
 // (cpu/, cuda/); fake kernels and autograd are registered in provcollate/ops.py.
-#include <Python.h>
 #include <torch/library.h>
 
+#include "collate.h"
+
 // `import provcollate._C` loads this library, which runs the registrations below.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { provcollate::bind_collate(m); }
 
 TORCH_LIBRARY(provcollate, m) {
   // Every output size is a host integer, so no op ever waits on the device to learn it.

@@ -49,6 +49,9 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, 
     if values.dim() < 1:
         raise ValueError("pad: values must have a leading length dimension [total, ...], got a 0-d tensor")
     lengths = _lengths("pad", offsets, values.shape[0], max_len).to(values.device)
+    fill = torch.full((), pad_value, dtype=values.dtype)
+    if not (values.dtype.is_floating_point or values.dtype.is_complex) and fill.item() != pad_value:
+        raise ValueError(f"pad: pad_value {pad_value} cannot be represented in {values.dtype} (it would become {fill.item()})")
     out = values.new_full((lengths.numel(), max_len, *values.shape[1:]), pad_value)
     out[valid_mask(lengths, max_len, left)] = values
     return out

@@ -1,3 +1,6 @@
+// CPU launchers. Each item is one Span (kernels/jagged.h): its real rows move with one memcpy,
+// its padding is one fill, and items are spread over threads with at::parallel_for.
+// With PROVCOLLATE_EMULATE_DEVICE set, the same ops run the CUDA element bodies instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,23 +26,23 @@ void fill_words(char* dst, int64_t bytes, const FillPattern& fill) {
   std::fill_n(reinterpret_cast<word_t*>(dst), bytes / static_cast<int64_t>(sizeof(word_t)), word);
 }
 
-struct Word16 {
-  uint64_t lo, hi;
-};
-
 void fill_rows(char* dst, int64_t bytes, const FillPattern& fill) {
   if (bytes <= 0) return;
   if (fill.zero) {
     std::memset(dst, 0, bytes);
     return;
   }
-  switch (fill.unit) {
-    case 1: return fill_words<uint8_t>(dst, bytes, fill);
-    case 2: return fill_words<uint16_t>(dst, bytes, fill);
-    case 4: return fill_words<uint32_t>(dst, bytes, fill);
-    case 8: return fill_words<uint64_t>(dst, bytes, fill);
-    default: return fill_words<Word16>(dst, bytes, fill);
-  }
+  dispatch_word(fill.unit, [&](auto word) { fill_words<decltype(word)>(dst, bytes, fill); });
+}
+
+// Runs body(i) for every element i < n with the index type a CUDA launch would use.
+template <typename F>
+void emulate_elements(int64_t n, const F& body) {
+  const bool int64_index = emulation() == Emulation::int64 || element_grid(n, 0).int64_index;
+  dispatch_index(int64_index, [&](auto zero) {
+    using index_t = decltype(zero);
+    for (index_t i = 0; i < static_cast<index_t>(n); ++i) body(i);
+  });
 }
 
 at::Tensor pad_cpu(const at::Tensor& values, const at::Tensor& offsets, int64_t max_len,
@@ -52,6 +55,21 @@ at::Tensor pad_cpu(const at::Tensor& values, const at::Tensor& offsets, int64_t 
   char* dst = static_cast<char*>(out.data_ptr());
   const FillPattern fill(pad_value, values.scalar_type(), copy_unit(row, {src, dst}));
   const int64_t* off = a.offsets.const_data_ptr<int64_t>();
+  if (emulation() != Emulation::off) {
+    dispatch_word(fill.unit, [&](auto zero) {
+      using word_t = decltype(zero);
+      word_t word;
+      std::memcpy(&word, fill.bytes.data(), sizeof(word_t));
+      const int64_t words = row / fill.unit;
+      emulate_elements(a.batch * max_len * words, [&](auto i) {
+        using index_t = decltype(i);
+        kernels::pad_element<word_t, index_t>(
+            i, reinterpret_cast<const word_t*>(src), off, reinterpret_cast<word_t*>(dst),
+            static_cast<index_t>(max_len), static_cast<index_t>(words), a.total, left, word);
+      });
+    });
+    return out;
+  }
   const int64_t item_bytes = max_len * row;
   at::parallel_for(0, a.batch, grain(item_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
@@ -74,6 +92,20 @@ at::Tensor unpad_cpu(const at::Tensor& padded, const at::Tensor& offsets, int64_
   const char* src = static_cast<const char*>(a.padded.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t* off = a.offsets.const_data_ptr<int64_t>();
+  if (emulation() != Emulation::off) {
+    const int64_t unit = copy_unit(row, {src, dst});
+    dispatch_word(unit, [&](auto zero) {
+      using word_t = decltype(zero);
+      const int64_t words = row / unit;
+      emulate_elements(a.batch * a.max_len * words, [&](auto i) {
+        using index_t = decltype(i);
+        kernels::unpad_element<word_t, index_t>(
+            i, reinterpret_cast<const word_t*>(src), off, reinterpret_cast<word_t*>(dst),
+            static_cast<index_t>(a.max_len), static_cast<index_t>(words), total, left);
+      });
+    });
+    return out;
+  }
   const int64_t item_bytes = a.max_len * row;
   const int64_t mean_bytes = a.batch > 0 ? total * row / a.batch : 0;
   at::parallel_for(0, a.batch, grain(mean_bytes), [&](int64_t begin, int64_t end) {
@@ -96,14 +128,28 @@ void unpad_scatter_cpu(const at::Tensor& dst, const at::Tensor& padded, const at
   char* base = static_cast<char*>(out.data_ptr());
   const int64_t* len = a.lengths.const_data_ptr<int64_t>();
   const int64_t* dst_off = a.dst_offsets.const_data_ptr<int64_t>();
-  const int64_t item_bytes = a.max_len * row;
-  at::parallel_for(0, a.batch, grain(item_bytes / 2), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const kernels::Span s =
-          kernels::scatter_span(len, dst_off, b, a.dst_rows, a.max_len, left);
-      std::memcpy(base + s.jagged * row, src + b * item_bytes + s.padded * row, s.len * row);
-    }
-  });
+  if (emulation() != Emulation::off) {
+    const int64_t unit = copy_unit(row, {src, base});
+    dispatch_word(unit, [&](auto zero) {
+      using word_t = decltype(zero);
+      const int64_t words = row / unit;
+      emulate_elements(a.batch * a.max_len * words, [&](auto i) {
+        using index_t = decltype(i);
+        kernels::unpad_scatter_element<word_t, index_t>(
+            i, reinterpret_cast<const word_t*>(src), len, dst_off, reinterpret_cast<word_t*>(base),
+            static_cast<index_t>(a.max_len), static_cast<index_t>(words), a.dst_rows, left);
+      });
+    });
+  } else {
+    const int64_t item_bytes = a.max_len * row;
+    at::parallel_for(0, a.batch, grain(item_bytes / 2), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const kernels::Span s =
+            kernels::scatter_span(len, dst_off, b, a.dst_rows, a.max_len, left);
+        std::memcpy(base + s.jagged * row, src + b * item_bytes + s.padded * row, s.len * row);
+      }
+    });
+  }
   if (!out.is_same(dst)) dst.copy_(out);
 }
 

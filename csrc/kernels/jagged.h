@@ -58,5 +58,47 @@ PROVCOLLATE_HOST_DEVICE int64_t jagged_row(const Span& s, int64_t t) {
   return (k >= 0 && k < s.len) ? s.jagged + k : -1;
 }
 
+// A 16-byte word for the widest copies (alignas makes CUDA move it in one 128-bit access).
+struct alignas(16) Word16 {
+  uint64_t lo, hi;
+};
+
+// What element i does, where an element is one word of one row of the padded tensor
+// [batch, max_len, words]: thread i of a CUDA grid, or iteration i of the CPU emulation.
+template <typename word_t, typename index_t>
+PROVCOLLATE_HOST_DEVICE void pad_element(index_t i, const word_t* values, const int64_t* offsets,
+                                         word_t* out, index_t max_len, index_t words,
+                                         int64_t total, bool left, word_t fill) {
+  const index_t w = i % words;
+  const index_t row = i / words;
+  const Span s = item_span(offsets, row / max_len, total, max_len, left);
+  const int64_t src = jagged_row(s, row % max_len);
+  out[i] = src >= 0 ? values[src * words + w] : fill;
+}
+
+template <typename word_t, typename index_t>
+PROVCOLLATE_HOST_DEVICE void unpad_element(index_t i, const word_t* padded, const int64_t* offsets,
+                                           word_t* out, index_t max_len, index_t words,
+                                           int64_t total, bool left) {
+  const index_t w = i % words;
+  const index_t row = i / words;
+  const Span s = item_span(offsets, row / max_len, total, max_len, left);
+  const int64_t dst = jagged_row(s, row % max_len);
+  if (dst >= 0) out[dst * words + w] = padded[i];
+}
+
+template <typename word_t, typename index_t>
+PROVCOLLATE_HOST_DEVICE void unpad_scatter_element(index_t i, const word_t* padded,
+                                                   const int64_t* lengths,
+                                                   const int64_t* dst_offsets, word_t* dst,
+                                                   index_t max_len, index_t words,
+                                                   int64_t dst_rows, bool left) {
+  const index_t w = i % words;
+  const index_t row = i / words;
+  const Span s = scatter_span(lengths, dst_offsets, row / max_len, dst_rows, max_len, left);
+  const int64_t d = jagged_row(s, row % max_len);
+  if (d >= 0) dst[d * words + w] = padded[i];
+}
+
 }  // namespace kernels
 }  // namespace provcollate
