@@ -6,8 +6,9 @@ outputs back in dataset order; pad / unpad / unpad_scatter_ are the compiled ops
 from . import ops, reference
 from .dataset import Indexed, IndexedIterable, Sample
 from .ops import HAS_EXTENSION
+from .record import Predictions, Recorder
 from .sampler import LengthBucketSampler, lengths_of
 
 __version__ = "0.1.0"
 
-__all__ = ["Indexed", "IndexedIterable", "Sample", "LengthBucketSampler", "lengths_of", "ops", "reference", "HAS_EXTENSION", "__version__"]
+__all__ = ["Indexed", "IndexedIterable", "Sample", "LengthBucketSampler", "lengths_of", "Recorder", "Predictions", "ops", "reference", "HAS_EXTENSION", "__version__"]

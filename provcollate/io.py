@@ -1,0 +1,203 @@
+"""Predictions to and from Arrow, Parquet and pandas.
+
+Arrow layout of a :class:`provcollate.Predictions`: an ``index`` column (int64), a ``view``
+column when views were kept apart, then one column per output. A per-example output with row
+shape ``[d1, d2]`` is ``fixed_size_list<fixed_size_list<dtype, d2>, d1>``; a per-token output
+is a ``list`` (``large_list`` past 2**31 rows) of such rows. The schema metadata key
+``provcollate`` records each output's torch dtype and row shape, so that reading gives back
+exactly what was written, bfloat16 (stored as its int16 bits) and empty shapes included.
+
+pyarrow (and pandas, for :func:`to_pandas`) are imported only when these functions are used.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+
+from .record import Predictions, _Jagged
+
+__all__ = ["to_arrow", "from_arrow", "to_pandas", "write_parquet", "read_parquet"]
+
+_META_KEY = b"provcollate"
+_FORMAT = 1
+_DTYPES = {
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+}
+_RESERVED = ("index", "view")
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+    except ImportError as exc:  # pragma: no cover - pyarrow is a dev requirement
+        raise ImportError("provcollate: Arrow and Parquet export need pyarrow (pip install pyarrow)") from exc
+    return pa
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _host_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values as a flat numpy array on the host; bfloat16 as its int16 bits."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.reshape(-1).numpy()
+
+
+def _nested_array(values: torch.Tensor):
+    """``values [n, *row]`` as an Arrow array of length n: primitive, in fixed-size lists per row dim."""
+    pa = _pyarrow()
+    if values.dtype not in _DTYPES:
+        raise TypeError(f"provcollate.io: outputs of dtype {values.dtype} have no Arrow type; supported: "
+                        f"{sorted(_dtype_name(d) for d in _DTYPES)}")
+    array = pa.array(_host_numpy(values))
+    shape = values.shape
+    for depth in range(len(shape) - 1, 0, -1):  # innermost dim first
+        length = int(np.prod(shape[:depth], dtype=np.int64))
+        array = pa.Array.from_buffers(pa.list_(array.type, shape[depth]), length, [None], children=[array])
+    return array
+
+
+def _unnested(array, dtype: torch.dtype, shape) -> torch.Tensor:
+    """The inverse of :func:`_nested_array`: ``[n, *shape]`` of ``dtype``."""
+    n = len(array)
+    for _ in shape:
+        array = array.flatten()
+    if array.null_count:
+        raise ValueError("provcollate.io: the table holds nulls; Predictions tables never do")
+    host = np.array(array.to_numpy(zero_copy_only=False), copy=True)
+    t = torch.from_numpy(host)
+    if dtype == torch.bfloat16:
+        t = t.view(torch.bfloat16)
+    return t.reshape(n, *shape).to(dtype)
+
+
+def to_arrow(preds: Predictions):
+    """``preds`` as a ``pyarrow.Table``; see the module docstring for the layout."""
+    pa = _pyarrow()
+    columns: Dict[str, Any] = {"index": pa.array(preds._index)}
+    if preds._view is not None:
+        columns["view"] = pa.array(preds._view)
+    outputs = []
+    for name, col in preds._columns.items():
+        if name in _RESERVED:
+            raise ValueError(f"Predictions.to_arrow: an output may not be named {name!r} (a column of its own); rename it")
+        if isinstance(col, _Jagged):
+            values, offsets = col.contiguous()
+            inner = _nested_array(values)
+            large = int(offsets[-1]) >= 2**31
+            offsets_array = pa.array(offsets.numpy().astype(np.int64 if large else np.int32))
+            cls = pa.LargeListArray if large else pa.ListArray
+            columns[name] = cls.from_arrays(offsets_array, inner)
+            dtype, shape = values.dtype, values.shape[1:]
+        else:
+            columns[name] = _nested_array(col)
+            dtype, shape = col.dtype, col.shape[1:]
+        outputs.append({"name": name, "per_token": isinstance(col, _Jagged), "dtype": _dtype_name(dtype), "shape": list(shape)})
+    meta = {"format": _FORMAT, "single": preds._single, "num_items": preds.num_items,
+            "stacked_views": preds.stacked_views, "has_view": preds._view is not None, "outputs": outputs}
+    table = pa.table(columns)
+    return table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
+
+
+def from_arrow(table) -> Predictions:
+    """The :class:`Predictions` that :func:`to_arrow` turned into ``table``."""
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ValueError("Predictions.from_arrow: the table has no provcollate metadata; it was not written by Predictions.to_arrow")
+    meta = json.loads(raw)
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"Predictions.from_arrow: unknown format {meta.get('format')!r}, this provcollate reads format {_FORMAT}")
+    index = _unnested(table.column("index").combine_chunks(), torch.int64, ()).numpy()
+    view = _unnested(table.column("view").combine_chunks(), torch.int64, ()).numpy() if meta["has_view"] else None
+    columns: Dict[str, Any] = {}
+    for out in meta["outputs"]:
+        dtype, shape = getattr(torch, out["dtype"]), tuple(out["shape"])
+        array = table.column(out["name"]).combine_chunks()
+        if out["per_token"]:
+            offsets = array.offsets.to_numpy().astype(np.int64)
+            offsets = offsets - offsets[0]
+            values = _unnested(array.flatten(), dtype, shape)
+            columns[out["name"]] = _Jagged([values], np.zeros(1, np.int64), offsets[:-1].copy(), np.diff(offsets))
+        else:
+            columns[out["name"]] = _unnested(array, dtype, shape)
+    return Predictions._from_parts(index, view, columns, single=meta["single"], num_items=meta["num_items"],
+                                   stacked_views=meta["stacked_views"])
+
+
+def write_parquet(preds: Predictions, path) -> None:
+    """Write ``preds`` to one Parquet file at ``path``."""
+    import pyarrow.parquet as pq
+    pq.write_table(to_arrow(preds), path)
+
+
+def read_parquet(path) -> Predictions:
+    """The :class:`Predictions` in the Parquet file at ``path`` (written by :func:`write_parquet`)."""
+    import pyarrow.parquet as pq
+    return from_arrow(pq.read_table(path))
+
+
+def _readable(values: torch.Tensor) -> np.ndarray:
+    """Host numpy values for a DataFrame: bfloat16, which numpy lacks, as float32."""
+    values = values.detach().cpu()
+    return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
+
+
+def _field_value(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 else _readable(value)
+    return value
+
+
+def _fields(row):
+    """(name, value) pairs of one dataset sample: a dict's items, a tuple's positions, or the whole."""
+    if isinstance(row, dict):
+        return [(str(k), v) for k, v in row.items()]
+    if isinstance(row, (tuple, list)):
+        return [(f"input_{k}", v) for k, v in enumerate(row)]
+    return [("input", row)]
+
+
+def _dataset_columns(dataset, index: np.ndarray) -> Dict[str, List[Any]]:
+    """Each recorded item's fields, one column per field (a Python loop: one dataset access per item)."""
+    from .dataset import Indexed, Sample
+
+    if isinstance(dataset, Indexed):
+        dataset = dataset.dataset
+    unique, inverse = np.unique(index, return_inverse=True)
+    columns: Dict[str, List[Any]] = {}
+    for r, i in enumerate(unique.tolist()):
+        sample = dataset[i]
+        for name, value in _fields(sample.data if isinstance(sample, Sample) else sample):
+            columns.setdefault(name, [None] * len(unique))[r] = _field_value(value)
+    return {name: [values[j] for j in inverse.tolist()] for name, values in columns.items()}
+
+
+def to_pandas(preds: Predictions, dataset=None):
+    """``preds`` as a ``pandas.DataFrame``; see :meth:`provcollate.Predictions.to_pandas`."""
+    import pandas as pd
+
+    data: Dict[str, Any] = {"index": preds._index}
+    if preds._view is not None:
+        data["view"] = preds._view
+    for name, col in preds._columns.items():
+        if isinstance(col, _Jagged):
+            values, offsets = col.contiguous()
+            pieces = np.split(_readable(values), offsets[1:-1].numpy())
+            if preds.stacked_views is not None:
+                pieces = [np.moveaxis(p, 1, 0) for p in pieces]
+            data[name] = pieces
+        else:
+            host = _readable(col)
+            data[name] = host if host.ndim == 1 else list(host)
+    if dataset is not None:
+        for name, values in _dataset_columns(dataset, preds._index).items():
+            data[f"{name}_input" if name in data else name] = values
+    return pd.DataFrame(data)
+

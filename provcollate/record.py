@@ -1,0 +1,1090 @@
+"""Recorder and Predictions: model outputs back in dataset order, unpadded.
+
+``Recorder.add(batch, outputs)`` files each row of a batch's outputs under its dataset index;
+``Recorder.result()`` hands back a :class:`Predictions`, keyed by dataset index.
+
+How the Recorder stores what it is given:
+
+- Bookkeeping lives on the host, in numpy arrays indexed by *slot* ``index * V + view``
+  (``V`` views, 1 without test-time augmentation): how many times each slot was recorded and,
+  for per-token outputs, each slot's length and first row. Every size comes from the batch's
+  host-side index and lengths, so recording never waits on a GPU.
+- A per-example output ``[B, ...]`` goes to a dense tensor ``[num_items * V, ...]``: rows are
+  scattered to their slots by :func:`provcollate.ops.unpad_scatter_` (items of length 1). With
+  ``num_items`` known it is allocated once; otherwise it grows geometrically.
+- A per-token output ``[B, T, ...]`` is unpadded straight into append-only chunks of rows, in
+  arrival order (:func:`provcollate.ops.unpad_scatter_` with the batch's lengths). A full chunk
+  is never copied: the next one is a quarter of all rows so far, so unused space stays under a
+  quarter of the result plus one batch, and host pages never written cost no memory.
+- Outputs on a GPU with storage on the host (the default) are reduced and unpadded on the GPU,
+  copied to pinned host buffers without blocking, and written when the copy has landed, which
+  a later ``add`` checks without waiting (``result`` waits). ``device=`` keeps storage on a
+  device instead. On the CPU the same code writes at once.
+
+A later ``add`` after ``result()`` never changes the Predictions already returned: storage
+they share is copied before it is next written (so ``result()`` itself copies nothing).
+"""
+from __future__ import annotations
+
+import collections
+import operator
+from collections.abc import Mapping
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import ops
+
+__all__ = ["Recorder", "Predictions"]
+
+SINGLE = "prediction"  # the name of a single-tensor output in tables and files
+_ON_DUPLICATE = ("error", "first", "last", "mean")
+_VIEWS = ("mean", "vote", "stack", "none")
+_MIN_CHUNK_BYTES = 1 << 20
+_MAX_PENDING = 8  # host copies in flight from a GPU before add() waits for the oldest
+_GATHER_ROWS = 1 << 20  # rows per step of a jagged gather: bounds its index tensors
+
+
+# --------------------------------------------------------------------------------------------
+# Small host-side helpers
+# --------------------------------------------------------------------------------------------
+
+def _host_long(owner: str, name: str, value, allow_sync: bool = True) -> np.ndarray:
+    """``value`` (tensor, ndarray or sequence of ints) as a 1-D int64 numpy array on the host."""
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{owner}: {name} must hold integers, got a tensor of dtype {value.dtype}")
+        if value.device.type != "cpu":
+            value = value.cpu()  # the caller chose a device index: this one copy waits for it
+        value = value.numpy()
+    elif not isinstance(value, np.ndarray):
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise TypeError(f"{owner}: {name} must be a 1-D integer tensor, array or sequence, got {type(value).__name__}")
+        value = np.asarray(value) if len(value) else np.zeros(0, np.int64)
+    if value.dtype.kind not in "iu":
+        raise TypeError(f"{owner}: {name} must hold integers, got dtype {value.dtype}")
+    if value.ndim != 1:
+        raise ValueError(f"{owner}: {name} must be 1-D, got shape {tuple(value.shape)}")
+    return value.astype(np.int64, copy=False)
+
+
+def _exclusive_cumsum(lengths: np.ndarray) -> np.ndarray:
+    out = np.empty(len(lengths), np.int64)
+    if len(lengths):
+        out[0] = 0
+        np.cumsum(lengths[:-1], out=out[1:])
+    return out
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on ``device``; to a GPU through pinned memory, without waiting."""
+    t = torch.from_numpy(array)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where sums of ``dtype`` values are formed: float32 at least."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _first_last(key: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Masks of the first and of the last occurrence of each value of ``key``."""
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    change = sk[1:] != sk[:-1]
+    first = np.empty(len(key), bool)
+    last = np.empty(len(key), bool)
+    first[order] = np.concatenate(([True], change))
+    last[order] = np.concatenate((change, [True]))
+    return first, last
+
+
+def _row_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Rows ``starts[e] .. starts[e] + lengths[e]`` of every segment, concatenated in order."""
+    total = int(lengths.sum())
+    shift = np.repeat(starts - _exclusive_cumsum(lengths), lengths)
+    return shift + np.arange(total, dtype=np.int64)
+
+
+def _gather_rows(chunks: List[torch.Tensor], bases: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Segments of chunked rows (global row ``starts[e]``, ``lengths[e]`` rows) as one tensor, in order.
+
+    Works in steps of about ``_GATHER_ROWS`` rows so that the index tensors stay small; loops
+    over steps and chunks only, never over segments.
+    """
+    total = int(lengths.sum())
+    if out is None:
+        out = chunks[0].new_empty((total, *chunks[0].shape[1:]))
+    ends = np.cumsum(lengths)
+    begin, e0 = 0, 0
+    while e0 < len(lengths):
+        e1 = max(e0 + 1, int(np.searchsorted(ends, begin + _GATHER_ROWS, side="right")))
+        end = int(ends[e1 - 1])
+        s, ln = starts[e0:e1], lengths[e0:e1]
+        which = np.searchsorted(bases, s, side="right") - 1
+        dst = out[begin:end]
+        for k in np.unique(which):
+            sel = which == k
+            src_rows = torch.from_numpy(_row_positions(s[sel] - bases[k], ln[sel])).to(chunks[k].device)
+            if sel.all():
+                torch.index_select(chunks[k], 0, src_rows, out=dst)
+            else:
+                dst_rows = torch.from_numpy(_row_positions(_exclusive_cumsum(ln)[sel], ln[sel])).to(dst.device)
+                dst.index_copy_(0, dst_rows, chunks[k].index_select(0, src_rows))
+        begin, e0 = end, e1
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+class _Spec:
+    """What one named output is: per token or per example, dtype, and the shape of one row."""
+
+    __slots__ = ("per_token", "dtype", "shape")
+
+    def __init__(self, per_token: bool, dtype: torch.dtype, shape: Tuple[int, ...]):
+        self.per_token, self.dtype, self.shape = per_token, dtype, tuple(shape)
+
+    def __eq__(self, other) -> bool:
+        return (self.per_token, self.dtype, self.shape) == (other.per_token, other.dtype, other.shape)
+
+    def describe(self) -> str:
+        return f"{'per-token' if self.per_token else 'per-example'} {str(self.dtype).replace('torch.', '')} rows of shape {list(self.shape)}"
+
+
+class _Chunks:
+    """Append-only rows in chunks that are never copied: global row r lives in chunk k at r - bases[k]."""
+
+    def __init__(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.chunks: List[torch.Tensor] = []
+        self.bases: List[int] = []
+        self.used = 0  # rows used in the last chunk
+        self.rows = 0  # rows handed out in all chunks
+
+    def reserve(self, n: int) -> Tuple[torch.Tensor, int, int]:
+        """Room for ``n`` consecutive rows: (chunk, first local row, global row of the chunk's row 0)."""
+        if not self.chunks or self.used + n > self.chunks[-1].shape[0]:
+            row_bytes = max(1, self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64)))
+            size = max(n, self.rows // 4, _MIN_CHUNK_BYTES // row_bytes)
+            self.bases.append(self.bases[-1] + self.chunks[-1].shape[0] if self.chunks else 0)
+            self.chunks.append(torch.empty((size, *self.shape), dtype=self.dtype, device=self.device))
+            self.used = 0
+        start = self.used
+        self.used += n
+        self.rows += n
+        return self.chunks[-1], start, self.bases[-1]
+
+    def append(self, rows: torch.Tensor) -> int:
+        """Copy ``rows`` to fresh rows; returns the global row of the first."""
+        chunk, start, base = self.reserve(rows.shape[0])
+        chunk[start:start + rows.shape[0]].copy_(rows)
+        return base + start
+
+    def gather(self, starts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        return _gather_rows(self.chunks, np.asarray(self.bases, np.int64), starts, lengths)
+
+
+def _stage(src: torch.Tensor, device: torch.device):
+    """``src`` on the storage device: (tensor, event). A GPU-to-host copy lands in a pinned buffer
+    asynchronously and comes with the CUDA event that marks its arrival; otherwise event is None."""
+    if src.device == device:
+        return src, None
+    if src.device.type == "cuda" and device.type == "cpu":
+        staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        staged.copy_(src, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return staged, event
+    return src.to(device, non_blocking=True), None
+
+
+def _combine_views(values: torch.Tensor, present: torch.Tensor, how: str) -> torch.Tensor:
+    """``values [N, V, ...]`` with ``present [N, V]`` to ``[N, ...]``: mean of floats, else majority vote.
+
+    The vote takes, per element, the value most present views agree on, ties to the smallest.
+    """
+    mask = present.reshape(present.shape + (1,) * (values.dim() - 2))
+    if how == "mean" and values.is_floating_point():
+        acc = _acc_dtype(values.dtype)
+        total = torch.where(mask, values.to(acc), 0).sum(1)
+        return (total / mask.sum(1).clamp_min(1).to(acc)).to(values.dtype)
+    as_int = values.to(torch.uint8) if values.dtype == torch.bool else values
+    agree = (as_int.unsqueeze(2) == as_int.unsqueeze(1)) & mask.unsqueeze(1)  # [N, V, V, ...]
+    votes = torch.where(mask, agree.sum(2), -1)
+    best = votes.amax(1, keepdim=True)
+    top = torch.iinfo(as_int.dtype).max
+    winner = torch.where(votes == best, as_int, top).amin(1)
+    return winner.to(values.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Recorder
+# --------------------------------------------------------------------------------------------
+
+class Recorder:
+    """Collects model outputs batch by batch and files every row under its dataset index.
+
+    Args:
+        num_items: the dataset's length. Storage is then allocated once and ``add`` rejects any
+            index outside ``range(num_items)``; ``None`` grows storage as indices arrive.
+        device: where recorded outputs are kept; ``None`` is the host (CPU) memory. Outputs on a
+            GPU are then copied through pinned buffers without blocking the GPU or the caller.
+        on_duplicate: what recording an (index, view) pair again does: ``"error"`` raises,
+            ``"first"`` keeps the first value, ``"last"`` the latest, ``"mean"`` averages them
+            (floating-point outputs only; per-token outputs must repeat the same length).
+        views: how :meth:`result` combines the test-time-augmentation views of an example
+            (``batch.view``): ``"mean"`` averages floating-point outputs and takes the majority
+            vote of integer and bool ones (a mean of class ids means nothing); ``"vote"``
+            takes the majority vote (integer and bool outputs only); ties go to the smallest
+            value; ``"stack"`` gives ``[V, ...]`` per example (per token: ``[V, L, ...]``) and
+            needs every view of every recorded example; ``"none"`` keeps each view as its own
+            entry, read as ``preds[i, v]``. With ``"mean"``, ``"vote"`` and ``"stack"``, the
+            views of an example must have one length for per-token outputs.
+        reduce: applied to every floating-point output over its last dimension before it is
+            stored, so full-vocabulary logits never need to be kept: ``"argmax"`` (int64
+            class ids), ``"softmax"``, or ``"topk:K"``, which stores two outputs, ``values``
+            and ``indices`` (``"<name>.values"`` and ``"<name>.indices"`` for a dict output).
+            Integer and bool outputs are stored as they are.
+
+    Outputs and their device may differ between calls only in the batch size: the names of a
+    dict output, which are per token, their dtypes and their row shapes are fixed by the
+    first :meth:`add`.
+    """
+
+    def __init__(self, num_items: Optional[int] = None, device=None, on_duplicate: str = "error",
+                 views: str = "mean", reduce: Optional[str] = None) -> None:
+        if num_items is not None:
+            if isinstance(num_items, bool):
+                raise TypeError(f"Recorder: num_items must be an int or None, got bool {num_items}")
+            try:
+                num_items = operator.index(num_items)
+            except TypeError:
+                raise TypeError(f"Recorder: num_items must be an int or None, got {type(num_items).__name__}") from None
+            if num_items < 0:
+                raise ValueError(f"Recorder: num_items must be >= 0, got {num_items}")
+        if on_duplicate not in _ON_DUPLICATE:
+            raise ValueError(f"Recorder: on_duplicate must be one of {', '.join(map(repr, _ON_DUPLICATE))}, got {on_duplicate!r}")
+        if views not in _VIEWS:
+            raise ValueError(f"Recorder: views must be one of {', '.join(map(repr, _VIEWS))}, got {views!r}")
+        try:
+            self.device = torch.device("cpu" if device is None else device)
+        except (TypeError, RuntimeError) as exc:
+            raise TypeError(f"Recorder: device must be None, a torch.device or a device string, got {device!r}") from exc
+        self.num_items = num_items
+        self.on_duplicate = on_duplicate
+        self.views = views
+        self.reduce = reduce
+        self._reduce = _parse_reduce(reduce)
+        self._specs: Optional[Dict[str, _Spec]] = None
+        self._single = False
+        # Host bookkeeping per slot index * V + view, laid out [capacity, V].
+        self._count = np.zeros((0, 1), np.int32)
+        self._token_len = np.zeros((0, 1), np.int64)
+        self._starts: Dict[str, np.ndarray] = {}
+        self._dense: Dict[str, torch.Tensor] = {}
+        self._chunks: Dict[str, _Chunks] = {}
+        self._pending: collections.deque = collections.deque()
+        self._shared = False  # the dense tensors are also held by a returned Predictions
+        self._ones = np.ones(0, np.int64)
+
+    def __repr__(self) -> str:
+        recorded = int(np.count_nonzero(self._count))
+        return (f"Recorder(num_items={self.num_items}, device={str(self.device)!r}, on_duplicate={self.on_duplicate!r}, "
+                f"views={self.views!r}, reduce={self.reduce!r}, recorded={recorded})")
+
+    # ---------------------------------------------------------------------------- add
+
+    def add(self, batch, outputs, *, per_token=False, lengths=None, view=None, padding_side: Optional[str] = None) -> None:
+        """Record one batch's outputs under the batch's dataset indices.
+
+        Args:
+            batch: a :class:`provcollate.Batch` (its ``host_index``, ``host_lengths``, views and
+                ``padding_side`` are used; they live on the host, so nothing waits on a GPU), or
+                a plain index tensor / array ``[B]`` of dataset indices (on the host, to avoid
+                a device sync) for users with their own collate function.
+            outputs: a tensor ``[B, ...]`` (per example) or ``[B, T, ...]`` (per token), or a
+                dict of such tensors. Kept on their device until stored.
+            per_token: ``True`` if the outputs have a position dimension to unpad with the
+                batch's lengths; for a dict, ``True`` for every key or a set of the keys that do.
+            lengths: with a plain index only: the real length of each item ``[B]``, needed for
+                per-token outputs.
+            view: with a plain index only: the view id of each item ``[B]`` (or one int).
+            padding_side: with a plain index only: ``"right"`` (default) or ``"left"``.
+
+        Raises TypeError or ValueError, with nothing recorded changed, if an index lies outside
+        ``range(num_items)``, an (index, view) pair repeats with ``on_duplicate="error"``, the
+        outputs' batch size differs from the index's, a per-token output is shorter than the
+        batch's longest item, or the outputs differ from the first ``add``'s in names, dtype or
+        row shape.
+        """
+        if self._pending:
+            self._drain(wait=False)
+        index, views, lens, left = self._entries(batch, lengths, view, padding_side)
+        named, specs, single = self._named_outputs(outputs, per_token, len(index), lens)
+        keep, prev, merge = self._claim(index, views, lens, named)
+        if self._specs is None:
+            self._specs, self._single = specs, single
+            self._chunks = {n: _Chunks(s.shape, s.dtype, self.device) for n, s in specs.items() if s.per_token}
+        self._commit(index, views, lens, left, named, keep, prev, merge)
+
+    def _entries(self, batch, lengths, view, padding_side):
+        """(index, views or None, lengths or None, left) as host numpy arrays, checked."""
+        if hasattr(batch, "host_index"):
+            for name, value in (("lengths", lengths), ("view", view), ("padding_side", padding_side)):
+                if value is not None:
+                    raise TypeError(f"Recorder.add: {name}= is only for a plain index; a Batch carries its own, got {name}={value!r}")
+            index = _host_long("Recorder.add", "batch.host_index", batch.host_index)
+            host_lengths = batch.host_lengths
+            lens = None if host_lengths is None else _host_long("Recorder.add", "batch.host_lengths", host_lengths)
+            # A Collator batch keeps view ids on the host as host_view; batch.view may sit on a GPU.
+            views = getattr(batch, "host_view", None)
+            views = _host_long("Recorder.add", "batch.view", batch.view if views is None else views)
+            left = batch.padding_side == "left"
+        else:
+            if isinstance(batch, (Mapping, str, bytes)) or not (isinstance(batch, (torch.Tensor, np.ndarray)) or hasattr(batch, "__len__")):
+                raise TypeError(f"Recorder.add: batch must be a provcollate.Batch or an index tensor [B], got {type(batch).__name__}")
+            index = _host_long("Recorder.add", "index", batch)
+            lens = None
+            if lengths is not None:
+                lens = _host_long("Recorder.add", "lengths", lengths)
+                if len(lens) != len(index):
+                    raise ValueError(f"Recorder.add: lengths must have one entry per index ({len(index)}), got {len(lens)}")
+                if len(lens) and lens.min() < 0:
+                    raise ValueError(f"Recorder.add: lengths must be >= 0, got lengths[{int(np.argmin(lens))}] = {lens.min()}")
+            if view is None or (isinstance(view, int) and not isinstance(view, bool)):
+                views = np.full(len(index), view or 0, np.int64)
+            else:
+                views = _host_long("Recorder.add", "view", view)
+            if len(views) != len(index):
+                raise ValueError(f"Recorder.add: view must have one entry per index ({len(index)}), got {len(views)}")
+            if padding_side not in (None, "right", "left"):
+                raise ValueError(f"Recorder.add: padding_side must be 'right' or 'left', got {padding_side!r}")
+            left = padding_side == "left"
+        if len(views) != len(index):
+            raise ValueError(f"Recorder.add: the batch has {len(index)} indices but {len(views)} view ids")
+        if lens is not None and len(lens) != len(index):
+            raise ValueError(f"Recorder.add: the batch has {len(index)} indices but {len(lens)} lengths")
+        if len(views) and views.any():
+            if views.min() < 0:
+                raise ValueError(f"Recorder.add: view ids must be >= 0, got view {views.min()} at position {int(np.argmin(views))}")
+        else:
+            views = None
+        return index, views, lens, left
+
+    def _named_outputs(self, outputs, per_token, batch_size: int, lens):
+        """({name: (tensor, per_token)} after the reduction, {name: _Spec}, single), checked against
+        the batch and the first add."""
+        if isinstance(outputs, torch.Tensor):
+            if not isinstance(per_token, bool):
+                raise TypeError(f"Recorder.add: per_token must be a bool for a single tensor output, got {per_token!r}")
+            raw = {SINGLE: (outputs, per_token)}
+            single = True
+        elif isinstance(outputs, Mapping):
+            if not outputs:
+                raise ValueError("Recorder.add: outputs must hold at least one tensor, got an empty dict")
+            for key, value in outputs.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"Recorder.add: output names must be str, got {key!r}")
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"Recorder.add: outputs[{key!r}] must be a tensor, got {type(value).__name__}")
+            if isinstance(per_token, bool):
+                token_keys = set(outputs) if per_token else set()
+            elif isinstance(per_token, (set, frozenset, list, tuple)):
+                token_keys = set(per_token)
+                unknown = token_keys - set(outputs)
+                if unknown:
+                    raise ValueError(f"Recorder.add: per_token names {sorted(map(str, unknown))} are not outputs; the outputs are {sorted(outputs)}")
+            else:
+                raise TypeError(f"Recorder.add: per_token must be a bool or a set of output names, got {type(per_token).__name__}")
+            raw = {key: (value, key in token_keys) for key, value in outputs.items()}
+            single = False
+        else:
+            raise TypeError(f"Recorder.add: outputs must be a tensor or a dict of tensors, got {type(outputs).__name__}")
+
+        named: Dict[str, Tuple[torch.Tensor, bool]] = {}
+        for key, (t, tok) in raw.items():
+            what = "outputs" if single else f"outputs[{key!r}]"
+            if t.dim() < (2 if tok else 1):
+                raise ValueError(f"Recorder.add: {what} must be [B, T, ...] per token, got shape {tuple(t.shape)}" if tok
+                                 else f"Recorder.add: {what} must be [B, ...], got a 0-d tensor")
+            if t.shape[0] != batch_size:
+                raise ValueError(f"Recorder.add: {what} has {t.shape[0]} rows but the batch has {batch_size} items")
+            if tok:
+                if lens is None:
+                    raise ValueError(f"Recorder.add: {what} is per token but the batch has no lengths (pass lengths= with a plain index)")
+                longest = int(lens.max()) if len(lens) else 0
+                if t.shape[1] < longest:
+                    raise ValueError(f"Recorder.add: {what} has {t.shape[1]} positions, shorter than the batch's longest item ({longest})")
+            named.update(self._reduced(key, t.detach(), tok, single, what))
+        if single and self._reduce is not None and self._reduce[0] == "topk" and named.keys() != {SINGLE}:
+            single = False
+
+        specs = {k: _Spec(tok, t.dtype, t.shape[2:] if tok else t.shape[1:]) for k, (t, tok) in named.items()}
+        if self._specs is None:
+            for k, s in specs.items():
+                if self.on_duplicate == "mean" and not s.dtype.is_floating_point:
+                    raise TypeError(f"Recorder.add: on_duplicate='mean' averages floating-point outputs, got {k!r} of dtype {s.dtype}")
+                if self.views == "vote" and (s.dtype.is_floating_point or s.dtype.is_complex):
+                    raise TypeError(f"Recorder.add: views='vote' needs integer or bool outputs, got {k!r} of dtype {s.dtype}; use views='mean'")
+        else:
+            if specs.keys() != self._specs.keys():
+                raise ValueError(f"Recorder.add: outputs must have the names of the first add, {sorted(self._specs)}, got {sorted(specs)}")
+            for k, s in specs.items():
+                if s != self._specs[k]:
+                    raise (TypeError if s.dtype != self._specs[k].dtype else ValueError)(
+                        f"Recorder.add: output {k!r} must be {self._specs[k].describe()} as in the first add, got {s.describe()}")
+        return named, specs, single
+
+    def _reduced(self, key: str, t: torch.Tensor, tok: bool, single: bool, what: str):
+        if self._reduce is None or not t.is_floating_point():
+            return {key: (t, tok)}
+        kind, k = self._reduce
+        if t.dim() < (3 if tok else 2):
+            raise ValueError(f"Recorder.add: reduce={self.reduce!r} works over a last class dimension; {what} has shape {tuple(t.shape)}")
+        if kind == "argmax":
+            return {key: (t.argmax(-1), tok)}
+        if kind == "softmax":
+            return {key: (t.softmax(-1), tok)}
+        if k > t.shape[-1]:
+            raise ValueError(f"Recorder.add: reduce={self.reduce!r} keeps {k} of the last dimension, but {what} has only {t.shape[-1]}")
+        values, indices = t.topk(k, -1)
+        prefix = "" if single else f"{key}."
+        return {f"{prefix}values": (values, tok), f"{prefix}indices": (indices, tok)}
+
+    def _claim(self, index: np.ndarray, views: Optional[np.ndarray], lens, named):
+        """Check the batch's (index, view) pairs against what is recorded; decide what to keep.
+
+        Returns (keep, prev, merge): ``keep`` masks the rows to write (None: all), ``prev`` the
+        slots' counts before this batch, ``merge`` whether rows average into existing entries.
+        Changes nothing.
+        """
+        size = len(index)
+        if size == 0:
+            return np.zeros(0, bool), np.zeros(0, np.int32), False
+        n = self.num_items
+        if n is not None:
+            if index.view(np.uint64).max() >= n:  # negative indices wrap around to huge ones
+                b = int(np.flatnonzero((index < 0) | (index >= n))[0])
+                raise ValueError(f"Recorder.add: index[{b}] = {index[b]} is outside range(num_items) = range({n})")
+        elif index.min() < 0:
+            b = int(np.argmin(index))
+            raise ValueError(f"Recorder.add: indices must be >= 0, got index[{b}] = {index[b]}")
+        cap, vcap = self._count.shape
+        vmax = 0 if views is None else int(views.max())
+        v = 0 if views is None else views
+        if int(index.max()) < cap and vmax < vcap:
+            prev = self._count[index, v]
+        else:
+            inside = (index < cap) & (v < vcap)
+            prev = np.zeros(size, np.int32)
+            prev[inside] = self._count[index[inside], v if views is None else views[inside]]
+        key = index if views is None else index * (vmax + 1) + views
+        ordered = np.sort(key)
+        repeats = bool((ordered[1:] == ordered[:-1]).any())
+        seen = bool(prev.any())
+
+        if (seen or repeats) and self.on_duplicate == "error":
+            if seen:
+                b = int(np.flatnonzero(prev)[0])
+                what = f"item {index[b]}" + ("" if views is None else f" view {views[b]}")
+                raise ValueError(f"Recorder.add: {what} is already recorded (batch position {b}); "
+                                 "pass on_duplicate='first', 'last' or 'mean' to allow repeats")
+            b = int(np.flatnonzero(~_first_last(key)[0])[0])
+            what = f"item {index[b]}" + ("" if views is None else f" view {views[b]}")
+            raise ValueError(f"Recorder.add: {what} appears more than once in this batch (again at position {b}); "
+                             "pass on_duplicate='first', 'last' or 'mean' to allow repeats")
+        if any(tok for _, tok in named.values()):
+            self._check_token_lengths(index, views, lens, prev, key, vmax)
+
+        if not (seen or repeats):
+            return None, prev, False
+        if self.on_duplicate == "mean":
+            return None, prev, True
+        first, last = _first_last(key) if repeats else (None, None)
+        if self.on_duplicate == "first":
+            keep = prev == 0
+            return (keep & first) if repeats else keep, prev, False
+        return (last if repeats else None), prev, False
+
+    def _check_token_lengths(self, index, views, lens, prev, key, vmax: int) -> None:
+        """Entries that will be combined (views of one example, or averaged repeats) share one length."""
+        combine_views = self.views != "none" and (views is not None or self._count.shape[1] > 1)
+        merge = self.on_duplicate == "mean"
+        if not (combine_views or merge):
+            return
+        group = index if combine_views else key
+        order = np.argsort(group, kind="stable")
+        sg, sl = group[order], lens[order]
+        clash = (sg[1:] == sg[:-1]) & (sl[1:] != sl[:-1])
+        if clash.any():
+            b = int(order[np.flatnonzero(clash)[0] + 1])
+            raise ValueError(f"Recorder.add: item {index[b]} appears in this batch with lengths {sorted(set(lens[index == index[b]].tolist()))}; "
+                             + ("its views must have one length to be combined (or use views='none')" if combine_views
+                                else "repeats of an entry must have one length to be averaged"))
+        cap, vcap = self._count.shape
+        inside = index < cap
+        if not inside.any():
+            return
+        rows = index[inside]
+        recorded = self._count[rows] > 0  # [n, vcap]
+        if not combine_views:
+            v = np.zeros(len(rows), np.int64) if views is None else views[inside]
+            cols = np.arange(vcap)[None, :] == v[:, None]
+            recorded &= cols
+        elif not merge:
+            v = np.zeros(len(rows), np.int64) if views is None else views[inside]
+            recorded &= np.arange(vcap)[None, :] != v[:, None]  # one's own entry is replaced or ignored
+        bad = recorded & (self._token_len[rows] != lens[inside][:, None])
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            b = int(np.flatnonzero(inside)[r])
+            raise ValueError(f"Recorder.add: item {index[b]} has length {lens[b]} in this batch but {self._token_len[rows[r], c]} "
+                             f"in its recorded view {c}; " + ("its views must have one length to be combined (or use views='none')"
+                                                              if combine_views else "repeats must have one length to be averaged"))
+
+    # ---------------------------------------------------------------------------- storage
+
+    def _commit(self, index, views, lens, left, named, keep, prev, merge) -> None:
+        """Write the checked batch: bookkeeping on the host now, data now or when its copy lands."""
+        size = len(index)
+        if size == 0:
+            return
+        self._ensure_capacity(int(index.max()), 0 if views is None else int(views.max()))
+        if self._shared:
+            self._unshare()
+        vcap = self._count.shape[1]
+        slots = index if vcap == 1 else index * vcap + (0 if views is None else views)
+        count = self._count.reshape(-1)
+        token_len = self._token_len.reshape(-1)
+        if merge:
+            return self._commit_mean(slots, lens, left, named, prev)
+        kept = slots if keep is None else slots[keep]
+        count[kept] = 1
+        if lens is not None:
+            token_len[kept] = lens if keep is None else lens[keep]
+        if keep is None:
+            if len(self._ones) < size:
+                self._ones = np.ones(max(size, 2 * len(self._ones)), np.int64)
+            ones = self._ones[:size]
+        else:
+            ones = keep.astype(np.int64)
+        for name, (src, tok) in named.items():
+            if tok:
+                self._write_tokens(name, src, slots, keep, lens, left)
+            else:
+                self._write_examples(name, src, slots, ones)
+
+    def _write_examples(self, name: str, src: torch.Tensor, slots: np.ndarray, ones: np.ndarray) -> None:
+        dst = self._dense[name]
+        staged, event = _stage(src, self.device)
+        if event is None:
+            dev = dst.device
+            ops.unpad_scatter_(dst, staged.unsqueeze(1), _to_device(ones, dev), _to_device(slots, dev))
+        else:
+            lengths_t, slots_t = torch.from_numpy(ones.copy()), torch.from_numpy(slots.copy())
+            self._defer(event, lambda: ops.unpad_scatter_(dst, staged.unsqueeze(1), lengths_t, slots_t))
+
+    def _write_tokens(self, name: str, src: torch.Tensor, slots, keep, lens, left: bool) -> None:
+        written = lens if keep is None else np.where(keep, lens, 0)
+        total = int(written.sum())
+        chunk, start, base = self._chunks[name].reserve(total)
+        local = start + _exclusive_cumsum(written)
+        self._starts[name].reshape(-1)[slots if keep is None else slots[keep]] = base + (local if keep is None else local[keep])
+        if src.device.type == "cuda" and self.device.type == "cpu":
+            # Unpad on the GPU so that only real rows cross to the host.
+            offsets = np.concatenate(([0], np.cumsum(written)))
+            rows = ops.unpad(src, _to_device(offsets, src.device), total, left)
+            staged, event = _stage(rows, self.device)
+            self._defer(event, lambda: chunk[start:start + total].copy_(staged))
+            return
+        staged, _ = _stage(src, self.device)
+        dev = chunk.device
+        ops.unpad_scatter_(chunk, staged, _to_device(written, dev), _to_device(local, dev), left)
+
+    def _commit_mean(self, slots, lens, left, named, prev) -> None:
+        """Average this batch's rows into their entries (repeats within the batch included)."""
+        unique, first, inverse, repeats = np.unique(slots, return_index=True, return_inverse=True, return_counts=True)
+        before = prev[first].astype(np.int64)
+        count = self._count.reshape(-1)
+        count[unique] = before + repeats
+        if lens is not None:
+            self._token_len.reshape(-1)[unique] = lens[first]
+        for name, (src, tok) in named.items():
+            if tok:
+                offsets = np.concatenate(([0], np.cumsum(lens)))
+                src = ops.unpad(src, _to_device(offsets, src.device), int(offsets[-1]), left)
+            staged, event = _stage(src, self.device)
+            if tok:
+                work = self._mean_tokens_work(name, staged, unique, inverse, before, repeats, lens[first], lens)
+            else:
+                work = self._mean_examples_work(name, staged, unique, inverse, before, repeats)
+            if event is None:
+                work()
+            else:
+                self._defer(event, work)
+
+    def _mean_examples_work(self, name, src, unique, inverse, before, repeats):
+        dst = self._dense[name]
+
+        def work():
+            dev, acc = dst.device, _acc_dtype(dst.dtype)
+            u = torch.from_numpy(unique).to(dev)
+            shape = (-1,) + (1,) * (dst.dim() - 1)
+            old_n = torch.from_numpy(before).to(dev, acc).view(shape)
+            total = torch.zeros((len(unique), *dst.shape[1:]), dtype=acc, device=dev)
+            total.index_add_(0, torch.from_numpy(inverse).to(dev), src.to(acc))
+            total += torch.where(old_n > 0, dst.index_select(0, u).to(acc) * old_n, 0)
+            total /= old_n + torch.from_numpy(repeats).to(dev, acc).view(shape)
+            dst.index_copy_(0, u, total.to(dst.dtype))
+        return work
+
+    def _mean_tokens_work(self, name, src_rows, unique, inverse, before, repeats, unique_lens, lens):
+        store, starts = self._chunks[name], self._starts[name].reshape(-1)
+        acc_offsets = _exclusive_cumsum(unique_lens)
+
+        def work():
+            # Runs after every earlier batch has landed, so starts[] is current.
+            dev, acc = src_rows.device, _acc_dtype(store.dtype)
+            shape = (-1,) + (1,) * len(store.shape)
+            total = torch.zeros((int(unique_lens.sum()), *store.shape), dtype=acc, device=dev)
+            to_acc = _row_positions(acc_offsets[inverse], lens)
+            total.index_add_(0, torch.from_numpy(to_acc).to(dev), src_rows.to(acc))
+            had = before > 0
+            if had.any():
+                old = store.gather(starts[unique[had]], unique_lens[had]).to(acc)
+                weight = torch.from_numpy(np.repeat(before[had], unique_lens[had])).to(dev, acc).view(shape)
+                rows = torch.from_numpy(_row_positions(acc_offsets[had], unique_lens[had])).to(dev)
+                total.index_add_(0, rows, old * weight)
+            total /= torch.from_numpy(np.repeat(before + repeats, unique_lens)).to(dev, acc).view(shape)
+            # Fresh rows for the averages: chunks stay append-only, the old rows are dropped.
+            starts[unique] = store.append(total.to(store.dtype)) + acc_offsets
+        return work
+
+    def _defer(self, event, work) -> None:
+        self._pending.append((event, work))
+        if len(self._pending) > _MAX_PENDING:
+            self._drain(wait=False)
+            while len(self._pending) > _MAX_PENDING:
+                event, work = self._pending.popleft()
+                event.synchronize()
+                work()
+
+    def _drain(self, wait: bool) -> None:
+        """Write every pending copy that has landed (all of them, waiting, if ``wait``)."""
+        while self._pending:
+            event, work = self._pending[0]
+            if wait:
+                event.synchronize()
+            elif not event.query():
+                return
+            self._pending.popleft()
+            work()
+
+    def _ensure_capacity(self, max_index: int, max_view: int) -> None:
+        cap, vcap = self._count.shape
+        if max_index < cap and max_view < vcap:
+            return
+        self._drain(wait=True)
+        new_cap = self.num_items if self.num_items is not None else max(max_index + 1, 2 * cap, 1024)
+        new_v = max(vcap, max_view + 1)
+        count = np.zeros((new_cap, new_v), np.int32)
+        count[:cap, :vcap] = self._count
+        token_len = np.zeros((new_cap, new_v), np.int64)
+        token_len[:cap, :vcap] = self._token_len
+        self._count, self._token_len = count, token_len
+        for name, spec in self._specs.items():
+            if spec.per_token:
+                starts = np.zeros((new_cap, new_v), np.int64)
+                if name in self._starts:
+                    starts[:cap, :vcap] = self._starts[name]
+                self._starts[name] = starts
+            else:
+                dense = torch.empty((new_cap * new_v, *spec.shape), dtype=spec.dtype, device=self.device)
+                if name in self._dense and cap:
+                    dense.view(new_cap, new_v, *spec.shape)[:cap, :vcap] = self._dense[name].view(cap, vcap, *spec.shape)
+                self._dense[name] = dense
+        self._shared = False
+
+    def _unshare(self) -> None:
+        self._drain(wait=True)
+        self._dense = {name: t.clone() for name, t in self._dense.items()}
+        self._shared = False
+
+    # ---------------------------------------------------------------------------- result
+
+    def result(self) -> "Predictions":
+        """Everything recorded so far, as :class:`Predictions` in dataset order.
+
+        Waits for outputs still being copied from a GPU. Copies nothing when each example was
+        recorded once per view and the views are kept as they are; later ``add`` calls never
+        change the returned object.
+        """
+        self._drain(wait=True)
+        if self._specs is None:
+            return Predictions._from_parts(np.zeros(0, np.int64), None, {}, single=False, num_items=self.num_items)
+        cap, vcap = self._count.shape
+        present = self._count > 0
+        bases = {name: np.asarray(c.bases, np.int64) for name, c in self._chunks.items()}
+        columns: Dict[str, Any] = {}
+        if vcap == 1 or self.views == "none":
+            flat = np.flatnonzero(present.reshape(-1))
+            index, view = flat // vcap, (flat % vcap if self.views == "none" else None)
+            everything = len(flat) == cap * vcap
+            flat_t = torch.from_numpy(flat).to(self.device)
+            for name, spec in self._specs.items():
+                if spec.per_token:
+                    lengths = self._token_len.reshape(-1)[flat]
+                    store = self._chunks[name]
+                    chunks = store.chunks or [torch.empty((0, *spec.shape), dtype=spec.dtype, device=self.device)]
+                    columns[name] = _Jagged(list(chunks), bases[name] if store.chunks else np.zeros(1, np.int64),
+                                            self._starts[name].reshape(-1)[flat], lengths)
+                else:
+                    dense = self._dense[name]
+                    columns[name] = dense if everything else dense.index_select(0, flat_t)
+            self._shared = self._shared or everything
+            return Predictions._from_parts(index, view, columns, single=self._single, num_items=self.num_items)
+
+        items = np.flatnonzero(present.any(1))
+        mask = present[items]
+        if self.views == "stack" and not mask.all():
+            r = int(np.flatnonzero(~mask.all(1))[0])
+            raise ValueError(f"Recorder.result: views='stack' needs all {vcap} views of every recorded item; "
+                             f"item {items[r]} has views {np.flatnonzero(mask[r]).tolist()}")
+        items_t = torch.from_numpy(items).to(self.device)
+        mask_t = torch.from_numpy(mask).to(self.device)
+        for name, spec in self._specs.items():
+            if spec.per_token:
+                # Views of an item share one length (checked by add): rows [total, V, ...].
+                lengths = np.where(mask, self._token_len[items], 0).max(1)
+                offsets = _exclusive_cumsum(lengths)
+                rows = torch.empty((int(lengths.sum()), vcap, *spec.shape), dtype=spec.dtype, device=self.device)
+                starts = self._starts[name][items]
+                for v in range(vcap):
+                    has = mask[:, v]
+                    part = _gather_rows(self._chunks[name].chunks, bases[name], starts[has, v], lengths[has])
+                    if has.all():
+                        rows[:, v] = part
+                    else:
+                        where = torch.from_numpy(_row_positions(offsets[has], lengths[has])).to(self.device)
+                        rows[:, v].index_copy_(0, where, part)
+                if self.views != "stack":
+                    token_mask = torch.repeat_interleave(mask_t, torch.from_numpy(lengths).to(self.device), dim=0)
+                    rows = _combine_views(rows, token_mask, self.views)
+                columns[name] = _Jagged([rows], np.zeros(1, np.int64), offsets, lengths)
+            else:
+                values = self._dense[name].view(cap, vcap, *spec.shape).index_select(0, items_t)
+                columns[name] = values if self.views == "stack" else _combine_views(values, mask_t, self.views)
+        return Predictions._from_parts(items, None, columns, single=self._single, num_items=self.num_items,
+                                       stacked_views=vcap if self.views == "stack" else None)
+
+
+def _parse_reduce(reduce):
+    if reduce is None:
+        return None
+    if not isinstance(reduce, str):
+        raise TypeError(f"Recorder: reduce must be None or a str ('argmax', 'softmax', 'topk:K'), got {type(reduce).__name__}")
+    if reduce in ("argmax", "softmax"):
+        return reduce, None
+    k = reduce[5:] if reduce.startswith("topk:") else ""
+    if k.isdigit() and int(k) >= 1:
+        return "topk", int(k)
+    raise ValueError(f"Recorder: reduce must be None, 'argmax', 'softmax' or 'topk:K' with K >= 1, got {reduce!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Predictions
+# --------------------------------------------------------------------------------------------
+
+class _Jagged:
+    """Per-token rows of each entry e: global rows ``starts[e] .. starts[e] + lengths[e]`` of ``chunks``."""
+
+    __slots__ = ("chunks", "bases", "starts", "lengths")
+
+    def __init__(self, chunks: List[torch.Tensor], bases: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        self.chunks, self.bases, self.starts, self.lengths = chunks, bases, starts, lengths
+
+    def segment(self, e: int) -> torch.Tensor:
+        start, length = int(self.starts[e]), int(self.lengths[e])
+        k = int(np.searchsorted(self.bases, start, side="right")) - 1
+        local = start - int(self.bases[k])
+        return self.chunks[k][local:local + length]
+
+    def contiguous(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(values [total, ...] in entry order, offsets [E+1]); a view when the rows already are."""
+        offsets = np.concatenate(([0], np.cumsum(self.lengths)))
+        total = int(offsets[-1])
+        first = int(self.starts[0]) if len(self.starts) else 0
+        k = int(np.searchsorted(self.bases, first, side="right")) - 1
+        local = first - int(self.bases[k])
+        if np.array_equal(self.starts - first, offsets[:-1]) and local + total <= self.chunks[k].shape[0]:
+            values = self.chunks[k][local:local + total]
+        else:
+            values = _gather_rows(self.chunks, self.bases, self.starts, self.lengths)
+        return values, torch.from_numpy(offsets)
+
+
+class Predictions:
+    """Recorded outputs in dataset order: ``preds[i]`` is item ``i``'s prediction.
+
+    A read-only mapping from dataset index to prediction (a tensor, or a dict of tensors for
+    dict outputs; per-token outputs unpadded to the item's length). With ``views="none"`` every
+    view is its own entry and the key is ``(index, view)``: ``preds[i, v]``.
+
+    - ``preds.index``: LongTensor of the recorded items, sorted (with ``views="none"``, one per
+      entry, and ``preds.view`` holds the views);
+    - ``len(preds)``, ``i in preds``, iteration over the keys, :meth:`items`;
+    - :meth:`tensor` / :meth:`jagged`: one output for all entries at once;
+    - :meth:`missing`: the items of ``range(num_items)`` never recorded;
+    - :meth:`to_arrow`, :meth:`to_pandas`, :meth:`to_parquet` and :meth:`read` (exact round trip:
+      dtypes, shapes and per-token outputs as list columns).
+
+    Normally made by :meth:`Recorder.result`. To build one directly, ``outputs`` is a tensor
+    ``[E, ...]`` (per example), a pair ``(values [total, ...], offsets [E+1])`` (per token, item
+    e's rows being ``values[offsets[e]:offsets[e+1]]``) or a dict of those, for the entries
+    ``index`` (strictly increasing; with ``view``, increasing by ``(index, view)``).
+    ``stacked_views=V`` marks per-token rows that are ``[V, ...]`` (``preds[i]`` then gives
+    ``[V, L, ...]``), as ``views="stack"`` records them.
+    """
+
+    def __init__(self, index, outputs, *, view=None, num_items: Optional[int] = None,
+                 stacked_views: Optional[int] = None) -> None:
+        index = _host_long("Predictions", "index", index)
+        view = None if view is None else _host_long("Predictions", "view", view)
+        if view is not None and len(view) != len(index):
+            raise ValueError(f"Predictions: view must have one entry per index ({len(index)}), got {len(view)}")
+        if len(index) and (index.min() < 0 or (view is not None and view.min() < 0)):
+            raise ValueError("Predictions: index and view must be >= 0")
+        key = _keys(index, view)
+        if len(key) > 1 and not (key[1:] > key[:-1]).all():
+            raise ValueError("Predictions: entries must be strictly increasing by (index, view), without repeats")
+        if num_items is not None and len(index) and index.max() >= num_items:
+            raise ValueError(f"Predictions: index {index.max()} is outside range(num_items) = range({num_items})")
+        single = not isinstance(outputs, Mapping)
+        named = {SINGLE: outputs} if single else dict(outputs)
+        columns: Dict[str, Any] = {}
+        for name, value in named.items():
+            what = "outputs" if single else f"outputs[{name!r}]"
+            if isinstance(value, torch.Tensor):
+                if value.dim() < 1 or value.shape[0] != len(index):
+                    raise ValueError(f"Predictions: {what} must be [E, ...] with E = {len(index)} entries, got shape {tuple(value.shape)}")
+                columns[name] = value
+            elif isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value):
+                values, offsets = value
+                offsets = _host_long("Predictions", f"offsets of {what}", offsets)
+                lengths = np.diff(offsets)
+                if len(offsets) != len(index) + 1 or offsets[0] != 0 or (lengths < 0).any() or offsets[-1] != values.shape[0] or values.dim() < 1:
+                    raise ValueError(f"Predictions: {what} must be (values [total, ...], offsets [E+1]) with offsets increasing from 0 "
+                                     f"to total and E = {len(index)}; got values {tuple(values.shape)} and {len(offsets)} offsets")
+                if stacked_views is not None and (values.dim() < 2 or values.shape[1] != stacked_views):
+                    raise ValueError(f"Predictions: with stacked_views={stacked_views}, {what} rows must be [{stacked_views}, ...], got {tuple(values.shape[1:])}")
+                columns[name] = _Jagged([values], np.zeros(1, np.int64), offsets[:-1].copy(), lengths)
+            else:
+                raise TypeError(f"Predictions: {what} must be a tensor or a (values, offsets) pair of tensors, got {type(value).__name__}")
+        self._init(index, view, columns, single, num_items, stacked_views)
+
+    @classmethod
+    def _from_parts(cls, index, view, columns, *, single, num_items, stacked_views=None) -> "Predictions":
+        self = cls.__new__(cls)
+        self._init(index, view, columns, single, num_items, stacked_views)
+        return self
+
+    def _init(self, index, view, columns, single, num_items, stacked_views) -> None:
+        self._index, self._view, self._columns = index, view, columns
+        self._single, self.num_items, self.stacked_views = single, num_items, stacked_views
+        self._keys = _keys(index, view)
+
+    # ---------------------------------------------------------------------------- mapping
+
+    @property
+    def index(self) -> torch.Tensor:
+        """LongTensor [E] of the recorded items, sorted (repeated per view with ``views="none"``)."""
+        return torch.from_numpy(self._index)
+
+    @property
+    def view(self) -> Optional[torch.Tensor]:
+        """LongTensor [E] of each entry's view with ``views="none"``; None when views were combined."""
+        return None if self._view is None else torch.from_numpy(self._view)
+
+    @property
+    def names(self) -> Tuple[str, ...]:
+        """The output names (``("prediction",)`` for a single-tensor output)."""
+        return tuple(self._columns)
+
+    @property
+    def per_token(self) -> frozenset:
+        """The names of the per-token outputs."""
+        return frozenset(n for n, c in self._columns.items() if isinstance(c, _Jagged))
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __iter__(self) -> Iterator:
+        """The keys: dataset indices, or ``(index, view)`` pairs with ``views="none"``."""
+        if self._view is None:
+            return iter(self._index.tolist())
+        return iter(zip(self._index.tolist(), self._view.tolist()))
+
+    def keys(self) -> Iterator:
+        """Same as ``iter(preds)``."""
+        return iter(self)
+
+    def items(self) -> Iterator[Tuple[Any, Any]]:
+        """``(key, prediction)`` pairs in dataset order."""
+        for e, key in enumerate(self):
+            yield key, self._entry(e)
+
+    def __contains__(self, key) -> bool:
+        try:
+            self._position(key)
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def __getitem__(self, key):
+        return self._entry(self._position(key))
+
+    def _position(self, key) -> int:
+        if self._view is None:
+            if isinstance(key, tuple):
+                raise TypeError(f"Predictions: views were combined, index with preds[i], got preds[{key!r}]")
+            i, v = _key_int(key), 0
+        else:
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise TypeError(f"Predictions: each view is its own entry (views='none'), index with preds[i, v], got preds[{key!r}]")
+            i, v = _key_int(key[0]), _key_int(key[1])
+        if i < 0 or v < 0 or (self._view is not None and v >= self._width):
+            raise KeyError(key)
+        k = i * self._width + v if self._view is not None else i
+        e = int(np.searchsorted(self._keys, k))
+        if e == len(self._keys) or self._keys[e] != k:
+            raise KeyError(key)
+        return e
+
+    @property
+    def _width(self) -> int:
+        return int(self._view.max()) + 1 if self._view is not None and len(self._view) else 1
+
+    def _entry(self, e: int):
+        out = {}
+        for name, col in self._columns.items():
+            if isinstance(col, _Jagged):
+                seg = col.segment(e)
+                out[name] = seg.movedim(1, 0) if self.stacked_views is not None else seg
+            else:
+                out[name] = col[e]
+        return out[SINGLE] if self._single else out
+
+    def tensor(self, name: Optional[str] = None) -> torch.Tensor:
+        """A per-example output for every entry, ``[E, ...]`` in ``index`` order."""
+        col = self._column(name)
+        if isinstance(col, _Jagged):
+            raise ValueError(f"Predictions.tensor: output {self._name(name)!r} is per token; use jagged()")
+        return col
+
+    def jagged(self, name: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A per-token output for every entry: ``(values [total, ...], offsets [E+1])`` in ``index`` order.
+
+        Entry e's rows are ``values[offsets[e]:offsets[e+1]]``; ``pc.ops.pad(values, offsets,
+        max_len)`` pads them back. A view when the rows are stored in that order, else a copy.
+        """
+        col = self._column(name)
+        if not isinstance(col, _Jagged):
+            raise ValueError(f"Predictions.jagged: output {self._name(name)!r} is per example; use tensor()")
+        return col.contiguous()
+
+    def _name(self, name: Optional[str]) -> str:
+        if name is None:
+            if len(self._columns) != 1:
+                raise ValueError(f"Predictions: name one of the outputs {list(self._columns)}")
+            return next(iter(self._columns))
+        if name not in self._columns:
+            raise KeyError(f"Predictions: no output {name!r}; the outputs are {list(self._columns)}")
+        return name
+
+    def _column(self, name: Optional[str]):
+        return self._columns[self._name(name)]
+
+    def missing(self, num_items: Optional[int] = None) -> torch.Tensor:
+        """LongTensor of the items of ``range(num_items)`` never recorded (in any view).
+
+        ``num_items`` defaults to the Recorder's; one of the two must be known.
+        """
+        n = self.num_items if num_items is None else num_items
+        if n is None:
+            raise ValueError("Predictions.missing: num_items is unknown (the Recorder had none); pass missing(num_items=N)")
+        seen = np.zeros(n, bool)
+        seen[self._index[self._index < n]] = True
+        return torch.from_numpy(np.flatnonzero(~seen))
+
+    def __repr__(self) -> str:
+        cols = ", ".join(
+            f"{n}: {'per-token' if isinstance(c, _Jagged) else 'per-example'} "
+            f"{str((c.chunks[0] if isinstance(c, _Jagged) else c).dtype).replace('torch.', '')}"
+            for n, c in self._columns.items())
+        return f"Predictions({len(self)} entries, num_items={self.num_items}, outputs {{{cols}}})"
+
+    # ---------------------------------------------------------------------------- export
+
+    def to_arrow(self):
+        """A ``pyarrow.Table``: ``index`` (and ``view``), then one column per output.
+
+        Per-example outputs are primitive columns (fixed-size lists for row shapes), per-token
+        ones list columns. Dtypes and shapes are kept in the schema metadata, so
+        :meth:`from_arrow` rebuilds these Predictions exactly.
+        """
+        from . import io
+        return io.to_arrow(self)
+
+    @classmethod
+    def from_arrow(cls, table) -> "Predictions":
+        """The Predictions that :meth:`to_arrow` made ``table`` from."""
+        from . import io
+        return io.from_arrow(table)
+
+    def to_pandas(self, dataset=None):
+        """A ``pandas.DataFrame``, one row per entry: ``index`` (and ``view``), one column per output.
+
+        Per-example outputs with a row shape, and per-token outputs, are numpy arrays per row
+        (bfloat16 as float32). With ``dataset``, each recorded item's fields become columns too:
+        a dict sample's keys, a tuple's positions as ``input_0``, ``input_1``..., anything else
+        as ``input``; ``provcollate.Sample`` and ``Indexed`` wrappers are looked through. Fields
+        whose names clash with a prediction column get the suffix ``_input``.
+        """
+        from . import io
+        return io.to_pandas(self, dataset)
+
+    def to_parquet(self, path) -> None:
+        """Write :meth:`to_arrow` to one Parquet file; :meth:`read` gives these Predictions back."""
+        from . import io
+        io.write_parquet(self, path)
+
+    @classmethod
+    def read(cls, path) -> "Predictions":
+        """The Predictions in a Parquet file written by :meth:`to_parquet`."""
+        from . import io
+        return io.read_parquet(path)
+
+
+def _keys(index: np.ndarray, view: Optional[np.ndarray]) -> np.ndarray:
+    if view is None:
+        return index
+    width = int(view.max()) + 1 if len(view) else 1
+    return index * width + view
+
+
+def _key_int(value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"Predictions: keys are dataset indices (ints), got bool {value}")
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"Predictions: keys are dataset indices (ints), got {type(value).__name__}") from None
