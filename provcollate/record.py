@@ -50,7 +50,7 @@ _GATHER_ROWS = 1 << 20  # rows per step of a jagged gather: bounds its index ten
 # Small host-side helpers
 # --------------------------------------------------------------------------------------------
 
-def _host_long(owner: str, name: str, value, allow_sync: bool = True) -> np.ndarray:
+def _host_long(owner: str, name: str, value) -> np.ndarray:
     """``value`` (tensor, ndarray or sequence of ints) as a 1-D int64 numpy array on the host."""
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
@@ -67,6 +67,26 @@ def _host_long(owner: str, name: str, value, allow_sync: bool = True) -> np.ndar
     if value.ndim != 1:
         raise ValueError(f"{owner}: {name} must be 1-D, got shape {tuple(value.shape)}")
     return value.astype(np.int64, copy=False)
+
+
+def _index_arrays(owner: str, name: str, value) -> Tuple[Optional[torch.Tensor], np.ndarray]:
+    """(the tensor itself when it already is a 1-D int64 CPU tensor, else None; its int64 numpy view)."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.int64 and value.is_cpu and value.dim() == 1:
+        return value, value.numpy()
+    return None, _host_long(owner, name, value)
+
+
+def _raise_bad_output(key: Optional[str], t: torch.Tensor, tok: bool, batch_size: int, lens) -> None:
+    """The error for an output whose shape does not fit the batch."""
+    what = "Recorder.add: " + ("outputs" if key is None else f"outputs[{key!r}]")
+    if t.dim() < 1 + tok:
+        raise ValueError(f"{what} must be [B, T, ...] per token, got shape {tuple(t.shape)}" if tok
+                         else f"{what} must be [B, ...], got a 0-d tensor")
+    if t.shape[0] != batch_size:
+        raise ValueError(f"{what} has {t.shape[0]} rows but the batch has {batch_size} items")
+    if lens is None:
+        raise ValueError(f"{what} is per token but the batch has no lengths (pass lengths= with a plain index)")
+    raise ValueError(f"{what} has {t.shape[1]} positions, shorter than the batch's longest item ({int(lens.max())})")
 
 
 def _exclusive_cumsum(lengths: np.ndarray) -> np.ndarray:
@@ -191,18 +211,13 @@ class _Chunks:
         return _gather_rows(self.chunks, np.asarray(self.bases, np.int64), starts, lengths)
 
 
-def _stage(src: torch.Tensor, device: torch.device):
-    """``src`` on the storage device: (tensor, event). A GPU-to-host copy lands in a pinned buffer
-    asynchronously and comes with the CUDA event that marks its arrival; otherwise event is None."""
-    if src.device == device:
-        return src, None
-    if src.device.type == "cuda" and device.type == "cpu":
-        staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-        staged.copy_(src, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return staged, event
-    return src.to(device, non_blocking=True), None
+def _pinned_copy(src: torch.Tensor):
+    """Start copying ``src`` from its GPU to pinned host memory: (host tensor, CUDA event of arrival)."""
+    staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+    staged.copy_(src, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return staged, event
 
 
 def _combine_views(values: torch.Tensor, present: torch.Tensor, how: str) -> torch.Tensor:
@@ -284,15 +299,19 @@ class Recorder:
         self._reduce = _parse_reduce(reduce)
         self._specs: Optional[Dict[str, _Spec]] = None
         self._single = False
-        # Host bookkeeping per slot index * V + view, laid out [capacity, V].
-        self._count = np.zeros((0, 1), np.int32)
+        # Host bookkeeping per slot index * V + view, laid out [capacity, V]. Counts above 1 only
+        # matter for averaging: one byte per slot otherwise keeps the array in cache.
+        self._count_dtype = np.int32 if on_duplicate == "mean" else np.uint8
+        self._count = np.zeros((0, 1), self._count_dtype)
+        self._count_flat = self._count.reshape(-1)
         self._token_len = np.zeros((0, 1), np.int64)
         self._starts: Dict[str, np.ndarray] = {}
         self._dense: Dict[str, torch.Tensor] = {}
         self._chunks: Dict[str, _Chunks] = {}
         self._pending: collections.deque = collections.deque()
         self._shared = False  # the dense tensors are also held by a returned Predictions
-        self._ones = np.ones(0, np.int64)
+        self._ones_cache: Dict[int, torch.Tensor] = {}
+        self._on_host = self.device.type == "cpu"
 
     def __repr__(self) -> str:
         recorded = int(np.count_nonzero(self._count))
@@ -326,127 +345,127 @@ class Recorder:
         """
         if self._pending:
             self._drain(wait=False)
-        index, views, lens, left = self._entries(batch, lengths, view, padding_side)
+        index_t, index, views, lens, left = self._entries(batch, lengths, view, padding_side)
         named, specs, single = self._named_outputs(outputs, per_token, len(index), lens)
-        keep, prev, merge = self._claim(index, views, lens, named)
+        keep, prev, merge, top, vmax = self._claim(index, views, lens, named)
         if self._specs is None:
             self._specs, self._single = specs, single
             self._chunks = {n: _Chunks(s.shape, s.dtype, self.device) for n, s in specs.items() if s.per_token}
-        self._commit(index, views, lens, left, named, keep, prev, merge)
+        if len(index):
+            self._commit(index_t, index, views, lens, left, named, keep, prev, merge, top, vmax)
 
     def _entries(self, batch, lengths, view, padding_side):
-        """(index, views or None, lengths or None, left) as host numpy arrays, checked."""
-        if hasattr(batch, "host_index"):
-            for name, value in (("lengths", lengths), ("view", view), ("padding_side", padding_side)):
-                if value is not None:
-                    raise TypeError(f"Recorder.add: {name}= is only for a plain index; a Batch carries its own, got {name}={value!r}")
-            index = _host_long("Recorder.add", "batch.host_index", batch.host_index)
-            host_lengths = batch.host_lengths
-            lens = None if host_lengths is None else _host_long("Recorder.add", "batch.host_lengths", host_lengths)
-            # A Collator batch keeps view ids on the host as host_view; batch.view may sit on a GPU.
-            views = getattr(batch, "host_view", None)
-            views = _host_long("Recorder.add", "batch.view", batch.view if views is None else views)
-            left = batch.padding_side == "left"
-        else:
-            if isinstance(batch, (Mapping, str, bytes)) or not (isinstance(batch, (torch.Tensor, np.ndarray)) or hasattr(batch, "__len__")):
-                raise TypeError(f"Recorder.add: batch must be a provcollate.Batch or an index tensor [B], got {type(batch).__name__}")
-            index = _host_long("Recorder.add", "index", batch)
+        """(index tensor or None, index, views or None, lengths or None, left): host int64 arrays, checked."""
+        owner = "Recorder.add"
+        if isinstance(batch, (torch.Tensor, np.ndarray, list, tuple, range)):
+            index_t, index = _index_arrays(owner, "index", batch)
             lens = None
             if lengths is not None:
-                lens = _host_long("Recorder.add", "lengths", lengths)
+                lens = _host_long(owner, "lengths", lengths)
                 if len(lens) != len(index):
-                    raise ValueError(f"Recorder.add: lengths must have one entry per index ({len(index)}), got {len(lens)}")
+                    raise ValueError(f"{owner}: lengths must have one entry per index ({len(index)}), got {len(lens)}")
                 if len(lens) and lens.min() < 0:
-                    raise ValueError(f"Recorder.add: lengths must be >= 0, got lengths[{int(np.argmin(lens))}] = {lens.min()}")
-            if view is None or (isinstance(view, int) and not isinstance(view, bool)):
-                views = np.full(len(index), view or 0, np.int64)
+                    raise ValueError(f"{owner}: lengths must be >= 0, got lengths[{int(np.argmin(lens))}] = {lens.min()}")
+            if view is None:
+                views = None
+            elif isinstance(view, int) and not isinstance(view, bool):
+                views = np.full(len(index), view, np.int64)
             else:
-                views = _host_long("Recorder.add", "view", view)
-            if len(views) != len(index):
-                raise ValueError(f"Recorder.add: view must have one entry per index ({len(index)}), got {len(views)}")
+                views = _host_long(owner, "view", view)
             if padding_side not in (None, "right", "left"):
-                raise ValueError(f"Recorder.add: padding_side must be 'right' or 'left', got {padding_side!r}")
+                raise ValueError(f"{owner}: padding_side must be 'right' or 'left', got {padding_side!r}")
             left = padding_side == "left"
-        if len(views) != len(index):
-            raise ValueError(f"Recorder.add: the batch has {len(index)} indices but {len(views)} view ids")
-        if lens is not None and len(lens) != len(index):
-            raise ValueError(f"Recorder.add: the batch has {len(index)} indices but {len(lens)} lengths")
-        if len(views) and views.any():
-            if views.min() < 0:
-                raise ValueError(f"Recorder.add: view ids must be >= 0, got view {views.min()} at position {int(np.argmin(views))}")
+        elif hasattr(batch, "host_index"):
+            for name, value in (("lengths", lengths), ("view", view), ("padding_side", padding_side)):
+                if value is not None:
+                    raise TypeError(f"{owner}: {name}= is only for a plain index; a Batch carries its own, got {name}={value!r}")
+            index_t, index = _index_arrays(owner, "batch.host_index", batch.host_index)
+            lens = None if batch.host_lengths is None else _host_long(owner, "batch.host_lengths", batch.host_lengths)
+            # A Collator batch keeps its view ids on the host too; batch.view may sit on a GPU.
+            host_view = getattr(batch, "host_view", None)
+            views = _host_long(owner, "batch.view", batch.view if host_view is None else host_view)
+            left = batch.padding_side == "left"
         else:
-            views = None
-        return index, views, lens, left
+            raise TypeError(f"{owner}: batch must be a provcollate.Batch or an index tensor [B], got {type(batch).__name__}")
+        if lens is not None and len(lens) != len(index):
+            raise ValueError(f"{owner}: the batch has {len(index)} indices but {len(lens)} lengths")
+        if views is not None:
+            if len(views) != len(index):
+                raise ValueError(f"{owner}: the batch has {len(index)} indices but {len(views)} view ids")
+            if not np.count_nonzero(views):
+                views = None
+            elif views.min() < 0:
+                raise ValueError(f"{owner}: view ids must be >= 0, got view {views.min()} at position {int(np.argmin(views))}")
+        return index_t, index, views, lens, left
 
     def _named_outputs(self, outputs, per_token, batch_size: int, lens):
-        """({name: (tensor, per_token)} after the reduction, {name: _Spec}, single), checked against
-        the batch and the first add."""
+        """({name: (tensor, per_token)} after the reduction, {name: _Spec} on the first add, single),
+        checked against the batch and against the first add."""
+        owner = "Recorder.add"
         if isinstance(outputs, torch.Tensor):
-            if not isinstance(per_token, bool):
-                raise TypeError(f"Recorder.add: per_token must be a bool for a single tensor output, got {per_token!r}")
-            raw = {SINGLE: (outputs, per_token)}
+            if per_token is not True and per_token is not False:
+                raise TypeError(f"{owner}: per_token must be a bool for a single tensor output, got {per_token!r}")
+            raw = ((SINGLE, outputs, per_token),)
             single = True
         elif isinstance(outputs, Mapping):
             if not outputs:
-                raise ValueError("Recorder.add: outputs must hold at least one tensor, got an empty dict")
+                raise ValueError(f"{owner}: outputs must hold at least one tensor, got an empty dict")
             for key, value in outputs.items():
                 if not isinstance(key, str):
-                    raise TypeError(f"Recorder.add: output names must be str, got {key!r}")
+                    raise TypeError(f"{owner}: output names must be str, got {key!r}")
                 if not isinstance(value, torch.Tensor):
-                    raise TypeError(f"Recorder.add: outputs[{key!r}] must be a tensor, got {type(value).__name__}")
-            if isinstance(per_token, bool):
+                    raise TypeError(f"{owner}: outputs[{key!r}] must be a tensor, got {type(value).__name__}")
+            if per_token is True or per_token is False:
                 token_keys = set(outputs) if per_token else set()
             elif isinstance(per_token, (set, frozenset, list, tuple)):
                 token_keys = set(per_token)
                 unknown = token_keys - set(outputs)
                 if unknown:
-                    raise ValueError(f"Recorder.add: per_token names {sorted(map(str, unknown))} are not outputs; the outputs are {sorted(outputs)}")
+                    raise ValueError(f"{owner}: per_token names {sorted(map(str, unknown))} are not outputs; the outputs are {sorted(outputs)}")
             else:
-                raise TypeError(f"Recorder.add: per_token must be a bool or a set of output names, got {type(per_token).__name__}")
-            raw = {key: (value, key in token_keys) for key, value in outputs.items()}
+                raise TypeError(f"{owner}: per_token must be a bool or a set of output names, got {type(per_token).__name__}")
+            raw = tuple((key, value, key in token_keys) for key, value in outputs.items())
             single = False
         else:
-            raise TypeError(f"Recorder.add: outputs must be a tensor or a dict of tensors, got {type(outputs).__name__}")
+            raise TypeError(f"{owner}: outputs must be a tensor or a dict of tensors, got {type(outputs).__name__}")
 
         named: Dict[str, Tuple[torch.Tensor, bool]] = {}
-        for key, (t, tok) in raw.items():
-            what = "outputs" if single else f"outputs[{key!r}]"
-            if t.dim() < (2 if tok else 1):
-                raise ValueError(f"Recorder.add: {what} must be [B, T, ...] per token, got shape {tuple(t.shape)}" if tok
-                                 else f"Recorder.add: {what} must be [B, ...], got a 0-d tensor")
-            if t.shape[0] != batch_size:
-                raise ValueError(f"Recorder.add: {what} has {t.shape[0]} rows but the batch has {batch_size} items")
-            if tok:
-                if lens is None:
-                    raise ValueError(f"Recorder.add: {what} is per token but the batch has no lengths (pass lengths= with a plain index)")
-                longest = int(lens.max()) if len(lens) else 0
-                if t.shape[1] < longest:
-                    raise ValueError(f"Recorder.add: {what} has {t.shape[1]} positions, shorter than the batch's longest item ({longest})")
-            named.update(self._reduced(key, t.detach(), tok, single, what))
-        if single and self._reduce is not None and self._reduce[0] == "topk" and named.keys() != {SINGLE}:
+        for key, t, tok in raw:
+            if t.dim() < 1 + tok or t.shape[0] != batch_size or (tok and (lens is None or t.shape[1] < (lens.max() if len(lens) else 0))):
+                _raise_bad_output(key if not single else None, t, tok, batch_size, lens)
+            if t.requires_grad:
+                t = t.detach()
+            if self._reduce is None:
+                named[key] = (t, tok)
+            else:
+                named.update(self._reduced(key, t, tok, single))
+        if single and len(named) > 1:  # topk turned one output into values and indices
             single = False
 
-        specs = {k: _Spec(tok, t.dtype, t.shape[2:] if tok else t.shape[1:]) for k, (t, tok) in named.items()}
         if self._specs is None:
-            for k, s in specs.items():
-                if self.on_duplicate == "mean" and not s.dtype.is_floating_point:
-                    raise TypeError(f"Recorder.add: on_duplicate='mean' averages floating-point outputs, got {k!r} of dtype {s.dtype}")
-                if self.views == "vote" and (s.dtype.is_floating_point or s.dtype.is_complex):
-                    raise TypeError(f"Recorder.add: views='vote' needs integer or bool outputs, got {k!r} of dtype {s.dtype}; use views='mean'")
-        else:
-            if specs.keys() != self._specs.keys():
-                raise ValueError(f"Recorder.add: outputs must have the names of the first add, {sorted(self._specs)}, got {sorted(specs)}")
-            for k, s in specs.items():
-                if s != self._specs[k]:
-                    raise (TypeError if s.dtype != self._specs[k].dtype else ValueError)(
-                        f"Recorder.add: output {k!r} must be {self._specs[k].describe()} as in the first add, got {s.describe()}")
-        return named, specs, single
+            specs = {k: _Spec(tok, t.dtype, t.shape[1 + tok:]) for k, (t, tok) in named.items()}
+            for k, spec in specs.items():
+                if self.on_duplicate == "mean" and not spec.dtype.is_floating_point:
+                    raise TypeError(f"{owner}: on_duplicate='mean' averages floating-point outputs, got {k!r} of dtype {spec.dtype}")
+                if self.views == "vote" and (spec.dtype.is_floating_point or spec.dtype.is_complex):
+                    raise TypeError(f"{owner}: views='vote' needs integer or bool outputs, got {k!r} of dtype {spec.dtype}; use views='mean'")
+            return named, specs, single
+        if len(named) != len(self._specs) or not all(k in self._specs for k in named):
+            raise ValueError(f"{owner}: outputs must have the names of the first add, {sorted(self._specs)}, got {sorted(named)}")
+        for k, (t, tok) in named.items():
+            spec = self._specs[k]
+            if spec.per_token != tok or spec.dtype != t.dtype or spec.shape != t.shape[1 + tok:]:
+                got = _Spec(tok, t.dtype, t.shape[1 + tok:])
+                raise (TypeError if t.dtype != spec.dtype else ValueError)(
+                    f"{owner}: output {k!r} must be {spec.describe()} as in the first add, got {got.describe()}")
+        return named, None, single
 
-    def _reduced(self, key: str, t: torch.Tensor, tok: bool, single: bool, what: str):
-        if self._reduce is None or not t.is_floating_point():
+    def _reduced(self, key: str, t: torch.Tensor, tok: bool, single: bool):
+        what = "outputs" if single else f"outputs[{key!r}]"
+        if not t.is_floating_point():
             return {key: (t, tok)}
         kind, k = self._reduce
-        if t.dim() < (3 if tok else 2):
+        if t.dim() < 2 + tok:
             raise ValueError(f"Recorder.add: reduce={self.reduce!r} works over a last class dimension; {what} has shape {tuple(t.shape)}")
         if kind == "argmax":
             return {key: (t.argmax(-1), tok)}
@@ -461,59 +480,51 @@ class Recorder:
     def _claim(self, index: np.ndarray, views: Optional[np.ndarray], lens, named):
         """Check the batch's (index, view) pairs against what is recorded; decide what to keep.
 
-        Returns (keep, prev, merge): ``keep`` masks the rows to write (None: all), ``prev`` the
-        slots' counts before this batch, ``merge`` whether rows average into existing entries.
-        Changes nothing.
+        Returns (keep, prev, merge, top, vmax): ``keep`` masks the rows to write (None: all),
+        ``prev`` holds the slots' counts before this batch, ``merge`` says whether rows average
+        into entries, ``top`` and ``vmax`` are the largest index and view. Changes nothing.
         """
-        size = len(index)
-        if size == 0:
-            return np.zeros(0, bool), np.zeros(0, np.int32), False
-        n = self.num_items
-        if n is not None:
-            if index.view(np.uint64).max() >= n:  # negative indices wrap around to huge ones
-                b = int(np.flatnonzero((index < 0) | (index >= n))[0])
-                raise ValueError(f"Recorder.add: index[{b}] = {index[b]} is outside range(num_items) = range({n})")
-        elif index.min() < 0:
-            b = int(np.argmin(index))
-            raise ValueError(f"Recorder.add: indices must be >= 0, got index[{b}] = {index[b]}")
-        cap, vcap = self._count.shape
+        if not len(index):
+            return None, None, False, -1, 0
         vmax = 0 if views is None else int(views.max())
-        v = 0 if views is None else views
-        if int(index.max()) < cap and vmax < vcap:
-            prev = self._count[index, v]
-        else:
-            inside = (index < cap) & (v < vcap)
-            prev = np.zeros(size, np.int32)
-            prev[inside] = self._count[index[inside], v if views is None else views[inside]]
-        key = index if views is None else index * (vmax + 1) + views
+        width = vmax + 1
+        key = index if views is None else index * width + views
         ordered = np.sort(key)
-        repeats = bool((ordered[1:] == ordered[:-1]).any())
-        seen = bool(prev.any())
+        low, top = int(ordered[0]) // width, int(ordered[-1]) // width
+        n = self.num_items
+        if low < 0 or (n is not None and top >= n):
+            b = int(np.flatnonzero((index < 0) | (index >= (n if n is not None else np.iinfo(np.int64).max)))[0])
+            if n is None:
+                raise ValueError(f"Recorder.add: indices must be >= 0, got index[{b}] = {index[b]}")
+            raise ValueError(f"Recorder.add: index[{b}] = {index[b]} is outside range(num_items) = range({n})")
+        cap, vcap = self._count.shape
+        if top < cap and vmax < vcap:
+            prev = self._count_flat[index if vcap == 1 else index * vcap + (0 if views is None else views)]
+        else:
+            v = np.zeros(len(index), np.int64) if views is None else views
+            inside = (index < cap) & (v < vcap)
+            prev = np.zeros(len(index), np.int32)
+            prev[inside] = self._count[index[inside], v[inside]]
+        seen = np.count_nonzero(prev)
+        repeats = np.count_nonzero(ordered[1:] == ordered[:-1])
 
         if (seen or repeats) and self.on_duplicate == "error":
-            if seen:
-                b = int(np.flatnonzero(prev)[0])
-                what = f"item {index[b]}" + ("" if views is None else f" view {views[b]}")
-                raise ValueError(f"Recorder.add: {what} is already recorded (batch position {b}); "
-                                 "pass on_duplicate='first', 'last' or 'mean' to allow repeats")
-            b = int(np.flatnonzero(~_first_last(key)[0])[0])
+            b = int(np.flatnonzero(prev)[0]) if seen else int(np.flatnonzero(~_first_last(key)[0])[0])
             what = f"item {index[b]}" + ("" if views is None else f" view {views[b]}")
-            raise ValueError(f"Recorder.add: {what} appears more than once in this batch (again at position {b}); "
-                             "pass on_duplicate='first', 'last' or 'mean' to allow repeats")
-        if any(tok for _, tok in named.values()):
-            self._check_token_lengths(index, views, lens, prev, key, vmax)
+            where = "is already recorded (batch position" if seen else "appears more than once in this batch (again at position"
+            raise ValueError(f"Recorder.add: {what} {where} {b}); pass on_duplicate='first', 'last' or 'mean' to allow repeats")
+        if lens is not None and any(tok for _, tok in named.values()):
+            self._check_token_lengths(index, views, lens, key)
 
-        if not (seen or repeats):
-            return None, prev, False
-        if self.on_duplicate == "mean":
-            return None, prev, True
+        if not (seen or repeats) or self.on_duplicate == "mean":
+            return None, prev, bool(seen or repeats), top, vmax
         first, last = _first_last(key) if repeats else (None, None)
         if self.on_duplicate == "first":
             keep = prev == 0
-            return (keep & first) if repeats else keep, prev, False
-        return (last if repeats else None), prev, False
+            return (keep & first if repeats else keep), prev, False, top, vmax
+        return last, prev, False, top, vmax
 
-    def _check_token_lengths(self, index, views, lens, prev, key, vmax: int) -> None:
+    def _check_token_lengths(self, index, views, lens, key) -> None:
         """Entries that will be combined (views of one example, or averaged repeats) share one length."""
         combine_views = self.views != "none" and (views is not None or self._count.shape[1] > 1)
         merge = self.on_duplicate == "mean"
@@ -551,89 +562,92 @@ class Recorder:
 
     # ---------------------------------------------------------------------------- storage
 
-    def _commit(self, index, views, lens, left, named, keep, prev, merge) -> None:
+    def _commit(self, index_t, index, views, lens, left, named, keep, prev, merge, top: int, vmax: int) -> None:
         """Write the checked batch: bookkeeping on the host now, data now or when its copy lands."""
-        size = len(index)
-        if size == 0:
-            return
-        self._ensure_capacity(int(index.max()), 0 if views is None else int(views.max()))
+        cap, vcap = self._count.shape
+        if top >= cap or vmax >= vcap:
+            self._grow(top, vmax)
+            vcap = self._count.shape[1]
         if self._shared:
             self._unshare()
-        vcap = self._count.shape[1]
-        slots = index if vcap == 1 else index * vcap + (0 if views is None else views)
-        count = self._count.reshape(-1)
-        token_len = self._token_len.reshape(-1)
+        if vcap == 1:
+            slots = index
+        else:
+            slots, index_t = index * vcap + (0 if views is None else views), None
         if merge:
             return self._commit_mean(slots, lens, left, named, prev)
         kept = slots if keep is None else slots[keep]
-        count[kept] = 1
+        self._count_flat[kept] = 1
         if lens is not None:
-            token_len[kept] = lens if keep is None else lens[keep]
-        if keep is None:
-            if len(self._ones) < size:
-                self._ones = np.ones(max(size, 2 * len(self._ones)), np.int64)
-            ones = self._ones[:size]
-        else:
-            ones = keep.astype(np.int64)
+            self._token_len.reshape(-1)[kept] = lens if keep is None else lens[keep]
         for name, (src, tok) in named.items():
             if tok:
                 self._write_tokens(name, src, slots, keep, lens, left)
             else:
-                self._write_examples(name, src, slots, ones)
+                self._write_examples(name, src, slots, index_t, keep)
 
-    def _write_examples(self, name: str, src: torch.Tensor, slots: np.ndarray, ones: np.ndarray) -> None:
-        dst = self._dense[name]
-        staged, event = _stage(src, self.device)
-        if event is None:
-            dev = dst.device
-            ops.unpad_scatter_(dst, staged.unsqueeze(1), _to_device(ones, dev), _to_device(slots, dev))
+    def _ones(self, size: int) -> torch.Tensor:
+        ones = self._ones_cache.get(size)
+        if ones is None:
+            ones = self._ones_cache[size] = torch.ones(size, dtype=torch.int64, device=self.device)
+        return ones
+
+    def _needs_staging(self, src: torch.Tensor) -> bool:
+        """Outputs on a GPU with storage on the host go through pinned buffers, written once landed."""
+        return src.device.type == "cuda" and self._on_host
+
+    def _deliver(self, src: torch.Tensor, work) -> None:
+        """``work(src on the storage device)``: now, or once its copy from a GPU has landed."""
+        if self._needs_staging(src):
+            staged, event = _pinned_copy(src)
+            self._defer(event, lambda: work(staged))
         else:
-            lengths_t, slots_t = torch.from_numpy(ones.copy()), torch.from_numpy(slots.copy())
-            self._defer(event, lambda: ops.unpad_scatter_(dst, staged.unsqueeze(1), lengths_t, slots_t))
+            work(src if (src.is_cpu and self._on_host) or src.device == self.device else src.to(self.device, non_blocking=True))
+
+    def _write_examples(self, name: str, src: torch.Tensor, slots: np.ndarray, slots_t, keep) -> None:
+        """Rows of a per-example output to their slots: items of length 1 (0 for rows not kept)."""
+        dst = self._dense[name]
+        lengths = self._ones(len(slots)) if keep is None else _to_device(keep.astype(np.int64), self.device)
+        if slots_t is None or not self._on_host or self._needs_staging(src):
+            # A private copy: the caller may refill its index tensor before a deferred write runs.
+            slots_t = _to_device(slots.copy(), self.device)
+        self._deliver(src, lambda rows: ops.unpad_scatter_(dst, rows.unsqueeze(1), lengths, slots_t))
 
     def _write_tokens(self, name: str, src: torch.Tensor, slots, keep, lens, left: bool) -> None:
+        """Real rows of a per-token output to fresh rows of its chunks, in batch order."""
         written = lens if keep is None else np.where(keep, lens, 0)
         total = int(written.sum())
         chunk, start, base = self._chunks[name].reserve(total)
         local = start + _exclusive_cumsum(written)
         self._starts[name].reshape(-1)[slots if keep is None else slots[keep]] = base + (local if keep is None else local[keep])
-        if src.device.type == "cuda" and self.device.type == "cpu":
+        if self._needs_staging(src):
             # Unpad on the GPU so that only real rows cross to the host.
             offsets = np.concatenate(([0], np.cumsum(written)))
             rows = ops.unpad(src, _to_device(offsets, src.device), total, left)
-            staged, event = _stage(rows, self.device)
-            self._defer(event, lambda: chunk[start:start + total].copy_(staged))
-            return
-        staged, _ = _stage(src, self.device)
-        dev = chunk.device
-        ops.unpad_scatter_(chunk, staged, _to_device(written, dev), _to_device(local, dev), left)
+            self._deliver(rows, lambda landed: chunk[start:start + total].copy_(landed))
+        else:
+            lengths_t, local_t = _to_device(written, self.device), _to_device(local, self.device)
+            self._deliver(src, lambda padded: ops.unpad_scatter_(chunk, padded, lengths_t, local_t, left))
 
     def _commit_mean(self, slots, lens, left, named, prev) -> None:
         """Average this batch's rows into their entries (repeats within the batch included)."""
         unique, first, inverse, repeats = np.unique(slots, return_index=True, return_inverse=True, return_counts=True)
         before = prev[first].astype(np.int64)
-        count = self._count.reshape(-1)
-        count[unique] = before + repeats
+        self._count_flat[unique] = before + repeats
         if lens is not None:
             self._token_len.reshape(-1)[unique] = lens[first]
         for name, (src, tok) in named.items():
             if tok:
                 offsets = np.concatenate(([0], np.cumsum(lens)))
                 src = ops.unpad(src, _to_device(offsets, src.device), int(offsets[-1]), left)
-            staged, event = _stage(src, self.device)
-            if tok:
-                work = self._mean_tokens_work(name, staged, unique, inverse, before, repeats, lens[first], lens)
+                self._deliver(src, self._mean_tokens_work(name, unique, inverse, before, repeats, lens[first], lens))
             else:
-                work = self._mean_examples_work(name, staged, unique, inverse, before, repeats)
-            if event is None:
-                work()
-            else:
-                self._defer(event, work)
+                self._deliver(src, self._mean_examples_work(name, unique, inverse, before, repeats))
 
-    def _mean_examples_work(self, name, src, unique, inverse, before, repeats):
+    def _mean_examples_work(self, name, unique, inverse, before, repeats):
         dst = self._dense[name]
 
-        def work():
+        def work(src):
             dev, acc = dst.device, _acc_dtype(dst.dtype)
             u = torch.from_numpy(unique).to(dev)
             shape = (-1,) + (1,) * (dst.dim() - 1)
@@ -645,11 +659,11 @@ class Recorder:
             dst.index_copy_(0, u, total.to(dst.dtype))
         return work
 
-    def _mean_tokens_work(self, name, src_rows, unique, inverse, before, repeats, unique_lens, lens):
+    def _mean_tokens_work(self, name, unique, inverse, before, repeats, unique_lens, lens):
         store, starts = self._chunks[name], self._starts[name].reshape(-1)
         acc_offsets = _exclusive_cumsum(unique_lens)
 
-        def work():
+        def work(src_rows):
             # Runs after every earlier batch has landed, so starts[] is current.
             dev, acc = src_rows.device, _acc_dtype(store.dtype)
             shape = (-1,) + (1,) * len(store.shape)
@@ -668,13 +682,12 @@ class Recorder:
         return work
 
     def _defer(self, event, work) -> None:
+        """Queue ``work`` until ``event`` fires; with too many copies in flight, wait for the oldest."""
         self._pending.append((event, work))
         if len(self._pending) > _MAX_PENDING:
-            self._drain(wait=False)
-            while len(self._pending) > _MAX_PENDING:
-                event, work = self._pending.popleft()
-                event.synchronize()
-                work()
+            oldest, oldest_work = self._pending.popleft()
+            oldest.synchronize()
+            oldest_work()
 
     def _drain(self, wait: bool) -> None:
         """Write every pending copy that has landed (all of them, waiting, if ``wait``)."""
@@ -687,18 +700,18 @@ class Recorder:
             self._pending.popleft()
             work()
 
-    def _ensure_capacity(self, max_index: int, max_view: int) -> None:
-        cap, vcap = self._count.shape
-        if max_index < cap and max_view < vcap:
-            return
+    def _grow(self, top: int, vmax: int) -> None:
+        """Room for index ``top`` and view ``vmax``: all of num_items at once when known, else
+        at least twice the items; views exactly (they are few and known early)."""
         self._drain(wait=True)
-        new_cap = self.num_items if self.num_items is not None else max(max_index + 1, 2 * cap, 1024)
-        new_v = max(vcap, max_view + 1)
-        count = np.zeros((new_cap, new_v), np.int32)
+        cap, vcap = self._count.shape
+        new_cap = self.num_items if self.num_items is not None else max(top + 1, 2 * cap, 1024)
+        new_v = max(vcap, vmax + 1)
+        count = np.zeros((new_cap, new_v), self._count_dtype)
         count[:cap, :vcap] = self._count
         token_len = np.zeros((new_cap, new_v), np.int64)
         token_len[:cap, :vcap] = self._token_len
-        self._count, self._token_len = count, token_len
+        self._count, self._count_flat, self._token_len = count, count.reshape(-1), token_len
         for name, spec in self._specs.items():
             if spec.per_token:
                 starts = np.zeros((new_cap, new_v), np.int64)
