@@ -58,6 +58,10 @@ def _nested_array(values: torch.Tensor):
                         f"{sorted(_dtype_name(d) for d in _DTYPES)}")
     array = pa.array(_host_numpy(values))
     shape = values.shape
+    if values.numel() == 0 and shape[0] > 0:
+        # Rows without elements: Parquet cannot read back fixed-size lists of size 0, so each row
+        # is an empty variable-size list; the row shape lives in the metadata.
+        return pa.ListArray.from_arrays(pa.array(np.zeros(shape[0] + 1, np.int32)), array)
     for depth in range(len(shape) - 1, 0, -1):  # innermost dim first
         length = int(np.prod(shape[:depth], dtype=np.int64))
         array = pa.Array.from_buffers(pa.list_(array.type, shape[depth]), length, [None], children=[array])
@@ -67,6 +71,8 @@ def _nested_array(values: torch.Tensor):
 def _unnested(array, dtype: torch.dtype, shape) -> torch.Tensor:
     """The inverse of :func:`_nested_array`: ``[n, *shape]`` of ``dtype``."""
     n = len(array)
+    if 0 in shape:
+        return torch.empty((n, *shape), dtype=dtype)
     for _ in shape:
         array = array.flatten()
     if array.null_count:

@@ -351,6 +351,7 @@ class Recorder:
         if self._specs is None:
             self._specs, self._single = specs, single
             self._chunks = {n: _Chunks(s.shape, s.dtype, self.device) for n, s in specs.items() if s.per_token}
+            self._grow(max(top, 0), vmax)
         if len(index):
             self._commit(index_t, index, views, lens, left, named, keep, prev, merge, top, vmax)
 
