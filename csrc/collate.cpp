@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "launch.h"
@@ -378,13 +379,25 @@ at::Tensor empty_out(at::IntArrayRef shape, at::ScalarType dtype, const Options&
   return at::empty(shape, at::TensorOptions().dtype(dtype).pinned_memory(opt.pin));
 }
 
+// The pad value must survive the trip into the field's dtype (-100 must not become 156 in
+// uint8), by Python's == (0 pads a bool field); the pattern is built from the converted value.
 FillPattern pad_pattern(const Leaf& leaf, at::ScalarType dtype, int64_t unit) {
+  c10::Scalar cast;
+  bool ok = true;
   try {
-    return FillPattern(leaf.pad_value, dtype, unit);
+    cast = at::full({}, leaf.pad_value, at::TensorOptions().dtype(dtype)).item();
   } catch (const c10::Error&) {
-    value_error("pad value " + std::string(py::str(py::cast(leaf.pad_value))) + " of field '" +
-                leaf.path + "' does not fit its dtype " + c10::toString(dtype));
+    ok = false;
   }
+  if (ok && !at::isFloatingType(dtype) && !at::isComplexType(dtype)) {
+    const c10::Scalar& v = leaf.pad_value;
+    ok = v.isFloatingPoint() ? cast.toDouble() == v.toDouble() : cast.toLong() == v.toLong();
+  }
+  if (!ok) {
+    value_error("pad value " + std::string(py::str(py::cast(leaf.pad_value))) + " of field '" + leaf.path +
+                "' does not fit its dtype " + std::string(py::str(py::cast(dtype))));
+  }
+  return FillPattern(cast, dtype, unit);
 }
 
 void fill_bytes(char* dst, int64_t bytes, const FillPattern& fill) {
@@ -455,8 +468,8 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const 
   for (int64_t b = 0; b < B; ++b) {
     const at::Tensor& x = *t[b];
     if (x.layout() != at::kStrided || x.is_meta()) {
-      type_error(subject(leaf.path, b) + " is a " + c10::str(x.layout()) + " tensor on " + x.device().str() +
-                 "; only strided tensors with data can be collated");
+      type_error(subject(leaf.path, b) + " is a tensor with layout " + std::string(py::str(py::cast(x.layout()))) +
+                 " on " + x.device().str() + "; only strided tensors with data can be collated");
     }
     const at::IntArrayRef s = x.sizes();
     if (s.size() != shape0.size() || (length_dim && s.slice(1) != trailing)) {
@@ -565,10 +578,19 @@ struct ListWriter {
 
   std::string list_of(int64_t n) { return "a list of " + std::to_string(n) + " elements"; }
 
+  // Ints reach floating dtypes through double, as torch.tensor converts them.
+  static void store(T* dst, int64_t v) {
+    if constexpr (std::is_integral_v<T>) {
+      *dst = static_cast<T>(v);
+    } else {
+      *dst = static_cast<T>(static_cast<double>(v));
+    }
+  }
+
   bool number(PyObject* o, T* dst, Py_ssize_t i) {
     int64_t v = 0;
     if (PyLong_CheckExact(o) && kind != Num::Bool && compact_int(o, &v)) {  // token ids
-      *dst = static_cast<T>(v);
+      store(dst, v);
       return true;
     }
     const Num k = num_kind(o);
@@ -589,7 +611,7 @@ struct ListWriter {
         at.push_back(i);
         int_overflow(subject(leaf.path, sample) + " holds at " + where_str(at), o);
       }
-      *dst = static_cast<T>(v);
+      store(dst, v);
     } else {
       *dst = static_cast<T>(float_value(o));
     }
@@ -624,19 +646,19 @@ template <typename T>
 Num write_lists(const Leaf& leaf, const std::vector<PyObject*>& objs, const std::vector<int64_t>& trailing,
                 const Layout& l, Num kind, at::Tensor& out) {
   const int64_t inner = c10::multiply_integers(trailing);
-  const int64_t row = inner * static_cast<int64_t>(sizeof(T));
   T* base = out.mutable_data_ptr<T>();
-  std::optional<FillPattern> fill;
-  if (l.has_padding()) {
-    fill.emplace(pad_pattern(leaf, out.scalar_type(), copy_unit(row, {base})));
-  }
   ListWriter<T> w{leaf, trailing, kind};
   for (int64_t b = 0; b < l.batch; ++b) {
-    if (fill) fill_item_padding(reinterpret_cast<char*>(base), row, l, b, *fill);
     T* dst = base + l.first_row(b) * inner;
     w.sample = b;
     w.at.clear();
     if (!w.write(objs[b], 0, dst)) return w.wider;
+  }
+  // The pad value is checked against the final dtype, once every element is known to fit it.
+  if (l.has_padding()) {
+    const int64_t row = inner * static_cast<int64_t>(sizeof(T));
+    const FillPattern fill = pad_pattern(leaf, out.scalar_type(), copy_unit(row, {base}));
+    for (int64_t b = 0; b < l.batch; ++b) fill_item_padding(reinterpret_cast<char*>(base), row, l, b, fill);
   }
   return kind;
 }
@@ -721,6 +743,13 @@ at::Tensor mask_of(const Layout& l, const Options& opt) {
   return mask;
 }
 
+// A pad value (collate.py checked it is a bool, an int64 or a float).
+c10::Scalar scalar_of(const py::handle& v) {
+  if (PyBool_Check(v.ptr())) return c10::Scalar(v.ptr() == Py_True);
+  if (PyLong_Check(v.ptr())) return c10::Scalar(v.cast<int64_t>());
+  return c10::Scalar(v.cast<double>());
+}
+
 py::tuple collate(const py::list& samples, const py::tuple& walk_plan, const py::tuple& leaf_plan, bool left,
                   int64_t multiple, bool packed, bool pin, at::ScalarType float_dtype, int64_t primary) {
   const Options opt{static_cast<int64_t>(samples.size()), left, multiple, packed, pin, float_dtype};
@@ -730,7 +759,7 @@ py::tuple collate(const py::list& samples, const py::tuple& walk_plan, const py:
   for (const py::handle h : leaf_plan) {
     const py::tuple t = py::reinterpret_borrow<py::tuple>(h);
     leaves.push_back({t[0].cast<std::string>(), t[1].cast<int>(), t[2].cast<std::string>(),
-                      py::reinterpret_borrow<py::object>(t[3]), t[4].cast<c10::Scalar>(), t[5].cast<bool>()});
+                      py::reinterpret_borrow<py::object>(t[3]), scalar_of(t[4]), t[5].cast<bool>()});
   }
   Walk w;
   w.items.assign(leaves.size(), std::vector<PyObject*>(opt.batch, nullptr));

@@ -4,6 +4,7 @@ Indexed attaches identity, Collator pads and carries it in one fused pass, Recor
 outputs back in dataset order; pad / unpad / unpad_scatter_ are the compiled ops underneath.
 """
 from . import ops, reference
+from .collate import Batch, Collator
 from .dataset import Indexed, IndexedIterable, Sample
 from .ops import HAS_EXTENSION
 from .record import Predictions, Recorder
@@ -11,4 +12,4 @@ from .sampler import LengthBucketSampler, lengths_of
 
 __version__ = "0.1.0"
 
-__all__ = ["Indexed", "IndexedIterable", "Sample", "LengthBucketSampler", "lengths_of", "Recorder", "Predictions", "ops", "reference", "HAS_EXTENSION", "__version__"]
+__all__ = ["Indexed", "IndexedIterable", "Sample", "Collator", "Batch", "LengthBucketSampler", "lengths_of", "Recorder", "Predictions", "ops", "reference", "HAS_EXTENSION", "__version__"]

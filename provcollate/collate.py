@@ -1,0 +1,767 @@
+"""Collator and Batch: the drop-in ``collate_fn`` that pads a batch and keeps every example's identity.
+
+``Collator`` looks at the first sample only, to learn the structure of the batch (a plan: which
+fields there are and what they hold), and hands the samples and the plan to the compiled fused
+pass (``provcollate._C.collate``, csrc/collate.cpp). That pass checks every sample against the
+plan and writes each field into one output tensor: tensors and numpy arrays are copied with the
+GIL released, lists of Python numbers are read in place. Without the compiled extension the same
+plan runs on :func:`_collate_python`, which gives the same batches and the same errors.
+"""
+from __future__ import annotations
+
+import collections.abc
+import operator
+import warnings
+from typing import Any, Callable
+
+import torch
+
+from . import ops, reference
+from .dataset import Sample
+
+try:
+    import numpy as np
+except ImportError:  # numpy is optional for torch, and so for provcollate
+    np = None
+
+__all__ = ["Collator", "Batch"]
+
+if ops.HAS_EXTENSION:
+    from ._C import collate as _native
+else:
+    _native = None
+
+# Plan codes shared with csrc/collate.cpp.
+_MAP, _SEQ, _LEAF, _INDEX, _VIEW = range(5)
+_TENSOR, _ARRAY, _NUMBER, _LIST, _OBJECT = range(5)
+_BOOL, _INT, _FLOAT, _BAD = range(4)
+_MAPPING, _SEQUENCE = 5, 6  # what _kind says of containers (leaves are _TENSOR.._OBJECT)
+
+_EXPECTED = {
+    _TENSOR: "a Tensor",
+    _ARRAY: "a numpy array or scalar",
+    _NUMBER: "a number (bool, int or float)",
+    _LIST: "a list of numbers",
+}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan, from sample 0
+
+
+def _is_number(x) -> bool:
+    if isinstance(x, (bool, int, float)):
+        return True
+    return np is not None and isinstance(x, (np.bool_, np.integer, np.floating))
+
+
+def _numeric_list(x: list) -> bool:
+    """A list of numbers, nested to any depth (judged by its first elements), or an empty one."""
+    while isinstance(x, list):
+        if not x:
+            return True
+        x = x[0]
+    return _is_number(x)
+
+
+def _kind(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return _TENSOR
+    if np is not None and isinstance(x, (np.ndarray, np.bool_, np.number)):
+        return _ARRAY
+    if isinstance(x, (str, bytes)):
+        return _OBJECT
+    if isinstance(x, (bool, int, float)):
+        return _NUMBER
+    if isinstance(x, list):
+        if _numeric_list(x):
+            return _LIST
+        return _SEQUENCE if _kind(x[0]) in (_TENSOR, _ARRAY, _MAPPING, _SEQUENCE) else _OBJECT
+    if isinstance(x, collections.abc.Mapping):
+        return _MAPPING
+    if isinstance(x, tuple):
+        return _SEQUENCE
+    return _OBJECT
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _seq_maker(x) -> Callable:
+    if isinstance(x, list):
+        return list
+    if hasattr(type(x), "_fields"):  # a namedtuple comes back as its own type
+        return lambda parts: type(x)(*parts)
+    return tuple
+
+
+class _Plan:
+    """What the batch holds, learned from sample 0.
+
+    ``walk`` is the tree the fused pass follows through every raw sample (identity included);
+    ``template`` rebuilds ``batch.data`` from the collated fields; ``leaves`` describes each field:
+    ``(path, kind, expected, object_type, pad_value, force_sequence)``.
+    """
+
+    def __init__(self, collator: "Collator", first) -> None:
+        self.collator = collator
+        self.leaves: list[tuple] = []
+        self.paths: list[tuple] = []  # each field's keys/positions inside batch.data
+        self.ndims: list[int] = []
+        if isinstance(first, Sample):
+            if collator.index is not None:
+                raise ValueError(
+                    f"Collator: index={collator.index!r} reads the index from raw samples, but these are "
+                    "provcollate.Sample (from Indexed), which carry their own; use Collator(index=None)"
+                )
+            data_walk, self.template = self._node(first.data, ())
+            self.walk = (_SEQ, "", "Sample", False, 3, (0, 1, 2), ((_INDEX, ""), (_VIEW,), data_walk))
+        elif collator.index is None:
+            raise TypeError(
+                f"Collator: sample 0 is a {type(first).__name__} that carries no index: wrap the dataset in "
+                "provcollate.Indexed, or pass Collator(index=K) if samples hold their index at position/key K"
+            )
+        else:
+            self.walk, self.template = self._root_with_index(first, collator.index)
+        self.primary = self._named_fields()
+
+    def _root_with_index(self, first, key):
+        if isinstance(first, collections.abc.Mapping):
+            if key not in first:
+                raise ValueError(f"Collator: index={key!r} is not a key of sample 0, whose keys are {list(first)}")
+            walks, keys, tmpls = [], [], []
+            for k in first:
+                if k == key:
+                    walks.append((_INDEX, f"key {key!r}"))
+                    continue
+                w, t = self._node(first[k], (k,))
+                walks.append(w)
+                keys.append(k)
+                tmpls.append(t)
+            walk = (_MAP, "", type(first).__name__, len(first), tuple(first), tuple(walks))
+            return walk, (_MAP, tuple(keys), tuple(tmpls))
+        if isinstance(first, (tuple, list)):
+            n = len(first)
+            if isinstance(key, bool) or not isinstance(key, int) or not -n <= key < n:
+                raise ValueError(
+                    f"Collator: index={key!r} must be a position in sample 0, a {type(first).__name__} of {n} elements"
+                )
+            key %= n
+            walks, tmpls = [], []
+            for p, x in enumerate(first):
+                if p == key:
+                    walks.append((_INDEX, f"position {key}"))
+                    continue
+                w, t = self._node(x, (len(tmpls),))
+                walks.append(w)
+                tmpls.append(t)
+            walk = (_SEQ, "", type(first).__name__, isinstance(first, list), n, tuple(range(n)), tuple(walks))
+            return walk, (_SEQ, list if isinstance(first, list) else tuple, tuple(tmpls))
+        raise TypeError(
+            f"Collator: index={key!r} needs samples that are tuples, lists or dicts, got sample 0 of type "
+            f"{type(first).__name__}"
+        )
+
+    def _node(self, x, path: tuple):
+        name = ".".join(str(k) for k in path)
+        kind = _kind(x)
+        if kind == _MAPPING:
+            keys = tuple(x)
+            children = [self._node(x[k], path + (k,)) for k in keys]
+            walk = (_MAP, name, type(x).__name__, len(keys), keys, tuple(w for w, _ in children))
+            return walk, (_MAP, keys, tuple(t for _, t in children))
+        if kind == _SEQUENCE:
+            children = [self._node(v, path + (i,)) for i, v in enumerate(x)]
+            walk = (_SEQ, name, type(x).__name__, isinstance(x, list), len(x), tuple(range(len(x))),
+                    tuple(w for w, _ in children))
+            return walk, (_SEQ, _seq_maker(x), tuple(t for _, t in children))
+        leaf_id = len(self.leaves)
+        c = self.collator
+        if kind == _OBJECT:
+            expected = "anything" if x is None else f"a {type(x).__name__} (or None)"
+        else:
+            expected = _EXPECTED[kind]
+        self.leaves.append((name, kind, expected, type(x), c.pad_values.get(name, c.pad_value), False))
+        self.paths.append(path)
+        self.ndims.append(x.dim() if kind == _TENSOR else (x.ndim if kind == _ARRAY else (1 if kind == _LIST else 0)))
+        return (_LEAF, leaf_id), (_LEAF, leaf_id)
+
+    def _named_fields(self) -> int:
+        """Marks the fields named by ``primary`` and ``pad_values`` as sequences; returns the primary's id."""
+        c = self.collator
+        names = {leaf[0]: i for i, leaf in enumerate(self.leaves)}
+        named = [("pad_values", name) for name in c.pad_values]
+        if c.primary is not None:
+            named.append(("primary", c.primary))
+        for arg, name in named:
+            if name not in names:
+                raise ValueError(f"Collator: {arg} names field {name!r}, which sample 0 does not have; its fields are {list(names)}")
+            i = names[name]
+            if self.ndims[i] < 1:
+                raise ValueError(
+                    f"Collator: {arg} names field {name!r}, which has no length dimension to pad "
+                    f"(sample 0 holds a {self.leaves[i][3].__name__} there)"
+                )
+            self.leaves[i] = self.leaves[i][:5] + (True,)
+        return names[c.primary] if c.primary is not None else -1
+
+    def assemble(self, values: list):
+        return _assemble(self.template, values)
+
+
+def _assemble(tmpl, values):
+    if tmpl[0] == _LEAF:
+        return values[tmpl[1]]
+    if tmpl[0] == _MAP:
+        return {k: _assemble(c, values) for k, c in zip(tmpl[1], tmpl[2])}
+    return tmpl[1]([_assemble(c, values) for c in tmpl[2]])
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure-Python pass: the fallback without the extension. Same plan, results and messages as
+# csrc/collate.cpp, in the same order of checks.
+
+
+def _subject(path: str, b: int) -> str:
+    return f"field '{path}' of sample {b}" if path else f"sample {b}"
+
+
+def _mismatch(path: str, b: int, x, expected: str) -> TypeError:
+    return TypeError(f"Collator: {_subject(path, b)} has type {type(x).__name__}, expected {expected} like sample 0")
+
+
+def _num_kind(x) -> int:
+    if isinstance(x, float):
+        return _FLOAT
+    if isinstance(x, bool):
+        return _BOOL
+    if isinstance(x, int):
+        return _INT
+    if np is not None and isinstance(x, np.generic):
+        if isinstance(x, np.bool_):
+            return _BOOL
+        if isinstance(x, np.integer):
+            return _INT
+        if isinstance(x, np.floating):
+            return _FLOAT
+    return _BAD
+
+
+def _int64(x, what: str) -> int:
+    v = operator.index(x)
+    if not _INT64_MIN <= v <= _INT64_MAX:
+        raise ValueError(f"Collator: {what} {x}, which does not fit in int64")
+    return v
+
+
+def _identity(node, x, b: int) -> int:
+    what = f"the {'index' if node[0] == _INDEX else 'view'} of sample {b}" + (f" ({node[1]})" if node[0] == _INDEX and node[1] else "")
+    if isinstance(x, bool) or not hasattr(type(x), "__index__"):
+        raise TypeError(f"Collator: {what} has type {type(x).__name__}, expected an int")
+    try:
+        v = operator.index(x)
+    except TypeError:
+        raise TypeError(f"Collator: {what} has type {type(x).__name__}, expected an int") from None
+    if not _INT64_MIN <= v <= _INT64_MAX:
+        raise ValueError(f"Collator: {what} is {x}, which does not fit in int64")
+    return v
+
+
+_MISSING = object()
+
+
+def _walk(node, x, b: int, items: list, index: list, view: list) -> None:
+    kind = node[0]
+    if kind == _LEAF:
+        items[node[1]][b] = x
+    elif kind == _INDEX:
+        index[b] = _identity(node, x, b)
+    elif kind == _VIEW:
+        view[b] = _identity(node, x, b)
+    elif kind == _SEQ:
+        _, path, expected, is_list, size, positions, children = node
+        if not isinstance(x, list if is_list else tuple):
+            raise _mismatch(path, b, x, "a " + expected)
+        if len(x) != size:
+            raise ValueError(f"Collator: {_subject(path, b)} has {len(x)} elements, expected {size} like sample 0")
+        for p, child in zip(positions, children):
+            _walk(child, x[p], b, items, index, view)
+    else:
+        _, path, expected, size, keys, children = node
+        is_dict = isinstance(x, dict)
+        if not is_dict and not isinstance(x, collections.abc.Mapping):
+            raise _mismatch(path, b, x, "a " + expected)
+        for k, child in zip(keys, children):
+            if is_dict:
+                v = dict.get(x, k, _MISSING)
+            else:
+                try:
+                    v = x[k]
+                except KeyError:
+                    v = _MISSING
+            if v is _MISSING:
+                raise ValueError(f"Collator: field '{_join(path, k)}' is missing from sample {b} (sample 0 has it)")
+            _walk(child, v, b, items, index, view)
+        if len(x) != size:
+            known = set(keys)
+            for k in x:
+                if k not in known:
+                    raise ValueError(f"Collator: field '{_join(path, k)}' of sample {b} is not in sample 0")
+
+
+def _shape(s) -> str:
+    return str(tuple(s))
+
+
+def _pad_for(path: str, value, dtype: torch.dtype):
+    """``value`` converted to ``dtype``; it must survive the trip (-100 must not become 156 in uint8),
+    by Python's == (0 pads a bool field). The same rule as csrc/collate.cpp's pad_pattern."""
+    try:
+        cast = torch.full((), value, dtype=dtype).item()
+        ok = dtype.is_floating_point or dtype.is_complex or cast == value
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"Collator: pad value {value} of field '{path}' does not fit its dtype {dtype}")
+    return cast
+
+
+class _Field:
+    """One collated field: its value and, for sequence fields, lengths, offsets and T."""
+
+    __slots__ = ("value", "lengths", "offsets", "max_len")
+
+    def __init__(self, value, lengths=None, offsets=None, max_len=None) -> None:
+        self.value, self.lengths, self.offsets, self.max_len = value, lengths, offsets, max_len
+
+
+def _place(leaf, tensors: list, lengths: list, length_dim: bool, opts: dict) -> _Field:
+    """Stack equal items, or pad (or pack) a sequence field, as the fused pass lays it out."""
+    sequence = length_dim and (leaf[5] or min(lengths) != max(lengths))
+    if not sequence:
+        return _Field(torch.stack(tensors))
+    max_len = max(lengths)
+    m = opts["multiple"]
+    if m > 1:
+        max_len = -(-max_len // m) * m
+    values = torch.cat(tensors)
+    offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+    if opts["packed"]:
+        return _Field(values, lengths, offsets, max_len)
+    pad = _pad_for(leaf[0], leaf[4], values.dtype)
+    return _Field(ops.pad(values, offsets.to(values.device), max_len, pad, opts["left"]), lengths, None, max_len)
+
+
+def _array_tensor(leaf, x, b: int) -> torch.Tensor:
+    if np is None or not isinstance(x, (np.generic, np.ndarray)):
+        raise _mismatch(leaf[0], b, x, leaf[2])
+    try:
+        with warnings.catch_warnings():
+            # Items are only read, never written: a read-only array is fine.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(np.asarray(x))
+    except (TypeError, RuntimeError, ValueError) as e:
+        raise TypeError(f"Collator: {_subject(leaf[0], b)} cannot be read as a tensor: {e}") from None
+
+
+def _tensor_field(leaf, objs: list, opts: dict) -> _Field:
+    path, kind = leaf[0], leaf[1]
+    ts = []
+    for b, x in enumerate(objs):
+        if kind == _TENSOR:
+            if not isinstance(x, torch.Tensor):
+                raise _mismatch(path, b, x, leaf[2])
+            ts.append(x)
+        else:
+            ts.append(_array_tensor(leaf, x, b))
+    t0 = ts[0]
+    length_dim = t0.dim() > 0
+    dtype = t0.dtype
+    for b, x in enumerate(ts):
+        if x.layout != torch.strided or x.is_meta:
+            raise TypeError(
+                f"Collator: {_subject(path, b)} is a tensor with layout {x.layout} on {x.device}; "
+                "only strided tensors with data can be collated"
+            )
+        if x.dim() != t0.dim() or (length_dim and x.shape[1:] != t0.shape[1:]):
+            raise ValueError(
+                f"Collator: {_subject(path, b)} has shape {_shape(x.shape)}, but sample 0 has {_shape(t0.shape)}: "
+                "all dims after the first must agree"
+            )
+        if x.device != t0.device:
+            raise ValueError(f"Collator: {_subject(path, b)} is on {x.device}, but sample 0 is on {t0.device}")
+        dtype = torch.promote_types(dtype, x.dtype)
+    lengths = [x.shape[0] if length_dim else 1 for x in ts]
+    return _place(leaf, [x.to(dtype) for x in ts], lengths, length_dim, opts)
+
+
+def _number_field(leaf, objs: list, opts: dict) -> _Field:
+    kind = _BOOL
+    for b, x in enumerate(objs):
+        k = _num_kind(x)
+        if k == _BAD:
+            raise _mismatch(leaf[0], b, x, leaf[2])
+        kind = max(kind, k)
+    if kind == _BOOL:
+        return _Field(torch.tensor([bool(x) for x in objs], dtype=torch.bool))
+    if kind == _INT:
+        return _Field(torch.tensor([_int64(x, _subject(leaf[0], b) + " is") for b, x in enumerate(objs)], dtype=torch.int64))
+    return _Field(torch.tensor([float(x) for x in objs], dtype=torch.float64))
+
+
+def _flatten(leaf, x: list, b: int, trailing: list, depth: int, at: list, out: list) -> int:
+    """Appends the numbers of one nested list to ``out``; returns the widest kind seen."""
+    kind = _BOOL
+    if depth == len(trailing):
+        for i, v in enumerate(x):
+            k = _num_kind(v)
+            if k == _BAD:
+                if isinstance(v, list):
+                    raise ValueError(f"Collator: {_subject(leaf[0], b)} is a ragged nested list: element "
+                                     f"{''.join(f'[{j}]' for j in at + [i])} is a list, expected a number")
+                raise TypeError(f"Collator: {_subject(leaf[0], b)} holds a {type(v).__name__} at "
+                                f"{''.join(f'[{j}]' for j in at + [i])}; lists must hold only numbers (bool, int, float)")
+            if k == _INT:
+                v = _int64(v, f"{_subject(leaf[0], b)} holds at {''.join(f'[{j}]' for j in at + [i])}")
+            out.append(v)
+            kind = max(kind, k)
+        return kind
+    want = trailing[depth]
+    for i, v in enumerate(x):
+        where = "".join(f"[{j}]" for j in at + [i])
+        if not isinstance(v, list):
+            raise ValueError(f"Collator: {_subject(leaf[0], b)} is a ragged nested list: element {where} is a "
+                             f"{type(v).__name__}, expected a list of {want} elements")
+        if len(v) != want:
+            raise ValueError(f"Collator: {_subject(leaf[0], b)} is a ragged nested list: element {where} is a list of "
+                             f"{len(v)} elements, expected a list of {want} elements")
+        kind = max(kind, _flatten(leaf, v, b, trailing, depth + 1, at + [i], out))
+    return kind
+
+
+def _list_field(leaf, objs: list, opts: dict) -> _Field:
+    for b, x in enumerate(objs):
+        if not isinstance(x, list):
+            raise _mismatch(leaf[0], b, x, leaf[2])
+    trailing = []
+    first = next((x for x in objs if x), None)
+    if first is not None:
+        el = first[0]
+        while isinstance(el, list) and el:
+            trailing.append(len(el))
+            el = el[0]
+        if isinstance(el, list):
+            trailing.append(0)
+    kind, flat = _BOOL, []
+    for b, x in enumerate(objs):
+        items = []
+        kind = max(kind, _flatten(leaf, x, b, trailing, 0, [], items))
+        flat.append(items)
+    if not any(flat):
+        kind = _FLOAT  # no element at all: torch.tensor([]) is of the default float dtype
+    dtype = {_BOOL: torch.bool, _INT: torch.int64, _FLOAT: opts["float_dtype"]}[kind]
+    tensors = [torch.tensor(items, dtype=dtype).view(len(x), *trailing) for items, x in zip(flat, objs)]
+    return _place(leaf, tensors, [len(x) for x in objs], True, opts)
+
+
+def _object_field(leaf, objs: list, opts: dict) -> _Field:
+    expected = leaf[3]
+    for b, x in enumerate(objs):
+        if expected is not type(None) and x is not None and type(x) is not expected:
+            raise _mismatch(leaf[0], b, x, leaf[2])
+    return _Field(list(objs))
+
+
+_FIELDS = {_TENSOR: _tensor_field, _ARRAY: _tensor_field, _NUMBER: _number_field, _LIST: _list_field, _OBJECT: _object_field}
+
+
+def _collate_python(samples, walk, leaves, left, pad_to_multiple_of, packed, pin_memory, float_dtype, primary):
+    """The fused pass in Python: same arguments and results as ``provcollate._C.collate``."""
+    n = len(samples)
+    if n == 0:
+        raise ValueError("Collator: samples must be a non-empty list, got an empty one")
+    items = [[None] * n for _ in leaves]
+    index, view = [0] * n, [0] * n
+    for b, s in enumerate(samples):
+        _walk(walk, s, b, items, index, view)
+    opts = {"left": left, "multiple": pad_to_multiple_of, "packed": packed, "float_dtype": float_dtype}
+    with torch.no_grad():  # a batch never carries autograd history
+        fields = [_FIELDS[leaf[1]](leaf, objs, opts) for leaf, objs in zip(leaves, items)]
+    if primary < 0:
+        primary = next((i for i, f in enumerate(fields) if f.lengths is not None), -1)
+    pin = (lambda t: t.pin_memory()) if pin_memory else (lambda t: t)
+    out = []
+    for f in fields:
+        value = pin(f.value) if isinstance(f.value, torch.Tensor) else f.value
+        if f.lengths is None:
+            out.append((value, None, None, None))
+        else:
+            offsets = pin(f.offsets) if f.offsets is not None else None
+            out.append((value, pin(torch.tensor(f.lengths, dtype=torch.int64)), offsets, f.max_len))
+    mask = None
+    if primary >= 0 and not packed:
+        mask = pin(reference.valid_mask(out[primary][1], fields[primary].max_len, left))
+    return pin(torch.tensor(index, dtype=torch.int64)), pin(torch.tensor(view, dtype=torch.int64)), out, primary, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch
+
+
+def _map_tensors(x, fn):
+    """``x`` with every tensor inside (dicts, lists, tuples, namedtuples) replaced by ``fn(tensor)``."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return {k: _map_tensors(v, fn) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_map_tensors(v, fn) for v in x]
+    if isinstance(x, tuple):
+        parts = [_map_tensors(v, fn) for v in x]
+        return type(x)(*parts) if hasattr(type(x), "_fields") else tuple(parts)
+    return x
+
+
+def _replace(x, path: tuple, value):
+    """A copy of ``x`` with the element at ``path`` (keys/positions) replaced by ``value``."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(x, dict):
+        return {**x, head: _replace(x[head], rest, value)}
+    parts = list(x)
+    parts[head] = _replace(parts[head], rest, value)
+    if isinstance(x, list):
+        return parts
+    return type(x)(*parts) if hasattr(type(x), "_fields") else tuple(parts)
+
+
+class Batch:
+    """A collated batch that knows which dataset item each of its rows is.
+
+    Attributes:
+        index: LongTensor [B], the dataset index of each row.
+        view: LongTensor [B], the view id of each row (zeros without views).
+        data: the samples' data collated, with the structure of one sample's data.
+        lengths: LongTensor [B], lengths of the primary sequence field, or None without one.
+        field_lengths: {field path: LongTensor [B]} for every padded (or packed) field.
+        mask: BoolTensor [B, max_len], True on real positions of the primary field (None if packed).
+        max_len: int, the padded length T of the primary field (known on the host), or None.
+        offsets: LongTensor [B+1] of the primary field's rows in its packed values (packed only).
+        field_offsets: {field path: LongTensor [B+1]} for every packed field (packed only, else {}).
+        padding_side: "right" or "left".
+        host_index, host_lengths: CPU copies of index and lengths that stay on the host through
+            ``to()``, so consumers know every size without reading a device back.
+    """
+
+    def __init__(self, *, index, view, data, lengths=None, field_lengths=None, mask=None, max_len=None,
+                 offsets=None, field_offsets=None, padding_side="right", host_index=None, host_lengths=None,
+                 packed_fields=None) -> None:
+        self.index = index
+        self.view = view
+        self.data = data
+        self.lengths = lengths
+        self.field_lengths = field_lengths if field_lengths is not None else {}
+        self.mask = mask
+        self.max_len = max_len
+        self.offsets = offsets
+        self.field_offsets = field_offsets if field_offsets is not None else {}
+        self.padding_side = padding_side
+        self.host_index = host_index if host_index is not None else index
+        self.host_lengths = host_lengths if host_lengths is not None else lengths
+        # field path -> (keys/positions in data, pad value, padded length): what padded() needs.
+        self._packed = packed_fields if packed_fields is not None else {}
+
+    def __len__(self) -> int:
+        return self.host_index.shape[0]
+
+    def __getitem__(self, key):
+        """``batch["input_ids"]`` or ``batch[0]``: an item of ``batch.data``."""
+        return self.data[key]
+
+    __iter__ = None  # not a sequence of rows: iterate over batch.data or batch.index explicitly
+
+    def _map(self, fn) -> "Batch":
+        opt = lambda t: fn(t) if t is not None else None
+        return Batch(
+            index=fn(self.index), view=fn(self.view), data=_map_tensors(self.data, fn), lengths=opt(self.lengths),
+            field_lengths={k: fn(v) for k, v in self.field_lengths.items()}, mask=opt(self.mask),
+            max_len=self.max_len, offsets=opt(self.offsets),
+            field_offsets={k: fn(v) for k, v in self.field_offsets.items()}, padding_side=self.padding_side,
+            host_index=self.host_index, host_lengths=self.host_lengths, packed_fields=self._packed,
+        )
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """A new Batch with every tensor on ``device``; ``host_index`` and ``host_lengths`` stay on the CPU."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """A new Batch with every tensor in pinned memory (what ``DataLoader(pin_memory=True)`` calls)."""
+        return self._map(lambda t: t.pin_memory())
+
+    def padded(self) -> "Batch":
+        """The padded form of a packed batch, padded by ``provcollate.ops.pad`` on the batch's device.
+
+        Each packed field becomes ``[B, T, ...]`` with its pad value; ``mask`` is rebuilt from
+        ``lengths``. No device value is read back: every size is known on the host. A batch that is
+        not packed is returned as is.
+        """
+        if not self._packed:
+            return self
+        left = self.padding_side == "left"
+        data = self.data
+        for name, (path, pad_value, max_len) in self._packed.items():
+            field = data
+            for k in path:
+                field = field[k]
+            pad = _pad_for(name, pad_value, field.dtype)
+            data = _replace(data, path, ops.pad(field, self.field_offsets[name], max_len, pad, left))
+        mask = reference.valid_mask(self.lengths, self.max_len, left) if self.lengths is not None else None
+        return Batch(
+            index=self.index, view=self.view, data=data, lengths=self.lengths, field_lengths=self.field_lengths,
+            mask=mask, max_len=self.max_len, padding_side=self.padding_side, host_index=self.host_index,
+            host_lengths=self.host_lengths,
+        )
+
+    def __repr__(self) -> str:
+        def describe(x):
+            if isinstance(x, torch.Tensor):
+                return f"Tensor{list(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+            if isinstance(x, dict):
+                return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in x.items()) + "}"
+            if isinstance(x, tuple):
+                return "(" + ", ".join(describe(v) for v in x) + ("," if len(x) == 1 else "") + ")"
+            return f"list[{len(x)}]" if isinstance(x, list) else type(x).__name__
+
+        packed = ", packed" if self._packed else ""
+        return f"Batch(size={len(self)}, data={describe(self.data)}, max_len={self.max_len}{packed})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Collator
+
+
+def _check_number(name: str, value) -> None:
+    if not isinstance(value, (bool, int, float)):
+        raise TypeError(f"Collator: {name} must be a number (bool, int or float), got {type(value).__name__}")
+    if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(f"Collator: {name} must fit in int64, got {value}")
+
+
+def _field_name(arg: str, key) -> str:
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise TypeError(f"Collator: {arg} must name a field by its path (a str, or an int position), got {type(key).__name__}")
+    return str(key)
+
+
+class Collator:
+    """A picklable ``collate_fn`` that pads a batch and keeps each example's identity.
+
+    Samples are ``provcollate.Sample`` (from ``provcollate.Indexed``), or raw samples that hold their
+    index at position/key ``index`` (``Collator(index=2)`` for datasets returning ``(x, y, idx)``;
+    that field is dropped from ``batch.data``). Their data may nest tuples, lists and dicts of:
+
+    * tensors and numpy arrays: a leading dim that varies across the batch is padded to
+      ``[B, T, ...]`` (``pad_value``, per-field ``pad_values``, ``padding_side``,
+      ``pad_to_multiple_of``); equal shapes are stacked. Dims after the first must agree.
+    * lists of numbers, nested to any depth (as tokenizers return them): always sequence fields,
+      padded like tensors, of dtype bool, int64 or the default float dtype (torch.tensor's rule).
+    * numbers: a tensor [B] of dtype bool, int64 or float64 (default_collate's rule).
+    * strings and other objects: a list of the samples' values.
+
+    Fields are named by their path in the data: ``"input_ids"``, ``"0"``, ``"inputs.ids"``. A field
+    is a sequence field (padded, with lengths) when its leading dim varies in the batch, when it is a
+    list of numbers, or when it is named by ``primary`` or ``pad_values``. ``batch.lengths`` and
+    ``batch.mask`` describe the primary field: ``primary``, or the first sequence field found.
+
+    Args:
+        pad_value: fill of padded positions.
+        pad_values: {field path: pad value} overriding ``pad_value`` per field (e.g. ``{"labels": -100}``).
+        padding_side: "right" or "left".
+        pad_to_multiple_of: round every padded length T up to a multiple of this.
+        packed: sequence fields come as values ``[sum(L), ...]`` with ``batch.offsets`` ([B+1],
+            flash-attention's cu_seqlens) instead of padded; ``batch.padded()`` pads them later.
+        index: position/key of the index in raw samples; None for ``provcollate.Sample``.
+        primary: path of the primary sequence field.
+        pin_memory: write every output straight into pinned memory (needs an accelerator). With
+            DataLoader workers use ``DataLoader(pin_memory=True)`` instead, which pins in the main process.
+
+    Every output is new memory (no tensor of the samples is shared) and carries no autograd history.
+    Bad input raises TypeError/ValueError naming the field path and the sample's position in the batch.
+    """
+
+    def __init__(self, pad_value=0, pad_values=None, padding_side: str = "right", pad_to_multiple_of=None,
+                 packed: bool = False, index=None, primary=None, pin_memory: bool = False) -> None:
+        _check_number("pad_value", pad_value)
+        if pad_values is None:
+            pad_values = {}
+        if not isinstance(pad_values, collections.abc.Mapping):
+            raise TypeError(f"Collator: pad_values must be a dict {{field path: pad value}}, got {type(pad_values).__name__}")
+        self.pad_values = {}
+        for key, value in pad_values.items():
+            _check_number(f"pad_values[{key!r}]", value)
+            self.pad_values[_field_name("pad_values", key)] = value
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"Collator: padding_side must be 'right' or 'left', got {padding_side!r}")
+        if pad_to_multiple_of is not None and (
+            isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
+        ):
+            raise ValueError(f"Collator: pad_to_multiple_of must be None or an int >= 1, got {pad_to_multiple_of!r}")
+        for name, flag in (("packed", packed), ("pin_memory", pin_memory)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"Collator: {name} must be a bool, got {type(flag).__name__}")
+        if index is not None and (isinstance(index, bool) or not isinstance(index, (int, str))):
+            raise TypeError(f"Collator: index must be None, an int position or a str key, got {type(index).__name__}")
+        if pin_memory and not torch.accelerator.is_available():
+            raise ValueError("Collator: pin_memory=True needs an accelerator (CUDA, XPU, ...) and none is available")
+        self.pad_value = pad_value
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.packed = packed
+        self.index = index
+        self.primary = None if primary is None else _field_name("primary", primary)
+        self.pin_memory = pin_memory
+
+    def __call__(self, samples) -> Batch:
+        """Collate a list of samples (what a DataLoader passes to its ``collate_fn``) into a :class:`Batch`."""
+        if not isinstance(samples, (list, tuple)):
+            raise TypeError(f"Collator: samples must be a list of samples, got {type(samples).__name__}")
+        if not samples:
+            raise ValueError("Collator: samples must be a non-empty list, got an empty one")
+        samples = list(samples)
+        plan = _Plan(self, samples[0])
+        collate = _native if _native is not None else _collate_python
+        left = self.padding_side == "left"
+        index, view, fields, primary, mask = collate(
+            samples, plan.walk, tuple(plan.leaves), left, self.pad_to_multiple_of or 0, self.packed,
+            self.pin_memory, torch.get_default_dtype(), plan.primary,
+        )
+        data = plan.assemble([f[0] for f in fields])
+        names = [leaf[0] for leaf in plan.leaves]
+        field_lengths = {names[i]: f[1] for i, f in enumerate(fields) if f[1] is not None}
+        packed = {}
+        field_offsets = {}
+        if self.packed:
+            for i, f in enumerate(fields):
+                if f[2] is not None:
+                    field_offsets[names[i]] = f[2]
+                    packed[names[i]] = (plan.paths[i], plan.leaves[i][4], f[3])
+        lengths = fields[primary][1] if primary >= 0 else None
+        return Batch(
+            index=index, view=view, data=data, lengths=lengths, field_lengths=field_lengths, mask=mask,
+            max_len=fields[primary][3] if primary >= 0 else None,
+            offsets=fields[primary][2] if primary >= 0 else None, field_offsets=field_offsets,
+            padding_side=self.padding_side, packed_fields=packed,
+        )
+
+    def __repr__(self) -> str:
+        args = [f"pad_value={self.pad_value!r}"]
+        for name in ("pad_values", "pad_to_multiple_of", "index", "primary"):
+            if getattr(self, name):
+                args.append(f"{name}={getattr(self, name)!r}")
+        if self.padding_side != "right":
+            args.append(f"padding_side={self.padding_side!r}")
+        args += [f"{name}=True" for name in ("packed", "pin_memory") if getattr(self, name)]
+        return f"Collator({', '.join(args)})"
