@@ -15,6 +15,10 @@ reads and writes the rows; clone: twice its size); "output GB/s" counts the byte
 Target per op and shape: provcollate's throughput >= min(1.5 x the fastest peer, 0.90 x clone),
 i.e. 1.5x the fastest peer, or 90% of memcpy speed where a peer already runs near it.
 
+Every op allocates its output, so how malloc serves it decides much of the time of big outputs:
+--alloc reuse (default) pins glibc to reuse freed memory (the steady state of a loop), --alloc fresh
+to map new pages for every call (page faults included); glibc's own policy depends on history.
+
     python benchmarks/bench_ops.py [--dtype float32] [--threads N] [--rounds 3] [--write]
     python benchmarks/bench_ops.py --sweep [--write]     # throughput vs batch size and vs length
     python benchmarks/bench_ops.py --quick               # tiny sizes, a few seconds
@@ -32,7 +36,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 import provcollate as pc
-from common import RESULTS_DIR, best_of, command_line, machine, markdown_table, median_time, write_markdown
+from common import (ALLOCATORS, RESULTS_DIR, best_of, command_line, machine, markdown_table, median_time,
+                    set_allocator, write_markdown)
 
 try:
     import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.*)
@@ -355,6 +360,7 @@ def run_sweeps(args, sweeps) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     data = {"machine": machine(), "command": command_line(), "dtype": str(args.dtype).replace("torch.", ""),
             "unit": "GB/s, bytes read + written", "sweeps": []}
+    # Each sweep: {"vary", "fixed", "x", "ops": {op: {candidate: {"seconds": [...], "gbps": [...]}}}}.
     for vary, xs, fixed in sweeps:
         series = {"vary": vary, "fixed": dict(zip(("batch", "max_len", "dim"), fixed)), "x": xs, "ops": {}}
         for x in xs:
@@ -366,14 +372,16 @@ def run_sweeps(args, sweeps) -> dict:
                 per_op = series["ops"].setdefault(op.name, {})
                 for name, s in secs.items():
                     moved = 2 * op.out_bytes(c) if name == BOUND else op.bytes_moved(c)
-                    per_op.setdefault(name, []).append(round(gbps(moved, s), 4))
+                    curve = per_op.setdefault(name, {"seconds": [], "gbps": []})
+                    curve["seconds"].append(s)
+                    curve["gbps"].append(round(gbps(moved, s), 4))
             print(f"sweep {vary}={x}: " + ", ".join(
-                f"{op}: {series['ops'][op][next(iter(series['ops'][op]))][-1]:.2f} GB/s" for op in series["ops"]), flush=True)
+                f"{op}: {next(iter(curves.values()))['gbps'][-1]:.2f} GB/s" for op, curves in series["ops"].items()), flush=True)
         data["sweeps"].append(series)
     return data
 
 
-def draw(data: dict, out_dir: str) -> List[str]:
+def draw(data: dict, out_dir: str, suffix: str) -> List[str]:
     """One PNG per (op, sweep) from the sweep data; returns the files written."""
     import matplotlib
 
@@ -384,14 +392,18 @@ def draw(data: dict, out_dir: str) -> List[str]:
     for series in data["sweeps"]:
         for op, curves in series["ops"].items():
             fig, ax = plt.subplots(figsize=(7, 4.5))
-            for name, ys in curves.items():
-                ax.plot(series["x"], ys, marker="o", label=name, linestyle="--" if name == BOUND else "-")
+            for i, (name, curve) in enumerate(curves.items()):
+                ax.plot(series["x"], curve["gbps"], marker="o", label=name, linewidth=2.5 if i == 0 else 1.2,
+                        linestyle="--" if name == BOUND else "-")
             fixed = ", ".join(f"{k}={v}" for k, v in series["fixed"].items() if v is not None)
-            ax.set(xscale="log", xlabel=series["vary"], ylabel=data["unit"],
-                   title=f"{op}, {data['dtype']}, {fixed} ({data['machine']['cpu']})")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(series["x"], [str(x) for x in series["x"]])
+            ax.set(xlabel=series["vary"], ylabel=data["unit"],
+                   title=f"{op}, {data['dtype']}, {fixed} ({data['machine']['cpu']}, {data['machine']['torch_threads']} threads)")
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
-            path = os.path.join(out_dir, f"bench_ops_{op}_vs_{series['vary']}.png")
+            path = os.path.join(out_dir, f"bench_ops_{op}_vs_{series['vary']}{suffix}.png")
             fig.tight_layout()
             fig.savefig(path, dpi=110)
             plt.close(fig)
@@ -405,6 +417,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before timing")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per shape, best median kept (default 3)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of calls per median (default 0.3)")
+    p.add_argument("--alloc", choices=sorted(ALLOCATORS), default="reuse",
+                   help="glibc malloc policy for outputs (default reuse; results of others get a suffix)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that takes seconds")
     p.add_argument("--sweep", action="store_true", help="throughput vs batch size and vs length, saved as JSON")
@@ -424,27 +438,30 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    set_allocator(args.alloc)
+    suffix = "" if args.alloc == "reuse" else f"_{args.alloc}"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     m = machine()
     print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} threads, "
-          f"{str(args.dtype).replace('torch.', '')}, {args.rounds} round(s) of {args.min_run_time} s per op\n")
+          f"{str(args.dtype).replace('torch.', '')}, {args.rounds} round(s) of {args.min_run_time} s per op, "
+          f"allocator: {ALLOCATORS[args.alloc]}\n")
     if args.sweep:
         data = run_sweeps(args, QUICK_SWEEPS if args.quick else SWEEPS)
         if args.write:
-            path = os.path.join(args.out, "bench_ops_sweep.json")
+            path = os.path.join(args.out, f"bench_ops_sweep{suffix}.json")
             os.makedirs(args.out, exist_ok=True)
             with open(path, "w") as f:
                 json.dump(data, f, indent=1)
             print(f"wrote {path}")
             try:
-                print("wrote " + ", ".join(draw(data, args.out)))
+                print("wrote " + ", ".join(draw(data, args.out, suffix)))
             except ImportError:
                 print("matplotlib is not installed: no charts drawn (the JSON holds the data)")
         return
     sections = run_shapes(args, QUICK_SHAPES if args.quick else SHAPES)
     if args.write:
-        path = os.path.join(args.out, "bench_ops.md")
+        path = os.path.join(args.out, f"bench_ops{suffix}.md")
         note = (f"dtype {str(args.dtype).replace('torch.', '')}; lengths uniform in 1..T (one item set to T); "
                 f"best of {args.rounds} interleaved rounds of median times ({args.min_run_time} s of calls each). "
                 "GB/s = (bytes read + bytes written) / time; the memcpy bound is `clone()` of the op's output "

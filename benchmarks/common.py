@@ -1,6 +1,7 @@
 """Helpers shared by provcollate's benchmark scripts: the machine, timing, markdown results.
 
-    machine()                      -> dict: CPU model, cores, torch threads, versions
+    machine()                      -> dict: CPU model, cores, torch threads, versions, allocator policy
+    set_allocator(policy)          -> pins glibc malloc to "reuse" or "fresh" memory (see ALLOCATORS)
     median_time(fn, min_run_time)  -> median seconds of one call of fn (torch.utils.benchmark)
     best_of(times)                 -> the figure to report from several rounds of median_time
     markdown_table(headers, rows)  -> str, a GitHub markdown table
@@ -9,6 +10,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import shlex
@@ -19,6 +21,17 @@ import torch
 from torch.utils.benchmark import Timer
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# glibc's default mmap threshold moves with the sizes freed so far, so whether an allocation is
+# reused memory or fresh pages (one page fault per 4 KiB) depends on what ran before: pin it.
+ALLOCATORS = {
+    "reuse": "glibc malloc keeps and reuses freed memory (no mmap, no trim): steady state, no page faults",
+    "fresh": "glibc malloc maps every allocation >= 128 KiB anew: each call pays its page faults",
+    "default": "glibc malloc untouched: reuse or page faults depend on the sizes allocated before",
+}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_allocator = "default"
+_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD")
 
 
 def _cpu_model() -> str:
@@ -32,8 +45,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def set_allocator(policy: str) -> None:
+    """Pin glibc malloc (which torch's CPU allocator calls) to one of ALLOCATORS, for the whole process."""
+    global _allocator
+    if policy not in ALLOCATORS:
+        raise ValueError(f"allocator policy must be one of {sorted(ALLOCATORS)}, got {policy!r}")
+    if policy != "default":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError as exc:
+            raise RuntimeError(f"allocator policy {policy!r} needs glibc ({exc})") from exc
+        settings = ({_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: 2**31 - 1} if policy == "reuse"
+                    else {_M_MMAP_THRESHOLD: 128 * 1024, _M_TRIM_THRESHOLD: 128 * 1024})
+        for param, value in settings.items():
+            if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
+                raise RuntimeError(f"mallopt({param}, {value}) failed")
+    _allocator = policy
+
+
 def machine() -> dict:
-    """What the numbers were measured on: CPU model, cores, torch threads and library versions."""
+    """What the numbers were measured on: CPU model, cores, torch threads, versions, allocator policy."""
     import provcollate
 
     return {
@@ -44,6 +75,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "provcollate": provcollate.__version__,
         "provcollate_compiled": provcollate.HAS_EXTENSION,
+        "allocator": _allocator,
+        "env": {k: v for k, v in os.environ.items() if k in _ENV or k.startswith("MALLOC_")},
     }
 
 
@@ -84,6 +117,9 @@ def write_markdown(path: str, title: str, sections: Sequence[str], machine_info:
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"Python {m['python']}, provcollate {m['provcollate']}"
         + ("" if m["provcollate_compiled"] else " (reference fallback: extension not compiled)"),
+        "",
+        f"Allocator: {m['allocator']}: {ALLOCATORS[m['allocator']]}"
+        + "".join(f"; {k}={v}" for k, v in m["env"].items()),
         "",
         f"Command: `{command_line()}`",
     ]
