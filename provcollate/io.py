@@ -87,7 +87,7 @@ def _unnested(array, dtype: torch.dtype, shape) -> torch.Tensor:
 def to_arrow(preds: Predictions):
     """``preds`` as a ``pyarrow.Table``; see the module docstring for the layout."""
     pa = _pyarrow()
-    columns: Dict[str, Any] = {"index": pa.array(preds._index)}
+    columns: Dict[str, Any] = {"index": pa.array(preds._host_index())}
     if preds._view is not None:
         columns["view"] = pa.array(preds._view)
     outputs = []
@@ -189,7 +189,7 @@ def to_pandas(preds: Predictions, dataset=None):
     """``preds`` as a ``pandas.DataFrame``; see :meth:`provcollate.Predictions.to_pandas`."""
     import pandas as pd
 
-    data: Dict[str, Any] = {"index": preds._index}
+    data: Dict[str, Any] = {"index": preds._host_index()}
     if preds._view is not None:
         data["view"] = preds._view
     for name, col in preds._columns.items():
@@ -203,7 +203,7 @@ def to_pandas(preds: Predictions, dataset=None):
             host = _readable(col)
             data[name] = host if host.ndim == 1 else list(host)
     if dataset is not None:
-        for name, values in _dataset_columns(dataset, preds._index).items():
+        for name, values in _dataset_columns(dataset, preds._host_index()).items():
             data[f"{name}_input" if name in data else name] = values
     return pd.DataFrame(data)
 

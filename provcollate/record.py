@@ -744,27 +744,31 @@ class Recorder:
         if self._specs is None:
             return Predictions._from_parts(np.zeros(0, np.int64), None, {}, single=False, num_items=self.num_items)
         cap, vcap = self._count.shape
-        present = self._count > 0
         bases = {name: np.asarray(c.bases, np.int64) for name, c in self._chunks.items()}
         columns: Dict[str, Any] = {}
         if vcap == 1 or self.views == "none":
-            flat = np.flatnonzero(present.reshape(-1))
-            index, view = flat // vcap, (flat % vcap if self.views == "none" else None)
-            everything = len(flat) == cap * vcap
-            flat_t = torch.from_numpy(flat).to(self.device)
+            everything = np.count_nonzero(self._count_flat) == cap * vcap
+            # Every item recorded once, views combined: the entries are range(cap), left implicit
+            # (an index array would add 8 bytes per item to a result of maybe 40).
+            implicit = everything and self.views != "none"
+            flat = None if implicit else np.flatnonzero(self._count_flat)
             for name, spec in self._specs.items():
                 if spec.per_token:
-                    lengths = self._token_len.reshape(-1)[flat]
                     store = self._chunks[name]
                     chunks = store.chunks or [torch.empty((0, *spec.shape), dtype=spec.dtype, device=self.device)]
-                    columns[name] = _Jagged(list(chunks), bases[name] if store.chunks else np.zeros(1, np.int64),
-                                            self._starts[name].reshape(-1)[flat], lengths)
+                    starts, lengths = self._starts[name].reshape(-1), self._token_len.reshape(-1)
+                    starts, lengths = (starts.copy(), lengths.copy()) if implicit else (starts[flat], lengths[flat])
+                    columns[name] = _Jagged(list(chunks), bases[name] if store.chunks else np.zeros(1, np.int64), starts, lengths)
                 else:
                     dense = self._dense[name]
-                    columns[name] = dense if everything else dense.index_select(0, flat_t)
+                    columns[name] = dense if everything else dense.index_select(0, torch.from_numpy(flat).to(self.device))
             self._shared = self._shared or everything
-            return Predictions._from_parts(index, view, columns, single=self._single, num_items=self.num_items)
+            if implicit:
+                return Predictions._from_parts(None, None, columns, single=self._single, num_items=self.num_items, size=cap)
+            view = flat % vcap if self.views == "none" else None
+            return Predictions._from_parts(flat // vcap, view, columns, single=self._single, num_items=self.num_items)
 
+        present = self._count > 0
         items = np.flatnonzero(present.any(1))
         mask = present[items]
         if self.views == "stack" and not mask.all():
@@ -904,22 +908,28 @@ class Predictions:
         self._init(index, view, columns, single, num_items, stacked_views)
 
     @classmethod
-    def _from_parts(cls, index, view, columns, *, single, num_items, stacked_views=None) -> "Predictions":
+    def _from_parts(cls, index, view, columns, *, single, num_items, stacked_views=None, size=None) -> "Predictions":
+        """Internal: ``index`` None means the entries are exactly ``range(size)`` (views combined)."""
         self = cls.__new__(cls)
-        self._init(index, view, columns, single, num_items, stacked_views)
+        self._init(index, view, columns, single, num_items, stacked_views, size)
         return self
 
-    def _init(self, index, view, columns, single, num_items, stacked_views) -> None:
+    def _init(self, index, view, columns, single, num_items, stacked_views, size=None) -> None:
         self._index, self._view, self._columns = index, view, columns
         self._single, self.num_items, self.stacked_views = single, num_items, stacked_views
-        self._keys = _keys(index, view)
+        self._size = len(index) if index is not None else size
+        self._keys = None if index is None else _keys(index, view)
+
+    def _host_index(self) -> np.ndarray:
+        """The entries' dataset indices as a numpy array (made on demand when implicit)."""
+        return np.arange(self._size, dtype=np.int64) if self._index is None else self._index
 
     # ---------------------------------------------------------------------------- mapping
 
     @property
     def index(self) -> torch.Tensor:
         """LongTensor [E] of the recorded items, sorted (repeated per view with ``views="none"``)."""
-        return torch.from_numpy(self._index)
+        return torch.from_numpy(self._host_index())
 
     @property
     def view(self) -> Optional[torch.Tensor]:
@@ -937,10 +947,12 @@ class Predictions:
         return frozenset(n for n, c in self._columns.items() if isinstance(c, _Jagged))
 
     def __len__(self) -> int:
-        return len(self._index)
+        return self._size
 
     def __iter__(self) -> Iterator:
         """The keys: dataset indices, or ``(index, view)`` pairs with ``views="none"``."""
+        if self._index is None:
+            return iter(range(self._size))
         if self._view is None:
             return iter(self._index.tolist())
         return iter(zip(self._index.tolist(), self._view.tolist()))
@@ -975,6 +987,10 @@ class Predictions:
             i, v = _key_int(key[0]), _key_int(key[1])
         if i < 0 or v < 0 or (self._view is not None and v >= self._width):
             raise KeyError(key)
+        if self._index is None:
+            if i >= self._size:
+                raise KeyError(key)
+            return i
         k = i * self._width + v if self._view is not None else i
         e = int(np.searchsorted(self._keys, k))
         if e == len(self._keys) or self._keys[e] != k:
@@ -1033,6 +1049,8 @@ class Predictions:
         n = self.num_items if num_items is None else num_items
         if n is None:
             raise ValueError("Predictions.missing: num_items is unknown (the Recorder had none); pass missing(num_items=N)")
+        if self._index is None:
+            return torch.arange(self._size, max(n, self._size))
         seen = np.zeros(n, bool)
         seen[self._index[self._index < n]] = True
         return torch.from_numpy(np.flatnonzero(~seen))

@@ -93,7 +93,10 @@ def test_per_example_rows_land_in_dataset_order(num_items):
     for i in range(50):
         assert torch.equal(preds[i], values[i])
     assert torch.equal(preds.tensor(), values)
-    assert preds.missing(num_items=50).numel() == 0
+    assert preds.missing(num_items=50).numel() == 0 and preds.missing(num_items=60).tolist() == list(range(50, 60))
+    assert 49 in preds and 50 not in preds
+    with pytest.raises(KeyError):
+        preds[50]
 
 
 @pytest.mark.parametrize("left", [False, True])

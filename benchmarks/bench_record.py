@@ -1,0 +1,436 @@
+"""Recorder: outputs back in dataset order, against the ways people do it by hand, and memcpy.
+
+Two cases (issue 4), batches in shuffled order, all made before any timing:
+
+- case 1: --items1 examples (1,000,000), per-example outputs [10] float32, batches of 256;
+- case 2: --items2 examples (100,000), per-token outputs [L] int64 with L uniform in 1..512,
+  each batch right-padded to its own longest item, batches of 64.
+
+Methods, each producing every item's prediction in dataset order:
+
+- provcollate: ``pc.Recorder(num_items=N)``, ``add`` per batch (index, outputs, lengths), ``result()``;
+- seed article: collect per batch, ``torch.cat``, then a Python loop over items with ``.item()``
+  (its third listing; per-token outputs are first padded to the global longest item, which is
+  what ``torch.cat`` of differently padded batches needs) filling a dict index -> prediction;
+- pure PyTorch: what a careful user writes: collect (per token: boolean-mask unpad per batch),
+  ``torch.cat``, ``argsort`` of the indices, then gather (per example) or ``split`` (per token);
+- transformers ``nested_concat``: the Trainer's accumulation (concatenate every batch onto all
+  before it, padding with -100), then ``argsort``. Quadratic: it runs until --peer-budget seconds
+  are spent, and the full time is extrapolated from the part done (marked "extrapolated");
+- memcpy: ``clone()`` of a tensor with the result's bytes (allocation included), the bound.
+
+Every method's result is checked against the expected predictions before anything is reported.
+Time: wall clock of the whole accumulation, best of --rounds. glibc's malloc is told to give
+every block of 128 KiB or more straight back to the system (a fixed ``M_MMAP_THRESHOLD``), so
+that each run writes into fresh pages as a one-pass inference run does, instead of into pages an
+earlier round left resident (which favours whichever method runs after a big one). Peak memory: each (case, method)
+runs again in a fresh subprocess that makes its batches one at a time; the figure is the rise of
+the process's resident-set high-water mark (VmHWM, reset before the run) over its resident set
+before the run. Targets (issue 4): case 1 >= 100x the seed loop; case 2 >= 10x the seed loop,
+>= 3x pure PyTorch and within 3x of memcpy; in both, peak memory <= 1.25x the result's bytes
+plus one batch.
+
+    python benchmarks/bench_record.py [--rounds 3] [--peer-budget 30] [--write]
+    python benchmarks/bench_record.py --quick          # small sizes, a few seconds
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import provcollate as pc
+from common import RESULTS_DIR, best_of, machine, markdown_table, write_markdown
+
+try:
+    from transformers.trainer_pt_utils import nested_concat
+
+    NESTED_MISSING = None
+except ImportError as exc:  # pragma: no cover - transformers is a dev requirement
+    nested_concat, NESTED_MISSING = None, f"transformers not importable ({exc})"
+
+FULL = {"items1": 1_000_000, "items2": 100_000, "batch1": 256, "batch2": 64, "max_len": 512}
+QUICK = {"items1": 20_000, "items2": 2_000, "batch1": 256, "batch2": 64, "max_len": 64}
+TARGETS = {"case 1": {"seed": 100.0}, "case 2": {"seed": 10.0, "pure": 3.0}}
+MEMCPY_FACTOR = 3.0
+MEMORY_FACTOR = 1.25
+METHODS = ("provcollate", "seed", "pure", "nested_concat", "memcpy")
+LABELS = {
+    "provcollate": "provcollate Recorder",
+    "seed": "seed article loop (.item())",
+    "pure": "pure PyTorch (cat, argsort, gather/split)",
+    "nested_concat": "transformers nested_concat",
+    "memcpy": "memcpy of the result bytes (clone)",
+}
+
+Batch = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # index, outputs, lengths
+
+
+def fresh_pages_per_run() -> bool:
+    """Fix glibc's mmap threshold at 128 KiB: large blocks are mapped fresh and unmapped on free."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+class Case:
+    """One case's data: the expected predictions in dataset order, and a batch maker."""
+
+    def __init__(self, name: str, sizes: dict, seed: int):
+        self.name = name
+        self.per_token = name == "case 2"
+        gen = torch.Generator().manual_seed(seed)
+        n = sizes["items2" if self.per_token else "items1"]
+        self.items, self.batch = n, sizes["batch2" if self.per_token else "batch1"]
+        self.order = torch.randperm(n, generator=gen)
+        self.seed = seed
+        if self.per_token:
+            self.lengths = torch.randint(1, sizes["max_len"] + 1, (n,), generator=gen)
+            self.offsets = torch.zeros(n + 1, dtype=torch.long)
+            torch.cumsum(self.lengths, 0, out=self.offsets[1:])
+            self.max_len = int(self.lengths.max())
+            self.result_bytes = int(self.offsets[-1]) * 8
+        else:
+            self.result_bytes = n * 10 * 4
+        self.num_batches = (n + self.batch - 1) // self.batch
+
+    def batch_at(self, b: int) -> Batch:
+        """Batch b: its indices (a slice of the shuffled order) and outputs made from a per-batch seed."""
+        index = self.order[b * self.batch:(b + 1) * self.batch]
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+        if not self.per_token:
+            return index, torch.randn(len(index), 10, generator=gen), None
+        lengths = self.lengths[index]
+        padded = torch.randint(-2**62, 2**62, (len(index), int(lengths.max())), generator=gen)
+        return index, padded, lengths
+
+    def batches(self) -> Iterable[Batch]:
+        return (self.batch_at(b) for b in range(self.num_batches))
+
+    def expected(self, batches: List[Batch]):
+        """The predictions in dataset order: [N, 10], or (values, offsets) for per-token outputs."""
+        if not self.per_token:
+            out = torch.empty(self.items, 10)
+            for index, outputs, _ in batches:
+                out[index] = outputs
+            return out
+        values = torch.empty(int(self.offsets[-1]), dtype=torch.long)
+        for index, padded, lengths in batches:
+            pc.ops.unpad_scatter_(values, padded, lengths, self.offsets[index])
+        return values, self.offsets
+
+    def batch_bytes(self) -> int:
+        """Bytes of the largest batch's outputs."""
+        if not self.per_token:
+            return self.batch * 10 * 4
+        return self.batch * self.max_len * 8
+
+
+# --------------------------------------------------------------------------------------------
+# methods: each takes an iterable of batches and returns its predictions in dataset order
+# --------------------------------------------------------------------------------------------
+
+
+def run_provcollate(case: Case, batches: Iterable[Batch]):
+    rec = pc.Recorder(num_items=case.items)
+    for index, outputs, lengths in batches:
+        rec.add(index, outputs, per_token=case.per_token, lengths=lengths)
+    return rec.result()
+
+
+def run_seed(case: Case, batches: Iterable[Batch]):
+    all_indices, all_predictions, all_lengths = [], [], []
+    for index, outputs, lengths in batches:
+        if case.per_token:  # torch.cat of differently padded batches needs one length
+            outputs = F.pad(outputs, (0, case.max_len - outputs.shape[1]))
+            all_lengths.append(lengths)
+        all_predictions.append(outputs)
+        all_indices.append(index)
+    all_indices = torch.cat(all_indices)
+    all_predictions = torch.cat(all_predictions)
+    result = {}
+    if case.per_token:
+        all_lengths = torch.cat(all_lengths)
+        for i in range(len(all_indices)):
+            original_index = all_indices[i].item()
+            seq_len = all_lengths[i].item()
+            result[original_index] = all_predictions[i][:seq_len]
+    else:
+        for i in range(len(all_indices)):
+            original_index = all_indices[i].item()
+            result[original_index] = all_predictions[i]
+    return result
+
+
+def run_pure(case: Case, batches: Iterable[Batch]):
+    indices, pieces, all_lengths = [], [], []
+    for index, outputs, lengths in batches:
+        indices.append(index)
+        if case.per_token:
+            mask = torch.arange(outputs.shape[1]) < lengths[:, None]
+            pieces.append(outputs[mask])
+            all_lengths.append(lengths)
+        else:
+            pieces.append(outputs)
+    index = torch.cat(indices)
+    values = torch.cat(pieces)
+    order = torch.argsort(index)
+    if not case.per_token:
+        return values[order]
+    rows = values.split(torch.cat(all_lengths).tolist())
+    return [rows[j] for j in order.tolist()]
+
+
+class OverBudget(Exception):
+    """nested_concat ran out of time: how many batches it did, in how long, and their result."""
+
+    def __init__(self, done: int, seconds: float, result):
+        self.done, self.seconds, self.result = done, seconds, result
+
+
+def run_nested_concat(case: Case, batches: Iterable[Batch], budget: float = float("inf")):
+    start = time.perf_counter()
+    acc_index = acc_out = acc_len = None
+    done = 0
+    for index, outputs, lengths in batches:
+        if acc_out is None:
+            acc_index, acc_out, acc_len = index, outputs, lengths
+        else:
+            acc_index = nested_concat(acc_index, index)
+            acc_out = nested_concat(acc_out, outputs, padding_index=-100)
+            if case.per_token:
+                acc_len = nested_concat(acc_len, lengths)
+        done += 1
+        if time.perf_counter() - start > budget and done < case.num_batches:
+            raise OverBudget(done, time.perf_counter() - start, _in_index_order(case, acc_index, acc_out, acc_len))
+    return _in_index_order(case, acc_index, acc_out, acc_len)
+
+
+def _in_index_order(case: Case, index, outputs, lengths):
+    order = torch.argsort(index)
+    if not case.per_token:
+        return outputs[order]
+    return [outputs[j, :lengths[j]] for j in order.tolist()]
+
+
+def run_memcpy(case: Case, batches: Iterable[Batch]):
+    for _ in batches:  # the batches exist in every method; memcpy only copies the result's bytes
+        pass
+    return case.memcpy_source.clone()
+
+
+RUNNERS: Dict[str, Callable] = {
+    "provcollate": run_provcollate, "seed": run_seed, "pure": run_pure,
+    "nested_concat": run_nested_concat, "memcpy": run_memcpy,
+}
+
+
+def check(case: Case, method: str, result, expected, items: Optional[torch.Tensor] = None) -> None:
+    """Raise unless ``result`` holds the expected prediction of every item (of ``items`` if given)."""
+    if method == "memcpy":
+        return
+    if case.per_token:
+        values, offsets = expected
+        if method == "provcollate":
+            got_values, got_offsets = result.jagged()
+            ok = torch.equal(got_offsets, offsets) and torch.equal(got_values, values)
+        else:
+            ids = range(case.items) if items is None else items.tolist()
+            rows = result if isinstance(result, dict) else dict(zip(ids, result))
+            ok = all(torch.equal(rows[i], values[offsets[i]:offsets[i + 1]]) for i in ids)
+    else:
+        if method == "provcollate":
+            ok = torch.equal(result.tensor(), expected)
+        elif method == "seed":
+            ok = len(result) == case.items and torch.equal(torch.stack([result[i] for i in range(case.items)]), expected)
+        else:
+            ok = torch.equal(result, expected if items is None else expected[items])
+    if not ok:
+        raise AssertionError(f"{case.name}: {LABELS[method]} disagrees with the expected predictions")
+
+
+# --------------------------------------------------------------------------------------------
+# memory: one subprocess per (case, method)
+# --------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_child(case_name: str, method: str, sizes: dict, seed: int) -> dict:
+    """Peak resident-set rise of one method over batches made one at a time (runs in a subprocess)."""
+    case = Case(case_name, sizes, seed)
+    if method == "memcpy":
+        case.memcpy_source = torch.empty(case.result_bytes, dtype=torch.uint8).fill_(1)
+    tiny = dict(QUICK, items1=512, items2=128)
+    run_provcollate(Case(case_name, tiny, seed), Case(case_name, tiny, seed).batches())  # warm-up: first calls
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    result = RUNNERS[method](case, case.batches())
+    peak = _status_kib("VmHWM")
+    del result
+    return {"peak_bytes": (peak - before) * 1024, "result_bytes": case.result_bytes, "batch_bytes": case.batch_bytes()}
+
+
+def measure_memory(case: Case, method: str, args) -> Optional[dict]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", case.name, method, "--seed", str(args.seed)]
+    if args.quick:
+        cmd.append("--quick")
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if proc.returncode != 0:
+        print(f"  memory of {method} on {case.name} failed:\n{proc.stderr}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def time_method(case: Case, method: str, batches: List[Batch], expected, rounds: int, budget: float):
+    """(best seconds, extrapolated?, note); checks the result of the first round."""
+    times, note, extrapolated = [], "", False
+    for r in range(rounds if method != "nested_concat" else 1):
+        gc.collect()
+        start = time.perf_counter()
+        try:
+            result = RUNNERS[method](case, batches, budget) if method == "nested_concat" else RUNNERS[method](case, batches)
+        except OverBudget as stop:
+            # Quadratic accumulation: time grows with the square of the batches done.
+            times.append(stop.seconds * (case.num_batches / stop.done) ** 2)
+            note, extrapolated = f"{stop.done}/{case.num_batches} batches in {stop.seconds:.1f} s", True
+            done_items = torch.cat([b[0] for b in batches[:stop.done]]).sort().values
+            check(case, method, stop.result, expected, items=done_items)
+            break
+        times.append(time.perf_counter() - start)
+        if r == 0:
+            check(case, method, result, expected)
+        del result
+    return best_of(times), extrapolated, note
+
+
+def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
+    print(f"{case.name}: making {case.num_batches} batches of {case.items} items ...", flush=True)
+    batches = [case.batch_at(b) for b in range(case.num_batches)]
+    expected = case.expected(batches)
+    case.memcpy_source = torch.empty(case.result_bytes, dtype=torch.uint8).fill_(1)
+    seconds: Dict[str, float] = {}
+    rows, failures = [], []
+    for method in METHODS:
+        if method == "nested_concat" and NESTED_MISSING:
+            rows.append([LABELS[method], "skipped: " + NESTED_MISSING, "", "", "", ""])
+            continue
+        t, extrapolated, note = time_method(case, method, batches, expected, args.rounds, args.peer_budget)
+        seconds[method] = t
+        memory = None if args.no_memory or method == "nested_concat" else measure_memory(case, method, args)
+        mem = "" if memory is None else f"{memory['peak_bytes'] / 1e6:.1f} MB ({memory['peak_bytes'] / memory['result_bytes']:.2f}x result)"
+        if method == "provcollate":
+            case.memory = memory
+        ours = seconds["provcollate"]
+        rows.append([
+            LABELS[method],
+            f"{t * 1e3:.1f} ms" + (" (extrapolated)" if extrapolated else ""),
+            f"{case.items / t / 1e6:.2f} M items/s",
+            f"{case.result_bytes / t / 1e9:.2f} GB/s",
+            f"{t / ours:.2f}x" if method != "provcollate" else "1.00x",
+            mem + (f"; {note}" if note else ""),
+        ])
+        print(f"  {LABELS[method]:45s} {rows[-1][1]:>24s} {rows[-1][4]:>9s} {mem}", flush=True)
+
+    ours = seconds["provcollate"]
+    checks = []
+    for peer, target in TARGETS[case.name].items():
+        ratio = seconds[peer] / ours
+        checks.append((f"provcollate >= {target:g}x {LABELS[peer]}", f"{ratio:.1f}x", ratio >= target))
+    if case.per_token:
+        ratio = ours / seconds["memcpy"]
+        checks.append((f"provcollate within {MEMCPY_FACTOR:g}x of memcpy", f"{ratio:.2f}x memcpy time", ratio <= MEMCPY_FACTOR))
+    if getattr(case, "memory", None):
+        m = case.memory
+        budget = MEMORY_FACTOR * m["result_bytes"] + m["batch_bytes"]
+        checks.append((f"peak memory <= {MEMORY_FACTOR}x result + one batch ({budget / 1e6:.1f} MB)",
+                       f"{m['peak_bytes'] / 1e6:.1f} MB", m["peak_bytes"] <= budget))
+    for name, value, ok in checks:
+        print(f"  target: {name}: {value} -> {'met' if ok else 'MISSED'}")
+        if not ok:
+            failures.append(f"{case.name}: {name}: {value}")
+    what = (f"{case.items:,} items, per-token int64 outputs [L], L uniform in 1..{sizes['max_len']}, batches of {case.batch}"
+            if case.per_token else f"{case.items:,} items, per-example float32 outputs [10], batches of {case.batch}")
+    section = "\n\n".join([
+        f"## {case.name}: {what}, shuffled order",
+        f"Result: {case.result_bytes / 1e6:.1f} MB. Ratios are each method's time over provcollate's (higher: provcollate faster).",
+        markdown_table(["method", "time", "items/s", "result GB/s", "time / provcollate", "peak memory rise"], rows),
+        markdown_table(["target", "measured", "met"], [[n, v, "yes" if ok else "**no**"] for n, v, ok in checks]),
+    ])
+    del batches, expected
+    gc.collect()
+    return section, failures
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="timed runs per method, best kept (default 3)")
+    p.add_argument("--peer-budget", type=float, default=30.0, help="seconds nested_concat may run before extrapolating (default 30)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (also in the memory subprocesses)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test that takes seconds")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--case", choices=["1", "2"], default=None, help="run one case only")
+    p.add_argument("--write", action="store_true", help=f"write the tables to {os.path.relpath(RESULTS_DIR)}/bench_record.md")
+    p.add_argument("--memory-child", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    sizes = QUICK if args.quick else FULL
+    fresh = fresh_pages_per_run()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child[0], args.memory_child[1], sizes, args.seed)))
+        return 0
+    if args.quick:
+        args.rounds, args.peer_budget = 1, min(args.peer_budget, 5.0)
+    info = machine()
+    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)"
+          + ("" if fresh else "; mallopt unavailable: large blocks may be reused between rounds"))
+    sections, failures = [], []
+    for name in (["case 1", "case 2"] if args.case is None else [f"case {args.case}"]):
+        section, missed = run_case(Case(name, sizes, args.seed), args, sizes)
+        sections.append(section)
+        failures += missed
+    if args.write:
+        path = os.path.join(RESULTS_DIR, "bench_record.md")
+        intro = (__doc__.split("\n\n    python")[0] + "\n\n"
+                 + ("Every target met." if not failures else "Targets missed: " + "; ".join(failures) + "."))
+        write_markdown(path, "Recorder: outputs back in dataset order", [intro, *sections], info)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
