@@ -20,10 +20,10 @@ Methods, each producing every item's prediction in dataset order:
 - memcpy: ``clone()`` of a tensor with the result's bytes (allocation included), the bound.
 
 Every method's result is checked against the expected predictions before anything is reported.
-Time: wall clock of the whole accumulation, best of --rounds. glibc's malloc is told to give
-every block of 128 KiB or more straight back to the system (a fixed ``M_MMAP_THRESHOLD``), so
-that each run writes into fresh pages as a one-pass inference run does, instead of into pages an
-earlier round left resident (which favours whichever method runs after a big one). Peak memory: each (case, method)
+Time: wall clock of the whole accumulation, best of --rounds. The allocator policy defaults to
+``fresh`` (see common.ALLOCATORS): every block of 128 KiB or more is mapped anew, so each run
+writes into fresh pages as a one-pass inference run does, instead of into pages an earlier round
+left resident (which favours whichever method runs after a big one). Peak memory: each (case, method)
 runs again in a fresh subprocess that makes its batches one at a time; the figure is the rise of
 the process's resident-set high-water mark (VmHWM, reset before the run) over its resident set
 before the run. Targets (issue 4): case 1 >= 100x the seed loop; case 2 >= 10x the seed loop,
@@ -36,8 +36,6 @@ plus one batch.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -50,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import provcollate as pc
-from common import RESULTS_DIR, best_of, machine, markdown_table, write_markdown
+from common import ALLOCATORS, RESULTS_DIR, best_of, machine, markdown_table, set_allocator, write_markdown
 
 try:
     from transformers.trainer_pt_utils import nested_concat
@@ -74,15 +72,6 @@ LABELS = {
 }
 
 Batch = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # index, outputs, lengths
-
-
-def fresh_pages_per_run() -> bool:
-    """Fix glibc's mmap threshold at 128 KiB: large blocks are mapped fresh and unmapped on free."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,6 +291,7 @@ def measure_memory(case: Case, method: str, args) -> Optional[dict]:
         cmd.append("--quick")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--alloc", args.alloc]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     if proc.returncode != 0:
         print(f"  memory of {method} on {case.name} failed:\n{proc.stderr}", file=sys.stderr)
@@ -398,6 +388,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="timed runs per method, best kept (default 3)")
     p.add_argument("--peer-budget", type=float, default=30.0, help="seconds nested_concat may run before extrapolating (default 30)")
+    p.add_argument("--alloc", choices=sorted(ALLOCATORS), default="fresh", help="glibc malloc policy (default fresh)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (also in the memory subprocesses)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test that takes seconds")
@@ -407,7 +398,7 @@ def main() -> int:
     p.add_argument("--memory-child", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args()
     sizes = QUICK if args.quick else FULL
-    fresh = fresh_pages_per_run()
+    set_allocator(args.alloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
@@ -416,8 +407,7 @@ def main() -> int:
     if args.quick:
         args.rounds, args.peer_budget = 1, min(args.peer_budget, 5.0)
     info = machine()
-    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads)"
-          + ("" if fresh else "; mallopt unavailable: large blocks may be reused between rounds"))
+    print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), allocator {args.alloc}")
     sections, failures = [], []
     for name in (["case 1", "case 2"] if args.case is None else [f"case {args.case}"]):
         section, missed = run_case(Case(name, sizes, args.seed), args, sizes)

@@ -746,3 +746,59 @@ def test_to_pandas_with_dataset_fields():
     assert df["input_0"].tolist() == [0.0, 3.0, 5.0, 7.0] and np.array_equal(df["input_1"][2], np.arange(5))
     df = preds.to_pandas(dataset=list(range(100, 109)))
     assert df["input"].tolist() == [100, 103, 105, 107]
+
+
+# --------------------------------------------------------------------------------------------
+# end to end: DataLoader (shuffled, 2 workers) -> Indexed -> Collator -> model -> Recorder
+# --------------------------------------------------------------------------------------------
+
+
+class TinyModel(torch.nn.Module):
+    """Embedding + per-position linear (per token) and masked mean-pool + linear (per example).
+
+    Integer-valued weights keep every sum exact, so a padded batch and an example run alone give
+    bitwise equal outputs: any difference is a bookkeeping error, not rounding.
+    """
+
+    def __init__(self, vocab=50, dim=8):
+        super().__init__()
+        gen = torch.Generator().manual_seed(8)
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.tok = torch.nn.Linear(dim, 5, bias=False)
+        self.cls = torch.nn.Linear(dim, 3, bias=False)
+        with torch.no_grad():
+            for p in (self.embed.weight, self.tok.weight, self.cls.weight):
+                p.copy_(torch.randint(-3, 4, p.shape, generator=gen).float())
+
+    def forward(self, ids, mask):
+        h = self.embed(ids) * mask[..., None]
+        pooled = self.cls(h.sum(1)) / mask.sum(1, keepdim=True)  # divide last: the sums stay exact
+        return {"tags": self.tok(h), "pooled": pooled}
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_end_to_end_dataloader_workers_shuffle(side):
+    from torch.utils.data import DataLoader
+
+    gen = torch.Generator().manual_seed(9)
+    data = [{"input_ids": torch.randint(0, 50, (int(n),), generator=gen)} for n in torch.randint(1, 13, (61,), generator=gen)]
+    model = TinyModel().eval()
+    loader = DataLoader(pc.Indexed(data), batch_size=7, shuffle=True, num_workers=2, generator=gen,
+                        collate_fn=pc.Collator(padding_side=side))
+    rec = pc.Recorder(num_items=len(data))
+    argmax = pc.Recorder(num_items=len(data), reduce="argmax")
+    with torch.no_grad():
+        for batch in loader:
+            out = model(batch["input_ids"], batch.mask)
+            rec.add(batch, out, per_token={"tags"})
+            argmax.add(batch, out["tags"], per_token=True)
+    preds, classes = rec.result(), argmax.result()
+    assert preds.missing().numel() == 0 and len(preds) == len(data)
+    with torch.no_grad():
+        for i, example in enumerate(data):
+            alone = model(example["input_ids"][None], torch.ones(1, len(example["input_ids"]), dtype=torch.bool))
+            assert torch.equal(preds[i]["tags"], alone["tags"][0]), i
+            assert torch.equal(preds[i]["pooled"], alone["pooled"][0]), i
+            assert torch.equal(classes[i], alone["tags"][0].argmax(-1)), i
+    df = preds.to_pandas(dataset=data)
+    assert np.array_equal(df["input_ids"][60], data[60]["input_ids"].numpy())
