@@ -123,6 +123,9 @@ class LengthBucketSampler(Sampler[List[int]]):
     once; it needs at least that many examples.
 
     ``len(sampler)`` is this rank's number of batches, exactly. Picklable.
+
+    Bucketed batches often hold examples of one length, which a Collator would stack rather than
+    pad: name the field, ``Collator(primary="input_ids")``, so every batch has lengths and a mask.
     """
 
     def __init__(
