@@ -80,6 +80,37 @@ def test_replay_equals_dataloader_with_two_workers():
     assert not torch.equal(ds.replay(4, 2).data["x"], other.replay(4, 2).data["x"])
 
 
+class RandomCrops(Dataset):
+    """Random crops of a random length: the augmentation changes each view's length."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        length = random.randint(1, 9)
+        return {"x": torch.randn(length) + i, "flip": int(np.random.randint(2))}
+
+
+def test_views_through_bucketing_collator_and_workers():
+    ds = pc.Indexed(RandomCrops(20), views=4, seed=3)
+    lengths = pc.lengths_of(ds, "x")
+    assert lengths.tolist() == [len(ds.replay(j // 4, j % 4).data["x"]) for j in range(80)]
+    sampler = pc.LengthBucketSampler(lengths, max_tokens=24, shuffle=True, seed=1)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, collate_fn=pc.Collator(primary="x"))
+    seen = []
+    for batch in loader:
+        assert len(batch) * batch.max_len <= 24
+        for k, (index, view) in enumerate(zip(batch.index.tolist(), batch.view.tolist())):
+            again = ds.replay(index, view).data
+            n = batch.lengths[k].item()
+            assert torch.equal(batch["x"][k, :n], again["x"]) and batch["flip"][k].item() == again["flip"]
+            seen.append((index, view))
+    assert sorted(seen) == [(i, v) for i in range(20) for v in range(4)]
+
+
 def test_replay_accepts_tensor_ids_from_a_batch():
     ds = pc.Indexed(Augmented(3), views=2, seed=0)
     assert_same_sample(ds.replay(torch.tensor(2), np.int64(1)), ds[5])
