@@ -244,7 +244,8 @@ def lengths_of(dataset, field=None, num_workers: int = 0) -> torch.Tensor:
 
     ``dataset`` is map-style: a plain dataset, or a :class:`~provcollate.Indexed` one (its
     :class:`~provcollate.Sample` wrappers are looked through; with views, every view is loaded,
-    so lengths are right even when an augmentation changes them). ``field`` is a key or position
+    so lengths are right even when a seeded augmentation changes them; an unseeded one that
+    changes lengths gives lengths that later loads need not match). ``field`` is a key or position
     into each example (``"input_ids"``, ``0``), or None when the example is the sequence itself.
     A length is ``value.shape[0]`` for tensors and arrays, ``len(value)`` for other sequences.
     ``num_workers > 0`` loads the examples in DataLoader worker processes. The result indexes
