@@ -129,16 +129,13 @@ def _row_positions(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return shift + np.arange(total, dtype=np.int64)
 
 
-def _gather_rows(chunks: List[torch.Tensor], bases: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
-                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _gather_rows(chunks: List[torch.Tensor], bases: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
     """Segments of chunked rows (global row ``starts[e]``, ``lengths[e]`` rows) as one tensor, in order.
 
     Works in steps of about ``_GATHER_ROWS`` rows so that the index tensors stay small; loops
     over steps and chunks only, never over segments.
     """
-    total = int(lengths.sum())
-    if out is None:
-        out = chunks[0].new_empty((total, *chunks[0].shape[1:]))
+    out = chunks[0].new_empty((int(lengths.sum()), *chunks[0].shape[1:]))
     ends = np.cumsum(lengths)
     begin, e0 = 0, 0
     while e0 < len(lengths):
@@ -268,9 +265,8 @@ class Recorder:
             and ``indices`` (``"<name>.values"`` and ``"<name>.indices"`` for a dict output).
             Integer and bool outputs are stored as they are.
 
-    Outputs and their device may differ between calls only in the batch size: the names of a
-    dict output, which are per token, their dtypes and their row shapes are fixed by the
-    first :meth:`add`.
+    The first :meth:`add` fixes the outputs' names, which of them are per token, their dtypes
+    and their row shapes; later calls may differ in batch size, padded length and device.
     """
 
     def __init__(self, num_items: Optional[int] = None, device=None, on_duplicate: str = "error",
@@ -369,7 +365,7 @@ class Recorder:
                     raise ValueError(f"{owner}: lengths must be >= 0, got lengths[{int(np.argmin(lens))}] = {lens.min()}")
             if view is None:
                 views = None
-            elif isinstance(view, int) and not isinstance(view, bool):
+            elif isinstance(view, (int, np.integer)) and not isinstance(view, bool):
                 views = np.full(len(index), view, np.int64)
             else:
                 views = _host_long(owner, "view", view)
@@ -438,8 +434,12 @@ class Recorder:
                 t = t.detach()
             if self._reduce is None:
                 named[key] = (t, tok)
-            else:
-                named.update(self._reduced(key, t, tok, single))
+                continue
+            reduced = self._reduced(key, t, tok, single)
+            clash = (reduced.keys() - {key}) & (named.keys() | set(outputs if not single else ()))
+            if clash:
+                raise ValueError(f"{owner}: reduce={self.reduce!r} names its outputs {sorted(reduced)}, but {sorted(clash)} already exist")
+            named.update(reduced)
         if single and len(named) > 1:  # topk turned one output into values and indices
             single = False
 
@@ -595,7 +595,7 @@ class Recorder:
 
     def _needs_staging(self, src: torch.Tensor) -> bool:
         """Outputs on a GPU with storage on the host go through pinned buffers, written once landed."""
-        return src.device.type == "cuda" and self._on_host
+        return src.is_cuda and self._on_host
 
     def _deliver(self, src: torch.Tensor, work) -> None:
         """``work(src on the storage device)``: now, or once its copy from a GPU has landed."""
@@ -609,7 +609,7 @@ class Recorder:
         """Rows of a per-example output to their slots: items of length 1 (0 for rows not kept)."""
         dst = self._dense[name]
         lengths = self._ones(len(slots)) if keep is None else _to_device(keep.astype(np.int64), self.device)
-        if slots_t is None or not self._on_host or self._needs_staging(src):
+        if slots_t is None or not self._on_host or src.is_cuda:
             # A private copy: the caller may refill its index tensor before a deferred write runs.
             slots_t = _to_device(slots.copy(), self.device)
         self._deliver(src, lambda rows: ops.unpad_scatter_(dst, rows.unsqueeze(1), lengths, slots_t))
@@ -617,9 +617,10 @@ class Recorder:
     def _write_tokens(self, name: str, src: torch.Tensor, slots, keep, lens, left: bool) -> None:
         """Real rows of a per-token output to fresh rows of its chunks, in batch order."""
         written = lens if keep is None else np.where(keep, lens, 0)
-        total = int(written.sum())
+        ends = np.cumsum(written)
+        total = int(ends[-1])
         chunk, start, base = self._chunks[name].reserve(total)
-        local = start + _exclusive_cumsum(written)
+        local = ends - written + start
         self._starts[name].reshape(-1)[slots if keep is None else slots[keep]] = base + (local if keep is None else local[keep])
         if self._needs_staging(src):
             # Unpad on the GPU so that only real rows cross to the host.

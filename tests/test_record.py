@@ -464,6 +464,8 @@ def test_reduce_on_dict_and_per_token_outputs():
         pc.Recorder(reduce="topk:9").add([0], logits[:1, 0])
     with pytest.raises(ValueError, match="works over a last class dimension"):
         pc.Recorder(reduce="argmax").add([0], torch.zeros(1))
+    with pytest.raises(ValueError, match=r"reduce='topk:2' names its outputs \['a.indices', 'a.values'\], but \['a.values'\] already exist"):
+        pc.Recorder(reduce="topk:2").add([0], {"a": torch.zeros(1, 3), "a.values": torch.zeros(1, 2)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,7 +553,7 @@ def test_views_of_one_item_must_share_one_length():
 def test_views_grow_after_the_first_batches():
     rec = pc.Recorder(num_items=3, views="none")
     rec.add(torch.tensor([2, 0]), torch.tensor([[2.0], [0.0]]))
-    rec.add(torch.tensor([2]), torch.tensor([[5.0]]), view=3)
+    rec.add(torch.tensor([2]), torch.tensor([[5.0]]), view=np.int64(3))
     rec.add(torch.tensor([1]), torch.tensor([[1.0]]), view=[1])
     preds = rec.result()
     assert list(preds) == [(0, 0), (1, 1), (2, 0), (2, 3)]
