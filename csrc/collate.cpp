@@ -143,6 +143,12 @@ struct NumpyTypes {
   bool ok = false;
 };
 
+const py::object& mapping_abc() {
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> storage;
+  return storage.call_once_and_store_result([] { return py::module_::import("collections.abc").attr("Mapping"); })
+      .get_stored();
+}
+
 const NumpyTypes& numpy_types() {
   PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<NumpyTypes> storage;
   return storage
@@ -239,7 +245,6 @@ struct Walk {
   std::vector<std::vector<PyObject*>> items;  // [leaf][sample], borrowed
   std::vector<py::object> keep;               // values a non-dict mapping returned as new refs
   std::vector<int64_t> index, view;
-  py::object mapping_abc;
 
   void node(const Node& n, PyObject* obj, int64_t b);
   int64_t identity(const Node& n, PyObject* obj, int64_t b);
@@ -285,7 +290,7 @@ void Walk::node(const Node& n, PyObject* obj, int64_t b) {
     }
     case kMap: {
       const bool is_dict = PyDict_Check(obj);
-      if (!is_dict && !isinstance(obj, mapping_abc)) mismatch(n.path, b, obj, "a " + n.expected);
+      if (!is_dict && !isinstance(obj, mapping_abc())) mismatch(n.path, b, obj, "a " + n.expected);
       for (size_t i = 0; i < n.children.size(); ++i) {
         PyObject* v = nullptr;
         if (is_dict) {
@@ -386,7 +391,7 @@ FillPattern pad_pattern(const Leaf& leaf, at::ScalarType dtype, int64_t unit) {
   bool ok = true;
   try {
     cast = at::full({}, leaf.pad_value, at::TensorOptions().dtype(dtype)).item();
-  } catch (const c10::Error&) {
+  } catch (const std::exception&) {  // c10::Error, or std::runtime_error on overflow
     ok = false;
   }
   if (ok && !at::isFloatingType(dtype) && !at::isComplexType(dtype)) {
@@ -587,12 +592,9 @@ struct ListWriter {
     }
   }
 
-  bool number(PyObject* o, T* dst, Py_ssize_t i) {
+  // Any element but a small int; false when it needs a wider dtype.
+  C10_NOINLINE bool number(PyObject* o, T* dst, Py_ssize_t i) {
     int64_t v = 0;
-    if (PyLong_CheckExact(o) && kind != Num::Bool && compact_int(o, &v)) {  // token ids
-      store(dst, v);
-      return true;
-    }
     const Num k = num_kind(o);
     if (k == Num::Bad) {
       if (PyList_Check(o)) ragged(i, "a list", "a number");
@@ -623,8 +625,14 @@ struct ListWriter {
     const Py_ssize_t n = PyList_GET_SIZE(list);
     PyObject** el = PySequence_Fast_ITEMS(list);
     if (depth == trailing.size()) {
+      const bool ints = kind != Num::Bool;
       for (Py_ssize_t i = 0; i < n; ++i, ++dst) {
-        if (!number(el[i], dst, i)) return false;
+        int64_t v;
+        if (ints && PyLong_CheckExact(el[i]) && compact_int(el[i], &v)) {  // token ids: the hot loop
+          store(dst, v);
+        } else if (!number(el[i], dst, i)) {
+          return false;
+        }
       }
       return true;
     }
@@ -765,7 +773,6 @@ py::tuple collate(const py::list& samples, const py::tuple& walk_plan, const py:
   w.items.assign(leaves.size(), std::vector<PyObject*>(opt.batch, nullptr));
   w.index.assign(opt.batch, 0);
   w.view.assign(opt.batch, 0);
-  w.mapping_abc = py::module_::import("collections.abc").attr("Mapping");
   for (int64_t b = 0; b < opt.batch; ++b) w.node(root, samples[b].ptr(), b);
 
   std::vector<LeafOut> outs;

@@ -337,9 +337,9 @@ class _Field:
         self.value, self.lengths, self.offsets, self.max_len = value, lengths, offsets, max_len
 
 
-def _place(leaf, tensors: list, lengths: list, length_dim: bool, opts: dict) -> _Field:
+def _place(leaf, tensors: list, lengths: list, length_dim: bool, force: bool, opts: dict) -> _Field:
     """Stack equal items, or pad (or pack) a sequence field, as the fused pass lays it out."""
-    sequence = length_dim and (leaf[5] or min(lengths) != max(lengths))
+    sequence = length_dim and (force or min(lengths) != max(lengths))
     if not sequence:
         return _Field(torch.stack(tensors))
     max_len = max(lengths)
@@ -394,7 +394,7 @@ def _tensor_field(leaf, objs: list, opts: dict) -> _Field:
             raise ValueError(f"Collator: {_subject(path, b)} is on {x.device}, but sample 0 is on {t0.device}")
         dtype = torch.promote_types(dtype, x.dtype)
     lengths = [x.shape[0] if length_dim else 1 for x in ts]
-    return _place(leaf, [x.to(dtype) for x in ts], lengths, length_dim, opts)
+    return _place(leaf, [x.to(dtype) for x in ts], lengths, length_dim, leaf[5], opts)
 
 
 def _number_field(leaf, objs: list, opts: dict) -> _Field:
@@ -463,7 +463,7 @@ def _list_field(leaf, objs: list, opts: dict) -> _Field:
         kind = _FLOAT  # no element at all: torch.tensor([]) is of the default float dtype
     dtype = {_BOOL: torch.bool, _INT: torch.int64, _FLOAT: opts["float_dtype"]}[kind]
     tensors = [torch.tensor(items, dtype=dtype).view(len(x), *trailing) for items, x in zip(flat, objs)]
-    return _place(leaf, tensors, [len(x) for x in objs], True, opts)
+    return _place(leaf, tensors, [len(x) for x in objs], True, True, opts)  # lists are always sequences
 
 
 def _object_field(leaf, objs: list, opts: dict) -> _Field:
