@@ -146,11 +146,11 @@ def _gather_rows(chunks: List[torch.Tensor], bases: np.ndarray, starts: np.ndarr
         dst = out[begin:end]
         for k in np.unique(which):
             sel = which == k
-            src_rows = torch.from_numpy(_row_positions(s[sel] - bases[k], ln[sel])).to(chunks[k].device)
+            src_rows = _to_device(_row_positions(s[sel] - bases[k], ln[sel]), chunks[k].device)
             if sel.all():
                 torch.index_select(chunks[k], 0, src_rows, out=dst)
             else:
-                dst_rows = torch.from_numpy(_row_positions(_exclusive_cumsum(ln)[sel], ln[sel])).to(dst.device)
+                dst_rows = _to_device(_row_positions(_exclusive_cumsum(ln)[sel], ln[sel]), dst.device)
                 dst.index_copy_(0, dst_rows, chunks[k].index_select(0, src_rows))
         begin, e0 = end, e1
     return out
@@ -624,8 +624,7 @@ class Recorder:
         self._starts[name].reshape(-1)[slots if keep is None else slots[keep]] = base + (local if keep is None else local[keep])
         if self._needs_staging(src):
             # Unpad on the GPU so that only real rows cross to the host.
-            offsets = np.concatenate(([0], np.cumsum(written)))
-            rows = ops.unpad(src, _to_device(offsets, src.device), total, left)
+            rows = ops.unpad(src, _to_device(np.concatenate(([0], ends)), src.device), total, left)
             self._deliver(rows, lambda landed: chunk[start:start + total].copy_(landed))
         else:
             lengths_t, local_t = _to_device(written, self.device), _to_device(local, self.device)
@@ -651,13 +650,13 @@ class Recorder:
 
         def work(src):
             dev, acc = dst.device, _acc_dtype(dst.dtype)
-            u = torch.from_numpy(unique).to(dev)
+            u = _to_device(unique, dev)
             shape = (-1,) + (1,) * (dst.dim() - 1)
-            old_n = torch.from_numpy(before).to(dev, acc).view(shape)
+            old_n = _to_device(before, dev).to(acc).view(shape)
             total = torch.zeros((len(unique), *dst.shape[1:]), dtype=acc, device=dev)
-            total.index_add_(0, torch.from_numpy(inverse).to(dev), src.to(acc))
+            total.index_add_(0, _to_device(inverse, dev), src.to(acc))
             total += torch.where(old_n > 0, dst.index_select(0, u).to(acc) * old_n, 0)
-            total /= old_n + torch.from_numpy(repeats).to(dev, acc).view(shape)
+            total /= old_n + _to_device(repeats, dev).to(acc).view(shape)
             dst.index_copy_(0, u, total.to(dst.dtype))
         return work
 
@@ -671,14 +670,14 @@ class Recorder:
             shape = (-1,) + (1,) * len(store.shape)
             total = torch.zeros((int(unique_lens.sum()), *store.shape), dtype=acc, device=dev)
             to_acc = _row_positions(acc_offsets[inverse], lens)
-            total.index_add_(0, torch.from_numpy(to_acc).to(dev), src_rows.to(acc))
+            total.index_add_(0, _to_device(to_acc, dev), src_rows.to(acc))
             had = before > 0
             if had.any():
                 old = store.gather(starts[unique[had]], unique_lens[had]).to(acc)
-                weight = torch.from_numpy(np.repeat(before[had], unique_lens[had])).to(dev, acc).view(shape)
-                rows = torch.from_numpy(_row_positions(acc_offsets[had], unique_lens[had])).to(dev)
+                weight = _to_device(np.repeat(before[had], unique_lens[had]), dev).to(acc).view(shape)
+                rows = _to_device(_row_positions(acc_offsets[had], unique_lens[had]), dev)
                 total.index_add_(0, rows, old * weight)
-            total /= torch.from_numpy(np.repeat(before + repeats, unique_lens)).to(dev, acc).view(shape)
+            total /= _to_device(np.repeat(before + repeats, unique_lens), dev).to(acc).view(shape)
             # Fresh rows for the averages: chunks stay append-only, the old rows are dropped.
             starts[unique] = store.append(total.to(store.dtype)) + acc_offsets
         return work
@@ -707,7 +706,10 @@ class Recorder:
         at least twice the items; views exactly (they are few and known early)."""
         self._drain(wait=True)
         cap, vcap = self._count.shape
-        new_cap = self.num_items if self.num_items is not None else max(top + 1, 2 * cap, 1024)
+        if self.num_items is not None:
+            new_cap = self.num_items
+        else:
+            new_cap = cap if top < cap else max(top + 1, 2 * cap, 1024)
         new_v = max(vcap, vmax + 1)
         count = np.zeros((new_cap, new_v), self._count_dtype)
         count[:cap, :vcap] = self._count
@@ -762,7 +764,7 @@ class Recorder:
                     columns[name] = _Jagged(list(chunks), bases[name] if store.chunks else np.zeros(1, np.int64), starts, lengths)
                 else:
                     dense = self._dense[name]
-                    columns[name] = dense if everything else dense.index_select(0, torch.from_numpy(flat).to(self.device))
+                    columns[name] = dense if everything else dense.index_select(0, _to_device(flat, self.device))
             self._shared = self._shared or everything
             if implicit:
                 return Predictions._from_parts(None, None, columns, single=self._single, num_items=self.num_items, size=cap)
@@ -776,8 +778,8 @@ class Recorder:
             r = int(np.flatnonzero(~mask.all(1))[0])
             raise ValueError(f"Recorder.result: views='stack' needs all {vcap} views of every recorded item; "
                              f"item {items[r]} has views {np.flatnonzero(mask[r]).tolist()}")
-        items_t = torch.from_numpy(items).to(self.device)
-        mask_t = torch.from_numpy(mask).to(self.device)
+        items_t = _to_device(items, self.device)
+        mask_t = _to_device(mask, self.device)
         for name, spec in self._specs.items():
             if spec.per_token:
                 # Views of an item share one length (checked by add): rows [total, V, ...].
@@ -791,10 +793,10 @@ class Recorder:
                     if has.all():
                         rows[:, v] = part
                     else:
-                        where = torch.from_numpy(_row_positions(offsets[has], lengths[has])).to(self.device)
+                        where = _to_device(_row_positions(offsets[has], lengths[has]), self.device)
                         rows[:, v].index_copy_(0, where, part)
                 if self.views != "stack":
-                    token_mask = torch.repeat_interleave(mask_t, torch.from_numpy(lengths).to(self.device), dim=0)
+                    token_mask = torch.repeat_interleave(mask_t, _to_device(lengths, self.device), dim=0)
                     rows = _combine_views(rows, token_mask, self.views)
                 columns[name] = _Jagged([rows], np.zeros(1, np.int64), offsets, lengths)
             else:
