@@ -360,7 +360,8 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
             continue
         t, extrapolated, note = time_method(case, method, batches, expected, args.rounds, args.peer_budget)
         seconds[method] = t
-        memory = None if args.no_memory or method in ("nested_concat", "floor") else measure_memory(case, method, args)
+        skip_memory = args.no_memory or method in ("nested_concat", "floor") or (args.quick and method != "provcollate")
+        memory = None if skip_memory else measure_memory(case, method, args)
         mem = "" if memory is None else f"{memory['peak_bytes'] / 1e6:.1f} MB ({memory['peak_bytes'] / memory['result_bytes']:.2f}x result)"
         if method == "provcollate":
             case.memory = memory
@@ -379,7 +380,10 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
     checks = []
     for peer, target in TARGETS[case.name].items():
         ratio = seconds[peer] / ours
-        checks.append((f"provcollate >= {target:g}x {LABELS[peer]}", f"{ratio:.1f}x", ratio >= target))
+        # What the floor reaches against the same peer: the ceiling of any recorder that makes one
+        # unpad_scatter_ call per batch on this machine.
+        ceiling = seconds[peer] / seconds["floor"]
+        checks.append((f"provcollate >= {target:g}x {LABELS[peer]}", f"{ratio:.1f}x (floor: {ceiling:.1f}x)", ratio >= target))
     if case.per_token:
         ratio = ours / seconds["memcpy"]
         checks.append((f"provcollate within {MEMCPY_FACTOR:g}x of memcpy", f"{ratio:.2f}x memcpy time", ratio <= MEMCPY_FACTOR))
@@ -398,7 +402,8 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
         f"## {case.name}: {what}, shuffled order",
         f"Result: {case.result_bytes / 1e6:.1f} MB. Ratios are each method's time over provcollate's (higher: provcollate faster).",
         markdown_table(["method", "time", "items/s", "result GB/s", "time / provcollate", "peak memory rise"], rows),
-        markdown_table(["target", "measured", "met"], [[n, v, "yes" if ok else "**no**"] for n, v, ok in checks]),
+        markdown_table(["target", "measured (the floor row's ratio in parentheses)", "met"],
+                       [[n, v, "yes" if ok else "**no**"] for n, v, ok in checks]),
     ])
     del batches, expected
     gc.collect()
@@ -412,7 +417,7 @@ def main() -> int:
     p.add_argument("--alloc", choices=sorted(ALLOCATORS), default="fresh", help="glibc malloc policy (default fresh)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first (also in the memory subprocesses)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test that takes seconds")
+    p.add_argument("--quick", action="store_true", help="small sizes, one round, peak memory of provcollate only: a smoke test")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--case", choices=["1", "2"], default=None, help="run one case only")
     p.add_argument("--write", action="store_true", help=f"write the tables to {os.path.relpath(RESULTS_DIR)}/bench_record.md")

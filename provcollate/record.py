@@ -53,10 +53,12 @@ _GATHER_ROWS = 1 << 20  # rows per step of a jagged gather: bounds its index ten
 def _host_long(owner: str, name: str, value) -> np.ndarray:
     """``value`` (tensor, ndarray or sequence of ints) as a 1-D int64 numpy array on the host."""
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.int64 and value.is_cpu and value.dim() == 1:
+            return value.numpy()
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{owner}: {name} must hold integers, got a tensor of dtype {value.dtype}")
-        if value.device.type != "cpu":
-            value = value.cpu()  # the caller chose a device index: this one copy waits for it
+        if not value.is_cpu:
+            value = value.cpu()  # the caller chose a device tensor: this one copy waits for it
         value = value.numpy()
     elif not isinstance(value, np.ndarray):
         if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
