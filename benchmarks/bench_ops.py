@@ -21,6 +21,7 @@ to map new pages for every call (page faults included); glibc's own policy depen
 
     python benchmarks/bench_ops.py [--dtype float32] [--threads N] [--rounds 3] [--write]
     python benchmarks/bench_ops.py --sweep [--write]     # throughput vs batch size and vs length
+    python benchmarks/bench_ops.py --plot                # charts from the sweep JSON (needs matplotlib)
     python benchmarks/bench_ops.py --quick               # tiny sizes, a few seconds
 """
 from __future__ import annotations
@@ -130,7 +131,7 @@ def pad_candidates() -> Dict[str, Builder]:
 
     def mask_assign(c):
         def fn():
-            out = c.values.new_zeros((c.batch, c.max_len, c.dim))
+            out = c.values.new_full((c.batch, c.max_len, c.dim), 0)
             out[c.mask] = c.values
             return out
         return fn, None
@@ -141,7 +142,7 @@ def pad_candidates() -> Dict[str, Builder]:
         "nested jagged: from_jagged + to_padded_tensor": nested_jagged,
         "nested strided: to_padded_tensor": nested_strided,
         "fbgemm jagged_to_padded_dense": fbgemm,
-        "new_zeros + out[mask] = values": mask_assign,
+        "new_full + out[mask] = values": mask_assign,
     }
 
 
@@ -422,6 +423,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that takes seconds")
     p.add_argument("--sweep", action="store_true", help="throughput vs batch size and vs length, saved as JSON")
+    p.add_argument("--plot", action="store_true", help="only draw the charts of the sweep JSON under --out (needs matplotlib)")
     p.add_argument("--write", action="store_true", help="write the results under --out")
     p.add_argument("--out", default=RESULTS_DIR, help="directory for --write (default benchmarks/results)")
     args = p.parse_args(argv)
@@ -446,18 +448,26 @@ def main(argv=None) -> None:
     print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} threads, "
           f"{str(args.dtype).replace('torch.', '')}, {args.rounds} round(s) of {args.min_run_time} s per op, "
           f"allocator: {ALLOCATORS[args.alloc]}\n")
+    sweep_json = os.path.join(args.out, f"bench_ops_sweep{suffix}.json")
+    if args.plot:
+        with open(sweep_json) as f:
+            data = json.load(f)
+        try:
+            print("wrote " + ", ".join(draw(data, args.out, suffix)))
+        except ImportError as exc:
+            raise SystemExit(f"--plot needs matplotlib ({exc})") from exc
+        return
     if args.sweep:
         data = run_sweeps(args, QUICK_SWEEPS if args.quick else SWEEPS)
         if args.write:
-            path = os.path.join(args.out, f"bench_ops_sweep{suffix}.json")
             os.makedirs(args.out, exist_ok=True)
-            with open(path, "w") as f:
+            with open(sweep_json, "w") as f:
                 json.dump(data, f, indent=1)
-            print(f"wrote {path}")
+            print(f"wrote {sweep_json}")
             try:
                 print("wrote " + ", ".join(draw(data, args.out, suffix)))
             except ImportError:
-                print("matplotlib is not installed: no charts drawn (the JSON holds the data)")
+                print("matplotlib is not installed: no charts drawn (--plot draws them from the JSON later)")
         return
     sections = run_shapes(args, QUICK_SHAPES if args.quick else SHAPES)
     if args.write:
