@@ -23,7 +23,8 @@ Methods, each producing every item's prediction in dataset order:
   the Recorder's own Python work (validation, duplicates, growth) adds shows against this row.
 
 Every method's result is checked against the expected predictions before anything is reported.
-Time: wall clock of the whole accumulation, best of --rounds after a warm-up on two batches. The allocator policy defaults to
+Time: wall clock of the whole accumulation, best of --rounds, rounds interleaved across methods
+(after a warm-up on two batches). The allocator policy defaults to
 ``fresh`` (see common.ALLOCATORS): every block of 128 KiB or more is mapped anew, so each run
 writes into fresh pages as a one-pass inference run does, instead of into pages an earlier round
 left resident (which favours whichever method runs after a big one). Peak memory: each (case, method)
@@ -324,27 +325,37 @@ def measure_memory(case: Case, method: str, args) -> Optional[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def time_method(case: Case, method: str, batches: List[Batch], expected, rounds: int, budget: float):
-    """(best seconds, extrapolated?, note); checks the result of the first round."""
-    times, note, extrapolated = [], "", False
-    RUNNERS[method](case, batches[:2])  # warm-up: first calls of every function on the path
-    for r in range(rounds if method != "nested_concat" else 1):
-        gc.collect()
-        start = time.perf_counter()
-        try:
-            result = RUNNERS[method](case, batches, budget) if method == "nested_concat" else RUNNERS[method](case, batches)
-        except OverBudget as stop:
-            # Quadratic accumulation: time grows with the square of the batches done.
-            times.append(stop.seconds * (case.num_batches / stop.done) ** 2)
-            note, extrapolated = f"{stop.done}/{case.num_batches} batches in {stop.seconds:.1f} s", True
-            done_items = torch.cat([b[0] for b in batches[:stop.done]]).sort().values
-            check(case, method, stop.result, expected, items=done_items)
-            break
-        times.append(time.perf_counter() - start)
-        if r == 0:
-            check(case, method, result, expected)
-        del result
-    return best_of(times), extrapolated, note
+def time_once(case: Case, method: str, batches: List[Batch], expected, budget: float, check_result: bool):
+    """(seconds, note): one run, checked if asked; nested_concat's time extrapolated past the budget."""
+    gc.collect()
+    start = time.perf_counter()
+    try:
+        result = RUNNERS[method](case, batches, budget) if method == "nested_concat" else RUNNERS[method](case, batches)
+    except OverBudget as stop:
+        # Quadratic accumulation: time grows with the square of the batches done.
+        done_items = torch.cat([b[0] for b in batches[:stop.done]]).sort().values
+        check(case, method, stop.result, expected, items=done_items)
+        return stop.seconds * (case.num_batches / stop.done) ** 2, f"{stop.done}/{case.num_batches} batches in {stop.seconds:.1f} s"
+    seconds = time.perf_counter() - start
+    if check_result:
+        check(case, method, result, expected)
+    return seconds, ""
+
+
+def time_methods(case: Case, methods: List[str], batches: List[Batch], expected, rounds: int, budget: float):
+    """{method: (best seconds, note)}, rounds interleaved across methods so that a change in the
+    machine's load hits all of them alike; the quadratic nested_concat runs once."""
+    for method in methods:
+        RUNNERS[method](case, batches[:2])  # warm-up: first calls of every function on the path
+    times: Dict[str, List[float]] = {m: [] for m in methods}
+    notes: Dict[str, str] = {m: "" for m in methods}
+    for r in range(rounds):
+        for method in methods:
+            if method == "nested_concat" and r:
+                continue
+            seconds, notes[method] = time_once(case, method, batches, expected, budget, check_result=r == 0)
+            times[method].append(seconds)
+    return {m: (best_of(times[m]), notes[m]) for m in methods}
 
 
 def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
@@ -352,20 +363,22 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
     batches = [case.batch_at(b) for b in range(case.num_batches)]
     expected = case.expected(batches)
     case.memcpy_source = torch.empty(case.result_bytes, dtype=torch.uint8).fill_(1)
-    seconds: Dict[str, float] = {}
+    methods = [m for m in METHODS if not (m == "nested_concat" and NESTED_MISSING)]
+    timed = time_methods(case, methods, batches, expected, args.rounds, args.peer_budget)
+    seconds = {m: t for m, (t, _) in timed.items()}
+    ours, our_memory = seconds["provcollate"], None
     rows, failures = [], []
     for method in METHODS:
-        if method == "nested_concat" and NESTED_MISSING:
+        if method not in timed:
             rows.append([LABELS[method], "skipped: " + NESTED_MISSING, "", "", "", ""])
             continue
-        t, extrapolated, note = time_method(case, method, batches, expected, args.rounds, args.peer_budget)
-        seconds[method] = t
+        t, note = timed[method]
+        extrapolated = bool(note)
         skip_memory = args.no_memory or method in ("nested_concat", "floor") or (args.quick and method != "provcollate")
         memory = None if skip_memory else measure_memory(case, method, args)
         mem = "" if memory is None else f"{memory['peak_bytes'] / 1e6:.1f} MB ({memory['peak_bytes'] / memory['result_bytes']:.2f}x result)"
         if method == "provcollate":
-            case.memory = memory
-        ours = seconds["provcollate"]
+            our_memory = memory
         rows.append([
             LABELS[method],
             f"{t * 1e3:.1f} ms" + (" (extrapolated)" if extrapolated else ""),
@@ -376,7 +389,6 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
         ])
         print(f"  {LABELS[method]:45s} {rows[-1][1]:>24s} {rows[-1][4]:>9s} {mem}", flush=True)
 
-    ours = seconds["provcollate"]
     checks = []
     for peer, target in TARGETS[case.name].items():
         ratio = seconds[peer] / ours
@@ -387,8 +399,8 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
     if case.per_token:
         ratio = ours / seconds["memcpy"]
         checks.append((f"provcollate within {MEMCPY_FACTOR:g}x of memcpy", f"{ratio:.2f}x memcpy time", ratio <= MEMCPY_FACTOR))
-    if getattr(case, "memory", None):
-        m = case.memory
+    if our_memory is not None:
+        m = our_memory
         budget = MEMORY_FACTOR * m["result_bytes"] + m["batch_bytes"]
         checks.append((f"peak memory <= {MEMORY_FACTOR}x result + one batch ({budget / 1e6:.1f} MB)",
                        f"{m['peak_bytes'] / 1e6:.1f} MB", m["peak_bytes"] <= budget))
