@@ -385,7 +385,7 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
             f"{case.items / t / 1e6:.2f} M items/s",
             f"{case.result_bytes / t / 1e9:.2f} GB/s",
             f"{t / ours:.2f}x" if method != "provcollate" else "1.00x",
-            mem + (f"; {note}" if note else ""),
+            "; ".join(part for part in (mem, note) if part),
         ])
         print(f"  {LABELS[method]:45s} {rows[-1][1]:>24s} {rows[-1][4]:>9s} {mem}", flush=True)
 
