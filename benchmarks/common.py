@@ -76,6 +76,7 @@ def machine() -> dict:
         "provcollate": provcollate.__version__,
         "provcollate_compiled": provcollate.HAS_EXTENSION,
         "allocator": _allocator,
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "env": {k: v for k, v in os.environ.items() if k in _ENV or k.startswith("MALLOC_")},
     }
 
@@ -116,6 +117,7 @@ def write_markdown(path: str, title: str, sections: Sequence[str], machine_info:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"Python {m['python']}, provcollate {m['provcollate']}"
+        + (f", load average {m['load_average']} when it started" if m.get("load_average") is not None else "")
         + ("" if m["provcollate_compiled"] else " (reference fallback: extension not compiled)"),
         "",
         f"Allocator: {m['allocator']}: {ALLOCATORS[m['allocator']]}"
