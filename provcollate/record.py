@@ -884,9 +884,6 @@ class Predictions:
             raise ValueError(f"Predictions: view must have one entry per index ({len(index)}), got {len(view)}")
         if len(index) and (index.min() < 0 or (view is not None and view.min() < 0)):
             raise ValueError("Predictions: index and view must be >= 0")
-        key = _keys(index, view)
-        if len(key) > 1 and not (key[1:] > key[:-1]).all():
-            raise ValueError("Predictions: entries must be strictly increasing by (index, view), without repeats")
         if num_items is not None and len(index) and index.max() >= num_items:
             raise ValueError(f"Predictions: index {index.max()} is outside range(num_items) = range({num_items})")
         single = not isinstance(outputs, Mapping)
@@ -911,6 +908,8 @@ class Predictions:
             else:
                 raise TypeError(f"Predictions: {what} must be a tensor or a (values, offsets) pair of tensors, got {type(value).__name__}")
         self._init(index, view, columns, single, num_items, stacked_views)
+        if len(self._keys) > 1 and not (self._keys[1:] > self._keys[:-1]).all():
+            raise ValueError("Predictions: entries must be strictly increasing by (index, view), without repeats")
 
     @classmethod
     def _from_parts(cls, index, view, columns, *, single, num_items, stacked_views=None, size=None) -> "Predictions":
@@ -923,7 +922,9 @@ class Predictions:
         self._index, self._view, self._columns = index, view, columns
         self._single, self.num_items, self.stacked_views = single, num_items, stacked_views
         self._size = len(index) if index is not None else size
-        self._keys = None if index is None else _keys(index, view)
+        # Entries are looked up by key index * width + view (width: views seen, 1 when combined).
+        self._width = int(view.max()) + 1 if view is not None and len(view) else 1
+        self._keys = None if index is None else (index if view is None else index * self._width + view)
 
     def _host_index(self) -> np.ndarray:
         """The entries' dataset indices as a numpy array (made on demand when implicit)."""
@@ -1001,10 +1002,6 @@ class Predictions:
         if e == len(self._keys) or self._keys[e] != k:
             raise KeyError(key)
         return e
-
-    @property
-    def _width(self) -> int:
-        return int(self._view.max()) + 1 if self._view is not None and len(self._view) else 1
 
     def _entry(self, e: int):
         out = {}
@@ -1107,13 +1104,6 @@ class Predictions:
         """The Predictions in a Parquet file written by :meth:`to_parquet`."""
         from . import io
         return io.read_parquet(path)
-
-
-def _keys(index: np.ndarray, view: Optional[np.ndarray]) -> np.ndarray:
-    if view is None:
-        return index
-    width = int(view.max()) + 1 if len(view) else 1
-    return index * width + view
 
 
 def _key_int(value) -> int:
