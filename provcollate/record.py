@@ -215,7 +215,7 @@ def _pinned_copy(src: torch.Tensor):
     staged = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
     staged.copy_(src, non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(src.device))
     return staged, event
 
 
@@ -290,6 +290,8 @@ class Recorder:
             self.device = torch.device("cpu" if device is None else device)
         except (TypeError, RuntimeError) as exc:
             raise TypeError(f"Recorder: device must be None, a torch.device or a device string, got {device!r}") from exc
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # outputs say cuda:0, not cuda
         self.num_items = num_items
         self.on_duplicate = on_duplicate
         self.views = views
