@@ -7,7 +7,10 @@ they queue work and return at once. Offsets are ``[B+1]`` int32 or int64 startin
 kernels stay in bounds whatever the offsets hold, and ``PROVCOLLATE_CHECK=1`` validates them
 too (at the cost of a device-to-host copy).
 
-Without the compiled extension these functions run on :mod:`provcollate.reference`.
+pad and unpad are differentiable, each the other's backward (autograd is registered in C++,
+csrc/autograd.cpp, so calls that need no gradient pay nothing for it); fake kernels for
+torch.compile are registered here. Without the compiled extension these functions run on
+:mod:`provcollate.reference`.
 """
 from __future__ import annotations
 
@@ -91,26 +94,3 @@ if HAS_EXTENSION:
     @torch.library.register_fake("provcollate::unpad_scatter_")
     def _unpad_scatter_fake(dst, padded, lengths, dst_offsets, left=False):
         return None
-
-    def _pad_setup(ctx, inputs, output):
-        values, offsets, _max_len, _pad_value, left = inputs
-        ctx.save_for_backward(offsets)
-        ctx.total = values.shape[0]
-        ctx.left = left
-
-    def _pad_backward(ctx, grad):
-        (offsets,) = ctx.saved_tensors
-        return torch.ops.provcollate.unpad(grad, offsets, ctx.total, ctx.left), None, None, None, None
-
-    def _unpad_setup(ctx, inputs, output):
-        padded, offsets, _total, left = inputs
-        ctx.save_for_backward(offsets)
-        ctx.max_len = padded.shape[1]
-        ctx.left = left
-
-    def _unpad_backward(ctx, grad):
-        (offsets,) = ctx.saved_tensors
-        return torch.ops.provcollate.pad(grad, offsets, ctx.max_len, 0, ctx.left), None, None, None
-
-    torch.library.register_autograd("provcollate::pad", _pad_backward, setup_context=_pad_setup)
-    torch.library.register_autograd("provcollate::unpad", _unpad_backward, setup_context=_unpad_setup)
