@@ -36,10 +36,11 @@ class Pad : public torch::autograd::Function<Pad> {
                             const at::Tensor& offsets, c10::SymInt max_len,
                             const at::Scalar& pad_value, bool left) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = pad_op(values, offsets, max_len, pad_value, left);  // validates first
     ctx->save_for_backward({offsets});
     ctx->saved_data["total"] = values.sym_size(0);
     ctx->saved_data["left"] = left;
-    return pad_op(values, offsets, max_len, pad_value, left);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -56,10 +57,11 @@ class Unpad : public torch::autograd::Function<Unpad> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& padded,
                             const at::Tensor& offsets, c10::SymInt total, bool left) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = unpad_op(padded, offsets, total, left);  // validates first
     ctx->save_for_backward({offsets});
     ctx->saved_data["max_len"] = padded.sym_size(1);
     ctx->saved_data["left"] = left;
-    return unpad_op(padded, offsets, total, left);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
