@@ -26,6 +26,10 @@ try:
     from . import _C  # noqa: F401  (loading it registers torch.ops.provcollate.*)
 
     HAS_EXTENSION = True
+    # Bound once: looking an op up through torch.ops on every call costs microseconds.
+    _pad = torch.ops.provcollate.pad.default
+    _unpad = torch.ops.provcollate.unpad.default
+    _unpad_scatter_ = torch.ops.provcollate.unpad_scatter_.default
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     HAS_EXTENSION = False
     warnings.warn(
@@ -51,7 +55,7 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, 
     _check_int("pad", "max_len", max_len)
     if not HAS_EXTENSION:
         return reference.pad(values, offsets, max_len, pad_value, left)
-    return torch.ops.provcollate.pad(values, offsets, max_len, pad_value, left)
+    return _pad(values, offsets, max_len, pad_value, left)
 
 
 def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: int, left: bool = False) -> torch.Tensor:
@@ -63,7 +67,7 @@ def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: int, left: bool = 
     _check_int("unpad", "total", total)
     if not HAS_EXTENSION:
         return reference.unpad(padded, offsets, total, left)
-    return torch.ops.provcollate.unpad(padded, offsets, total, left)
+    return _unpad(padded, offsets, total, left)
 
 
 def unpad_scatter_(dst: torch.Tensor, padded: torch.Tensor, lengths: torch.Tensor, dst_offsets: torch.Tensor, left: bool = False) -> torch.Tensor:
@@ -75,7 +79,7 @@ def unpad_scatter_(dst: torch.Tensor, padded: torch.Tensor, lengths: torch.Tenso
     """
     if not HAS_EXTENSION:
         return reference.unpad_scatter_(dst, padded, lengths, dst_offsets, left)
-    torch.ops.provcollate.unpad_scatter_(dst, padded, lengths, dst_offsets, left)
+    _unpad_scatter_(dst, padded, lengths, dst_offsets, left)
     return dst
 
 
