@@ -139,7 +139,7 @@ std::string where_str(const std::vector<Py_ssize_t>& at) {
 enum class Num : int { Bool = 0, Int = 1, Float = 2, Bad = 3 };
 
 struct NumpyTypes {
-  py::object ndarray, generic, bool_, integer, floating;
+  py::object ndarray, generic, bool_, integer, floating, asarray, array;
   bool ok = false;
 };
 
@@ -161,6 +161,8 @@ const NumpyTypes& numpy_types() {
           t.bool_ = np.attr("bool_");
           t.integer = np.attr("integer");
           t.floating = np.attr("floating");
+          t.asarray = np.attr("asarray");
+          t.array = np.attr("array");
           t.ok = true;
         } catch (py::error_already_set&) {
           t.ok = false;  // numpy is optional: without it no sample can hold an array
@@ -437,12 +439,17 @@ struct LeafOut {
 
 at::Tensor array_tensor(const Leaf& leaf, PyObject* obj, int64_t b) {
   const NumpyTypes& np = numpy_types();
-  if (!np.ok || !isinstance(obj, np.generic) && !isinstance(obj, np.ndarray)) {
+  if (!np.ok || (!isinstance(obj, np.generic) && !isinstance(obj, np.ndarray))) {
     mismatch(leaf.path, b, obj, leaf.expected);
   }
   try {
-    if (isinstance(obj, np.ndarray)) return torch::utils::tensor_from_numpy(obj, /*warn_if_not_writeable=*/false);
-    const py::object arr = py::module_::import("numpy").attr("asarray")(py::handle(obj));
+    py::object arr = isinstance(obj, np.ndarray) ? py::reinterpret_borrow<py::object>(obj) : np.asarray(py::handle(obj));
+    try {
+      return torch::utils::tensor_from_numpy(arr.ptr(), /*warn_if_not_writeable=*/false);
+    } catch (const c10::Error&) {
+      // Negative strides and the like: a C-ordered copy, as torch.as_tensor would make.
+      arr = np.array(arr);
+    }
     return torch::utils::tensor_from_numpy(arr.ptr(), /*warn_if_not_writeable=*/false);
   } catch (const c10::Error& e) {
     type_error(subject(leaf.path, b) + " cannot be read as a tensor: " + e.what_without_backtrace());
@@ -451,27 +458,26 @@ at::Tensor array_tensor(const Leaf& leaf, PyObject* obj, int64_t b) {
 
 LeafOut tensor_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const Options& opt) {
   const int64_t B = opt.batch;
-  std::vector<at::Tensor> owned;
-  owned.reserve(leaf.kind == kArray ? B : 0);
-  std::vector<const at::Tensor*> t(B);
+  // Owned references: the copies run without the GIL, when another thread could drop the samples.
+  std::vector<at::Tensor> items;
+  items.reserve(B);
   for (int64_t b = 0; b < B; ++b) {
     PyObject* obj = objs[b];
     if (leaf.kind == kTensor) {
       if (!THPVariable_Check(obj)) mismatch(leaf.path, b, obj, leaf.expected);
-      t[b] = &THPVariable_Unpack(obj);
+      items.push_back(THPVariable_Unpack(obj));
     } else {
-      owned.push_back(array_tensor(leaf, obj, b));
-      t[b] = &owned.back();
+      items.push_back(array_tensor(leaf, obj, b));
     }
   }
-  const at::Tensor& t0 = *t[0];
+  const at::Tensor& t0 = items[0];
   const at::IntArrayRef shape0 = t0.sizes();
   const bool length_dim = t0.dim() > 0;
   const at::IntArrayRef trailing = length_dim ? shape0.slice(1) : shape0;
   at::ScalarType dtype = t0.scalar_type();
   std::vector<int64_t> lengths(B);
   for (int64_t b = 0; b < B; ++b) {
-    const at::Tensor& x = *t[b];
+    const at::Tensor& x = items[b];
     if (x.layout() != at::kStrided || x.is_meta()) {
       type_error(subject(leaf.path, b) + " is a tensor with layout " + std::string(py::str(py::cast(x.layout()))) +
                  " on " + x.device().str() + "; only strided tensors with data can be collated");
@@ -499,7 +505,7 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const 
   char* base = static_cast<char*>(out.data_ptr());
   std::vector<const char*> src(B, nullptr);  // items that can be copied as bytes
   for (int64_t b = 0; b < B; ++b) {
-    const at::Tensor& x = *t[b];
+    const at::Tensor& x = items[b];
     if (host && x.is_cpu() && x.scalar_type() == dtype && x.is_contiguous() && !x.is_conj() && !x.is_neg()) {
       src[b] = static_cast<const char*>(x.const_data_ptr());
     }
@@ -518,7 +524,7 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const 
         if (src[b] != nullptr) {
           std::memcpy(base + l.first_row(b) * row, src[b], l.lengths[b] * row);
         } else {
-          rows.narrow(0, l.first_row(b), l.lengths[b]).copy_(*t[b]);
+          rows.narrow(0, l.first_row(b), l.lengths[b]).copy_(items[b]);
         }
       }
     });
@@ -655,7 +661,7 @@ Num write_lists(const Leaf& leaf, const std::vector<PyObject*>& objs, const std:
                 const Layout& l, Num kind, at::Tensor& out) {
   const int64_t inner = c10::multiply_integers(trailing);
   T* base = out.mutable_data_ptr<T>();
-  ListWriter<T> w{leaf, trailing, kind};
+  ListWriter<T> w{leaf, trailing, kind, /*sample=*/0, /*wider=*/kind, /*at=*/{}};
   for (int64_t b = 0; b < l.batch; ++b) {
     T* dst = base + l.first_row(b) * inner;
     w.sample = b;

