@@ -266,13 +266,19 @@ class Recorder:
             class ids), ``"softmax"``, or ``"topk:K"``, which stores two outputs, ``values``
             and ``indices`` (``"<name>.values"`` and ``"<name>.indices"`` for a dict output).
             Integer and bool outputs are stored as they are.
+        resume: a directory of shards written by :meth:`write` (on any number of ranks), or one
+            still to be made: what its shards hold counts as recorded, so a restarted run can
+            skip it (:meth:`done`), ``add`` treats it as recorded under ``on_duplicate``, and
+            :meth:`result` / :meth:`gather` include it; later writes go to the same directory.
+            The shards must have been written with the same ``num_items``, ``on_duplicate``
+            and ``views``. Only their bookkeeping is read now; values stay on disk until needed.
 
     The first :meth:`add` fixes the outputs' names, which of them are per token, their dtypes
     and their row shapes; later calls may differ in batch size, padded length and device.
     """
 
     def __init__(self, num_items: Optional[int] = None, device=None, on_duplicate: str = "error",
-                 views: str = "mean", reduce: Optional[str] = None) -> None:
+                 views: str = "mean", reduce: Optional[str] = None, resume=None) -> None:
         if num_items is not None:
             if isinstance(num_items, bool):
                 raise TypeError(f"Recorder: num_items must be an int or None, got bool {num_items}")
@@ -312,6 +318,10 @@ class Recorder:
         self._shared = False  # the dense tensors are also held by a returned Predictions
         self._ones_cache: Dict[int, torch.Tensor] = {}
         self._on_host = self.device.type == "cpu"
+        self._stream = None  # the shard directory of write() / resume=, see shards.py
+        if resume is not None:
+            from . import shards
+            shards.resume(self, resume)
 
     def __repr__(self) -> str:
         recorded = int(np.count_nonzero(self._count))
@@ -354,6 +364,8 @@ class Recorder:
             self._grow(max(top, 0), vmax)
         if len(index):
             self._commit(index_t, index, views, lens, left, named, keep, prev, merge, top, vmax)
+        if self._stream is not None:
+            self._stream.added(self, len(index))
 
     def _entries(self, batch, lengths, view, padding_side):
         """(index tensor or None, index, views or None, lengths or None, left): host int64 arrays, checked."""
@@ -745,8 +757,12 @@ class Recorder:
 
         Waits for outputs still being copied from a GPU. Copies nothing when each example was
         recorded once per view and the views are kept as they are; later ``add`` calls never
-        change the returned object.
+        change the returned object. After :meth:`write`, or with ``resume=``, the written
+        shards are read back (this rank's), so the result is still everything recorded.
         """
+        if self._stream is not None:
+            from . import shards
+            return shards.result(self)
         self._drain(wait=True)
         if self._specs is None:
             return Predictions._from_parts(np.zeros(0, np.int64), None, {}, single=False, num_items=self.num_items)
@@ -808,6 +824,47 @@ class Recorder:
                 columns[name] = values if self.views == "stack" else _combine_views(values, mask_t, self.views)
         return Predictions._from_parts(items, None, columns, single=self._single, num_items=self.num_items,
                                        stacked_views=vcap if self.views == "stack" else None)
+
+    # ---------------------------------------------------------------------------- many ranks, disk
+
+    def gather(self, dst: Optional[int] = None, group=None) -> Optional["Predictions"]:
+        """Every rank's recorded outputs as one :class:`Predictions`, on every rank (or on ``dst`` only).
+
+        A collective over ``group`` (default: the whole world): every rank must call it. Sizes
+        are exchanged first, then the outputs move as tensors (``all_gather``, or ``gather`` to
+        the global rank ``dst``, which others answer with None); with NCCL they stay on the GPU.
+        Items recorded on several ranks (``DistributedSampler`` pads ranks with repeats) are
+        merged under ``on_duplicate``: ``"first"`` keeps the lowest rank's, ``"last"`` the
+        highest's, ``"mean"`` averages all records, ``"error"`` raises ValueError. Views are then
+        combined as by :meth:`result`. Without an initialized process group, :meth:`result`.
+        """
+        from . import distributed
+        return distributed.gather(self, dst, group)
+
+    def write(self, path, every: Optional[int] = None) -> None:
+        """Write what was recorded since the last write to a new Parquet shard in directory ``path``.
+
+        The shard (``part-r<rank>-<seq>.parquet``, rank from torch.distributed) appears whole
+        or not at all, even if the process is killed; the rows written are then dropped from
+        memory, so memory stays bounded by what is recorded between writes. The Recorder still
+        knows what it wrote: ``add`` applies ``on_duplicate`` to it, :meth:`done` reports it,
+        and :meth:`result` / :meth:`gather` read it back. ``every=N`` also writes a shard by
+        itself whenever ``N`` rows have been added since the last one, from now on; call
+        ``write(path)`` once more at the end for the rest. :meth:`Predictions.read` merges the
+        shards of all ranks. See docs/distributed.md.
+        """
+        from . import shards
+        shards.write(self, path, every)
+
+    def done(self, index, view=None) -> torch.Tensor:
+        """BoolTensor: which of ``index`` are recorded, in memory or in shards (written or resumed).
+
+        ``index`` is a Batch (its own (index, view) pairs are checked), an int, or a 1-D
+        sequence of dataset indices; ``view`` (an int or one per index) asks about those views,
+        None about any view. A restarted run skips what is done: ``rec.done(range(N))``.
+        """
+        from . import shards
+        return shards.done(self, index, view)
 
 
 def _parse_reduce(reduce):
@@ -1102,8 +1159,16 @@ class Predictions:
         io.write_parquet(self, path)
 
     @classmethod
-    def read(cls, path) -> "Predictions":
-        """The Predictions in a Parquet file written by :meth:`to_parquet`."""
+    def read(cls, path, on_duplicate: Optional[str] = None) -> "Predictions":
+        """The Predictions in a Parquet file written by :meth:`to_parquet`, or in a directory of
+        shards written by :meth:`Recorder.write` on any number of ranks, merged in dataset order
+        under the shards' ``on_duplicate`` (or this one), a row group at a time."""
+        import os
+        if os.path.isdir(path):
+            from . import shards
+            return shards.read(path, on_duplicate)
+        if on_duplicate is not None:
+            raise ValueError(f"Predictions.read: on_duplicate= applies to a directory of shards, got the file {path!r}")
         from . import io
         return io.read_parquet(path)
 

@@ -1,0 +1,180 @@
+"""``Recorder.gather``: every rank's recorded outputs on every rank (or one), over torch.distributed.
+
+Two collectives move everything:
+
+1. a size exchange: ``all_gather_object`` of a small header per rank (output names, dtypes
+   and row shapes, settings, entry and token counts), so that every rank can check the others
+   and lay out their buffers, ranks that recorded nothing included;
+2. the data: each rank packs its raw entries (a key ``index * V + view`` per entry, then the
+   counts and per-token lengths it needs, then each output's rows) into one byte tensor on the
+   communication device, padded to the largest rank's size, and ``all_gather`` (or ``gather``
+   to ``dst``) moves them. No Python object holds the data itself.
+
+Receivers merge the ranks' entries in rank order under the Recorder's ``on_duplicate`` policy
+(so ``"first"`` keeps the lowest rank's value, ``"last"`` the highest's, ``"mean"`` weighs each
+rank's mean by its count), then combine views as ``result()`` does. With NCCL the buffers live
+on the GPU: a Recorder storing on a GPU never copies its outputs to the host.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import _entries
+from .record import Predictions, Recorder, _to_device
+
+__all__ = ["gather"]
+
+_ALIGN = 16  # section starts, so that every dtype can be viewed in place (complex128 included)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _comm_device(group, storage: torch.device) -> torch.device:
+    """Where the buffers live: the backend's device, preferring the storage's own."""
+    backend = str(dist.get_backend(group)).lower()
+    if storage.type == "cuda" and "nccl" in backend:
+        return storage
+    if any(name in backend for name in ("gloo", "mpi", "ucc")):
+        return torch.device("cpu")
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _header(rec: Recorder, block: Optional[_entries.Entries]) -> Dict[str, Any]:
+    header: Dict[str, Any] = {"on_duplicate": rec.on_duplicate, "views": rec.views, "num_items": rec.num_items,
+                              "outputs": None, "single": False, "entries": 0, "tokens": 0, "width": 1}
+    if block is not None:
+        header.update(outputs=_entries.outputs_meta(rec), single=rec._single, entries=len(block),
+                      tokens=0 if block.lengths is None else int(block.lengths.sum()), width=rec._count.shape[1])
+    return header
+
+
+def _sections(header: Dict[str, Any], outputs: List[Dict[str, Any]], mean: bool) -> List[Tuple[str, int, int]]:
+    """(name, byte offset, byte size) of each part of a rank's buffer, from its header alone."""
+    n, tokens = header["entries"], header["tokens"]
+    parts = [("key", 8 * n)]
+    if mean:
+        parts.append(("count", 8 * n))
+    if any(o["per_token"] for o in outputs):
+        parts.append(("length", 8 * n))
+    for o in outputs:
+        row = getattr(torch, o["dtype"]).itemsize * int(np.prod(o["shape"], dtype=np.int64))
+        parts.append((o["name"], row * (tokens if o["per_token"] else n)))
+    out, offset = [], 0
+    for name, size in parts:
+        out.append((name, offset, size))
+        offset += _aligned(size)
+    return out
+
+
+def _pack(block: _entries.Entries, width: int, sections, nbytes: int, device: torch.device) -> torch.Tensor:
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    key = block.index if width == 1 else block.index * width + (0 if block.view is None else block.view)
+    host = {"key": key,
+            "count": block.count, "length": block.lengths}
+    for name, offset, size in sections:
+        if not size:
+            continue
+        src = host[name] if name in host else block.columns[name]
+        if isinstance(src, np.ndarray):
+            src = _to_device(np.ascontiguousarray(src, dtype=np.int64), device)
+        buf[offset:offset + size].copy_(src.contiguous().reshape(-1).view(torch.uint8))
+    return buf
+
+
+def _unpack(buf: torch.Tensor, header: Dict[str, Any], outputs, sections, width: int, mean: bool) -> _entries.Entries:
+    n, tokens = header["entries"], header["tokens"]
+    parts = {name: buf[offset:offset + size] for name, offset, size in sections}
+    key = parts["key"].view(torch.int64).cpu().numpy()
+    index, view = (key, None) if width == 1 else (key // width, key % width)
+    count = parts["count"].view(torch.int64).cpu().numpy() if mean else None
+    lengths = parts["length"].view(torch.int64).cpu().numpy() if "length" in parts else None
+    columns = {}
+    for o in outputs:
+        dtype, shape = getattr(torch, o["dtype"]), tuple(o["shape"])
+        rows = tokens if o["per_token"] else n
+        raw = parts[o["name"]]
+        columns[o["name"]] = raw.view(dtype).view(rows, *shape) if raw.numel() else torch.empty((rows, *shape), dtype=dtype, device=buf.device)
+    return _entries.Entries(index, view, count, lengths, columns)
+
+
+def _check_headers(headers: List[Dict[str, Any]], owner: str) -> Tuple[Optional[List[Dict[str, Any]]], bool]:
+    """The ranks' common outputs and single flag; ValueError (on every rank alike) if the ranks disagree."""
+    for key in ("on_duplicate", "views", "num_items"):
+        values = [h[key] for h in headers]
+        if any(v != values[0] for v in values):
+            raise ValueError(f"{owner}: every rank's Recorder must have the same {key}; the ranks have {values}")
+    outputs, single, first = None, False, None
+    for r, h in enumerate(headers):
+        if h["outputs"] is None:
+            continue
+        if outputs is None:
+            outputs, single, first = h["outputs"], h["single"], r
+        elif h["outputs"] != outputs or h["single"] != single:
+            raise ValueError(f"{owner}: ranks {first} and {r} recorded different outputs: {outputs} and {h['outputs']}")
+    return outputs, single
+
+
+def gather(rec: Recorder, dst: Optional[int] = None, group=None) -> Optional[Predictions]:
+    """See :meth:`provcollate.Recorder.gather`."""
+    owner = "Recorder.gather"
+    if dst is not None:
+        if isinstance(dst, bool):
+            raise TypeError(f"{owner}: dst must be a global rank (int) or None, got bool {dst}")
+        try:
+            dst = operator.index(dst)
+        except TypeError:
+            raise TypeError(f"{owner}: dst must be a global rank (int) or None, got {type(dst).__name__}") from None
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError(f"{owner}: group= needs torch.distributed to be initialized, got group={group!r}")
+        if dst not in (None, 0):
+            raise ValueError(f"{owner}: without torch.distributed there is one process, rank 0; got dst={dst}")
+        return rec.result()
+    world = dist.get_world_size(group)
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
+    if dst is not None and dst not in ranks:
+        raise ValueError(f"{owner}: dst must be a global rank of the group {ranks}, got {dst}")
+
+    source = rec if rec._stream is None else rec._stream.collected(rec)
+    block = None if source._specs is None else _entries.extract(source)
+    headers: List[Optional[Dict[str, Any]]] = [None] * world
+    dist.all_gather_object(headers, _header(source, block), group=group)
+    outputs, single = _check_headers(headers, owner)
+    receiving = dst is None or dist.get_rank() == dst
+    if outputs is None:  # no rank recorded anything
+        return rec.result() if receiving else None
+
+    width = max(h["width"] for h in headers)
+    mean = rec.on_duplicate == "mean"
+    layout = [_sections(h, outputs, mean) for h in headers]
+    nbytes = max(_aligned(s[-1][1] + s[-1][2]) for s in layout)
+    device = _comm_device(group, rec.device)
+    mine = layout[dist.get_rank(group)]
+    buf = _pack(block, width, mine, nbytes, device) if block is not None else torch.empty(nbytes, dtype=torch.uint8, device=device)
+    del block  # the packed copy is all that is sent: free the extracted rows before receiving
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(world)] if receiving else None
+    if dst is None:
+        dist.all_gather(bufs, buf, group=group)
+    else:
+        dist.gather(buf, bufs, dst=dst, group=group)
+    del buf
+    if not receiving:
+        return None
+
+    merged = Recorder(num_items=rec.num_items, device=rec.device, on_duplicate=rec.on_duplicate, views=rec.views)
+    _entries.setup(merged, outputs, single, owner)
+    for r in range(world):
+        block = _unpack(bufs[r], headers[r], outputs, layout[r], width, mean)
+        _entries.absorb(merged, block, f"{owner}: rank {ranks[r]}")
+        bufs[r] = None  # each rank's buffer is freed once merged
+    _entries.check_view_lengths(merged, owner)
+    return merged.result()
