@@ -6,6 +6,7 @@ matter: build machines often have none.
 """
 import glob
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -31,6 +32,12 @@ def extensions():
     with_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fvisibility=hidden"]
+    link = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for runs serially in code built without OpenMP; with it, the extension
+        # shares torch's own libgomp, so torch.set_num_threads() governs it too.
+        cxx.append("-fopenmp")
+        link.append("-fopenmp")
     define_macros = []
     if os.environ.get("PROVCOLLATE_DEBUG") == "1":
         cxx = ["-O0", "-g"]
@@ -48,6 +55,7 @@ def extensions():
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=define_macros,
             extra_compile_args=extra,
+            extra_link_args=link,
         )
     ]
 

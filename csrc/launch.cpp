@@ -108,10 +108,9 @@ FillPattern::FillPattern(const c10::Scalar& value, c10::ScalarType dtype, int64_
   if (c10::isIntegralType(dtype, /*includeBool=*/true)) {
     // A silent wrap (-100 as uint8 is 156) would put a valid-looking token id in the padding.
     const c10::Scalar back = one.item();
-    const bool same = value.isBoolean()          ? back.equal(value.toBool())
-                      : value.isFloatingPoint() ? back.equal(value.toDouble())
-                      : value.isIntegral(false) ? back.equal(value.toLong())
-                                                : false;
+    const bool same = value.isFloatingPoint()
+                          ? static_cast<double>(back.toLong()) == value.toDouble()
+                          : !value.isComplex() && back.toLong() == value.toLong();
     TORCH_CHECK_VALUE(same, "pad: pad_value ", value, " cannot be represented in ", dtype,
                       " (it would become ", back, ")");
   }

@@ -169,6 +169,14 @@ def test_pad_value_kept_exactly_for_int64():
     assert out[0, 1].item() == big and out[1, 2].item() == big
 
 
+@pytest.mark.parametrize("fill", [0, 1, False, True, 0.0])
+def test_bool_pad_values(fill):
+    values = torch.tensor([True, False, True])
+    out = ops.pad(values, torch.tensor([0, 1, 3]), 3, fill)
+    assert out.tolist() == [[True, bool(fill), bool(fill)], [False, True, bool(fill)]]
+    assert torch.equal(ops.pad(values, torch.tensor([0, 3]), 3), values[None])  # default pad_value=0
+
+
 def test_torch_ops_namespace():
     values, offsets = torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 3])
     assert torch.equal(torch.ops.provcollate.pad(values, offsets, 2, 0, False), ops.pad(values, offsets, 2))
