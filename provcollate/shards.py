@@ -379,8 +379,6 @@ def read(path, on_duplicate: Optional[str] = None) -> Predictions:
     if on_duplicate is not None and on_duplicate not in ("error", "first", "last", "mean"):
         raise ValueError(f"{owner}: on_duplicate must be None (the shards' own) or one of 'error', 'first', 'last', 'mean', got {on_duplicate!r}")
     path = _directory(owner, path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{owner}: no such directory: {path!r}")
     found = _shards(path)
     if not found:
         raise ValueError(f"{owner}: {path!r} holds no shards (files part-r*-*.parquet written by Recorder.write)")
