@@ -253,16 +253,19 @@ struct Walk {
 };
 
 int64_t Walk::identity(const Node& n, PyObject* obj, int64_t b) {
-  const std::string what = "the " + std::string(n.kind == kIndex ? "index" : "view") + " of sample " +
-                           std::to_string(b) + (n.what.empty() ? "" : " (" + n.what + ")");
-  if (PyBool_Check(obj) || !(PyLong_Check(obj) || PyIndex_Check(obj))) {
-    type_error(what + " has type " + type_name(obj) + ", expected an int");
-  }
   int64_t v = 0;
+  if (PyLong_CheckExact(obj) && compact_int(obj, &v)) return v;
+  const auto what = [&] {
+    return "the " + std::string(n.kind == kIndex ? "index" : "view") + " of sample " + std::to_string(b) +
+           (n.what.empty() ? "" : " (" + n.what + ")");
+  };
+  if (PyBool_Check(obj) || !(PyLong_Check(obj) || PyIndex_Check(obj))) {
+    type_error(what() + " has type " + type_name(obj) + ", expected an int");
+  }
   try {
-    if (!int_value(obj, &v)) int_overflow(what + " is", obj);
+    if (!int_value(obj, &v)) int_overflow(what() + " is", obj);
   } catch (py::error_already_set&) {
-    type_error(what + " has type " + type_name(obj) + ", expected an int");
+    type_error(what() + " has type " + type_name(obj) + ", expected an int");
   }
   return v;
 }
@@ -631,15 +634,19 @@ struct ListWriter {
     const Py_ssize_t n = PyList_GET_SIZE(list);
     PyObject** el = PySequence_Fast_ITEMS(list);
     if (depth == trailing.size()) {
+      // The hot loop (token ids): locals only, so that they live in registers.
       const bool ints = kind != Num::Bool;
-      for (Py_ssize_t i = 0; i < n; ++i, ++dst) {
+      T* out = dst;
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject* o = el[i];
         int64_t v;
-        if (ints && PyLong_CheckExact(el[i]) && compact_int(el[i], &v)) {  // token ids: the hot loop
-          store(dst, v);
-        } else if (!number(el[i], dst, i)) {
+        if (ints && PyLong_CheckExact(o) && compact_int(o, &v)) {
+          store(out + i, v);
+        } else if (!number(o, out + i, i)) {
           return false;
         }
       }
+      dst = out + n;
       return true;
     }
     const int64_t want = trailing[depth];
