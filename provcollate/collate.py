@@ -13,7 +13,7 @@ import collections.abc
 import contextlib
 import operator
 import warnings
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -209,6 +209,7 @@ class _Plan:
         return names[c.primary] if c.primary is not None else -1
 
     def assemble(self, values: list):
+        """``batch.data``: the structure of sample 0's data with each field's collated value in place."""
         return _assemble(self.template, values)
 
 
