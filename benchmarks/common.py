@@ -7,6 +7,7 @@
     markdown_table(headers, rows)  -> str, a GitHub markdown table
     command_line()                 -> str, the exact command that ran this script
     write_markdown(path, title, sections, machine_info=None) -> writes the results page
+    status_kib(field), reset_peak_rss() -> this process's memory from /proc (VmRSS, VmHWM), Linux
 """
 from __future__ import annotations
 
@@ -128,3 +129,18 @@ def write_markdown(path: str, title: str, sections: Sequence[str], machine_info:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n\n".join(["\n".join(head), *sections]) + "\n")
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB: ``VmRSS`` (resident set now), ``VmHWM`` (its high-water mark)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's VmHWM to its current resident set, so that a later VmHWM is a peak since now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
