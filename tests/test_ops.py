@@ -292,6 +292,22 @@ def test_scatter_leaves_other_rows_untouched():
     assert torch.equal(dst[[2, 3, 5]], torch.full((3, 2), 9.0))
 
 
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("dtype,trailing,max_len", [(torch.float32, (1000,), 600), (torch.float16, (3,), 400_000), (torch.int8, (5,), 500_000)])
+def test_outputs_larger_than_the_cache(dtype, trailing, max_len, left):
+    """Outputs of 8 MiB and more take the non-temporal store path: odd row sizes, unaligned spans."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, max_len + 1, (6,), generator=gen).tolist()
+    lengths[0], lengths[1] = max_len, 1
+    values = random_tensor((sum(lengths), *trailing), dtype, gen)
+    offsets = offsets_of(lengths)
+    for fill in (0, 3):
+        padded = ops.pad(values, offsets, max_len, fill, left)
+        assert padded.numel() * padded.element_size() >= 8 << 20
+        assert torch.equal(padded, reference.pad(values, offsets, max_len, fill, left))
+        assert torch.equal(ops.unpad(padded, offsets, values.shape[0], left), values)
+
+
 def test_64bit_sizes():
     """Sizes past 2**31 elements: indices must not wrap (a 32-bit index would)."""
     n = 2**31 + 5

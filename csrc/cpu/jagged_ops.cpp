@@ -7,6 +7,10 @@
 
 #include <cstring>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "kernels/jagged.h"
 #include "launch.h"
 
@@ -33,6 +37,75 @@ void fill_rows(char* dst, int64_t bytes, const FillPattern& fill) {
     return;
   }
   dispatch_word(fill.unit, [&](auto word) { fill_words<decltype(word)>(dst, bytes, fill); });
+}
+
+// Outputs larger than the cache are written with non-temporal stores: these skip reading each
+// destination line before overwriting it (a third of a copy's memory traffic) and leave the
+// source in the cache. Small outputs keep ordinary stores: whoever reads them next hits the cache.
+constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
+constexpr int64_t kStreamSpanBytes = int64_t{16} << 10;
+
+bool use_streaming(int64_t output_bytes) {
+#if defined(__SSE2__)
+  return output_bytes >= kStreamOutputBytes;
+#else
+  return false;
+#endif
+}
+
+// Bytes from dst up to its next 64-byte line, at most n.
+int64_t to_line(const char* dst, int64_t n) {
+  return std::min<int64_t>(n, (64 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % 64)) % 64);
+}
+
+void copy_span(char* dst, const char* src, int64_t n, bool stream) {
+#if defined(__SSE2__)
+  if (stream && n >= kStreamSpanBytes) {
+    const int64_t head = to_line(dst, n);
+    std::memcpy(dst, src, head);
+    dst += head, src += head, n -= head;
+    for (; n >= 64; n -= 64, dst += 64, src += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), d);
+    }
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
+// The pattern repeats every fill.unit bytes from any address aligned to it (copy_unit checked
+// the output's alignment), so 16 bytes of it fit every 16-aligned address.
+void fill_span(char* dst, int64_t n, const FillPattern& fill, bool stream) {
+#if defined(__SSE2__)
+  if (stream && n >= kStreamSpanBytes) {
+    const int64_t head = to_line(dst, n);
+    fill_rows(dst, head, fill);
+    dst += head, n -= head;
+    alignas(16) uint8_t line[16];
+    for (int64_t i = 0; i < 16; i += fill.unit) std::memcpy(line + i, fill.bytes.data(), fill.unit);
+    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(line));
+    for (; n >= 64; n -= 64, dst += 64) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst), v);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), v);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), v);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), v);
+    }
+  }
+#endif
+  fill_rows(dst, n, fill);
+}
+
+// Non-temporal stores are weakly ordered: make a task's writes visible before it returns.
+void end_stream(bool stream) {
+#if defined(__SSE2__)
+  if (stream) _mm_sfence();
+#endif
 }
 
 // Runs body(i) for every element i < n with the index type a CUDA launch would use.
@@ -71,14 +144,16 @@ at::Tensor pad_cpu(const at::Tensor& values, const at::Tensor& offsets, int64_t 
     return out;
   }
   const int64_t item_bytes = max_len * row;
+  const bool stream = use_streaming(a.batch * item_bytes);
   at::parallel_for(0, a.batch, grain(item_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const kernels::Span s = kernels::item_span(off, b, a.total, max_len, left);
       char* item = dst + b * item_bytes;
-      fill_rows(item, s.padded * row, fill);
-      std::memcpy(item + s.padded * row, src + s.jagged * row, s.len * row);
-      fill_rows(item + (s.padded + s.len) * row, (max_len - s.padded - s.len) * row, fill);
+      fill_span(item, s.padded * row, fill, stream);
+      copy_span(item + s.padded * row, src + s.jagged * row, s.len * row, stream);
+      fill_span(item + (s.padded + s.len) * row, (max_len - s.padded - s.len) * row, fill, stream);
     }
+    end_stream(stream);
   });
   return out;
 }
@@ -108,11 +183,13 @@ at::Tensor unpad_cpu(const at::Tensor& padded, const at::Tensor& offsets, int64_
   }
   const int64_t item_bytes = a.max_len * row;
   const int64_t mean_bytes = a.batch > 0 ? total * row / a.batch : 0;
+  const bool stream = use_streaming(total * row);
   at::parallel_for(0, a.batch, grain(mean_bytes), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const kernels::Span s = kernels::item_span(off, b, total, a.max_len, left);
-      std::memcpy(dst + s.jagged * row, src + b * item_bytes + s.padded * row, s.len * row);
+      copy_span(dst + s.jagged * row, src + b * item_bytes + s.padded * row, s.len * row, stream);
     }
+    end_stream(stream);
   });
   return out;
 }
