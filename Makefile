@@ -25,7 +25,8 @@ test: build
 	$(PY) -m pytest -q tests
 
 demo: build
-	$(PY) examples/seed_scenarios.py
+	$(PY) examples/seed_scenarios.py --items 5000
+	$(PY) examples/demo.py
 
 bench: build
 	$(PY) benchmarks/run_all.py
