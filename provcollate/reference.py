@@ -45,6 +45,7 @@ def _check_size(op: str, name: str, value: int) -> None:
 
 
 def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, left: bool = False) -> torch.Tensor:
+    """Reference of :func:`provcollate.ops.pad`: a boolean-mask assignment into a ``new_full``."""
     _check_size("pad", "max_len", max_len)
     if values.dim() < 1:
         raise ValueError("pad: values must have a leading length dimension [total, ...], got a 0-d tensor")
@@ -58,6 +59,7 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, 
 
 
 def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: int, left: bool = False) -> torch.Tensor:
+    """Reference of :func:`provcollate.ops.unpad`: boolean-mask indexing of the real positions."""
     _check_size("unpad", "total", total)
     if padded.dim() < 2:
         raise ValueError(f"unpad: padded must be [B, max_len, ...], got shape {tuple(padded.shape)}")
@@ -68,6 +70,7 @@ def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: int, left: bool = 
 
 
 def unpad_scatter_(dst: torch.Tensor, padded: torch.Tensor, lengths: torch.Tensor, dst_offsets: torch.Tensor, left: bool = False) -> torch.Tensor:
+    """Reference of :func:`provcollate.ops.unpad_scatter_`: index assignment of the masked rows."""
     op = "unpad_scatter_"
     if padded.dim() < 2:
         raise ValueError(f"{op}: padded must be [B, max_len, ...], got shape {tuple(padded.shape)}")
