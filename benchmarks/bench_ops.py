@@ -83,7 +83,7 @@ class Case:
         return f"({self.batch}, {self.max_len}, {self.dim})"
 
 
-def make_case(batch: int, max_len: int, dim: int, dtype: torch.dtype, gen: torch.Generator) -> Case:
+def make_case(batch: int, max_len: int, dim: int, dtype: torch.dtype, gen: torch.Generator, device: str = "cpu") -> Case:
     lengths = torch.randint(1, max_len + 1, (batch,), generator=gen)
     lengths[torch.randint(batch, (1,), generator=gen)] = max_len
     offsets = torch.zeros(batch + 1, dtype=torch.long)
@@ -95,6 +95,7 @@ def make_case(batch: int, max_len: int, dim: int, dtype: torch.dtype, gen: torch
         values = torch.randint(0, 2, (total, dim), generator=gen).bool()
     else:
         values = torch.randint(-100, 100, (total, dim), generator=gen).to(dtype)
+    lengths, offsets, values = lengths.to(device), offsets.to(device), values.to(device)
     padded = pc.ops.pad(values, offsets, max_len)
     mask = pc.reference.valid_mask(lengths, max_len)
     return Case(batch, max_len, dim, lengths, offsets, total, values, padded, mask)
@@ -341,7 +342,7 @@ def run_shapes(args, shapes) -> List[str]:
     gen = torch.Generator().manual_seed(args.seed)
     sections, verdicts = [], []
     for shape in shapes:
-        c = make_case(*shape, args.dtype, gen)
+        c = make_case(*shape, args.dtype, gen, args.device)
         for op in OPS:
             fns, skipped = prepare(op, c)
             secs = measure(fns, args.rounds, args.min_run_time)
@@ -366,7 +367,7 @@ def run_sweeps(args, sweeps) -> dict:
         series = {"vary": vary, "fixed": dict(zip(("batch", "max_len", "dim"), fixed)), "x": xs, "ops": {}}
         for x in xs:
             shape = tuple(x if f is None else f for f in fixed)
-            c = make_case(*shape, args.dtype, gen)
+            c = make_case(*shape, args.dtype, gen, args.device)
             for op in OPS[:2]:
                 fns, _ = prepare(op, c)
                 secs = measure(fns, 1, args.min_run_time)
@@ -421,6 +422,7 @@ def parse_args(argv=None):
     p.add_argument("--alloc", choices=sorted(ALLOCATORS), default="reuse",
                    help="glibc malloc policy for outputs (default reuse; results of others get a suffix)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: the same table on a GPU (peers without CUDA kernels are skipped)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that takes seconds")
     p.add_argument("--sweep", action="store_true", help="throughput vs batch size and vs length, saved as JSON")
     p.add_argument("--plot", action="store_true", help="only draw the charts of the sweep JSON under --out (needs matplotlib)")
@@ -433,6 +435,10 @@ def parse_args(argv=None):
     args.dtype = dtype
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.device not in ("cpu", "cuda"):
+        p.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_ops --device cuda: skipped, this machine has no CUDA device")
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.min_run_time = args.min_run_time or (0.01 if args.quick else 0.3)
     return args
@@ -441,7 +447,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     set_allocator(args.alloc)
-    suffix = "" if args.alloc == "reuse" else f"_{args.alloc}"
+    suffix = ("" if args.alloc == "reuse" else f"_{args.alloc}") + ("" if args.device == "cpu" else f"_{args.device}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     m = machine()

@@ -1,0 +1,17 @@
+"""Every benchmark script runs end to end on small sizes (numbers are measured, never asserted)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+SCRIPTS = sorted(f for f in os.listdir(BENCH) if f.startswith("bench_") and f.endswith(".py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_quick_run(script):
+    out = subprocess.run([sys.executable, os.path.join(BENCH, script), "--quick"], cwd=BENCH,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert out.stdout.strip(), "a benchmark must print its table"
