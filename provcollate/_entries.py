@@ -135,16 +135,22 @@ def absorb(rec: Recorder, block: Entries, source: str) -> None:
     if policy == "mean":
         _absorb_mean(rec, block, slots, prev, source)
         return
-    first, last = _first_last(slots)
+    # Blocks from a Recorder or a shard come in slot order, each slot once: no sort needed.
+    repeats = n > 1 and not (slots[1:] > slots[:-1]).all()
+    first, last = _first_last(slots) if repeats else (None, None)
     if policy == "error":
-        again = (prev > 0) | ~first
+        again = prev > 0
+        if repeats:
+            again |= ~first
         if again.any():
             b = int(np.flatnonzero(again)[0])
             raise ValueError(f"{source}: {_describe(int(block.index[b]), block.view, b)} is recorded more than once "
                              f"(on_duplicate='error'); pass on_duplicate='first', 'last' or 'mean' to keep one")
         keep = None
     elif policy == "first":
-        keep = (prev == 0) & first
+        keep = prev == 0
+        if repeats:
+            keep &= first
     else:
         keep = last
     if keep is not None and keep.all():

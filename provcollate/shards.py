@@ -39,8 +39,9 @@ __all__ = ["write", "read", "resume", "done", "result"]
 _META_KEY = b"provcollate.shard"
 _FORMAT = 1
 _NAME = re.compile(r"^part-r(\d{5,})-(\d{6,})\.parquet$")
-_GROUP_BYTES = 64 << 20  # bytes of one row group: what reading holds besides the result
+_GROUP_BYTES = 16 << 20  # bytes of one row group: what reading holds besides the result
 _SETTINGS = ("on_duplicate", "views", "num_items")
+_INTS = ("index", "view", "count", "length")  # bookkeeping columns: sorted or small, delta-packed to a few bits
 
 
 def _rank_world() -> Tuple[int, int]:
@@ -132,7 +133,7 @@ def _write_shard(file: str, block: _entries.Entries, meta: Dict[str, Any]) -> No
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp, row_group_size=rows_per_group, compression="none", use_dictionary=False,
-                       write_statistics=["index"])
+                       write_statistics=["index"], column_encoding={c: "DELTA_BINARY_PACKED" for c in _INTS if c in arrays})
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data is on disk before the name says the shard is complete
@@ -143,6 +144,8 @@ def _write_shard(file: str, block: _entries.Entries, meta: Dict[str, Any]) -> No
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    finally:
+        pa.default_memory_pool().release_unused()  # Arrow's allocator would keep the encoding buffers
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)  # and the rename itself survives a crash
@@ -375,6 +378,8 @@ def result(rec: Recorder) -> Predictions:
 
 def read(path, on_duplicate: Optional[str] = None) -> Predictions:
     """See :meth:`provcollate.Predictions.read` (a directory of shards)."""
+    import pyarrow as pa
+
     owner = "Predictions.read"
     if on_duplicate is not None and on_duplicate not in ("error", "first", "last", "mean"):
         raise ValueError(f"{owner}: on_duplicate must be None (the shards' own) or one of 'error', 'first', 'last', 'mean', got {on_duplicate!r}")
@@ -396,6 +401,7 @@ def read(path, on_duplicate: Optional[str] = None) -> Predictions:
     for file, meta in zip(files, metas):
         for block in _blocks(file, meta, owner):
             _entries.absorb(rec, block, f"{owner}: {file}")
+    pa.default_memory_pool().release_unused()  # the row groups' buffers
     _entries.check_view_lengths(rec, owner)
     return rec.result()
 
