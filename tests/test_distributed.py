@@ -280,14 +280,41 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_gather_equals_single_process_in_worlds_of_1_to_4(tmp_path):
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn")
+def _spawn(worker, world, *args):
+    """Run ``worker(rank, world, port, *args)`` on ``world`` processes; a hang fails after WORLD_TIMEOUT."""
+    ctx = mp.start_processes(worker, args=(world, _free_port(), *args), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + WORLD_TIMEOUT
     while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail(f"the world of {WORLD} ranks did not finish within {WORLD_TIMEOUT} s")
+            pytest.fail(f"{worker.__name__}: a world of {world} ranks did not finish within {WORLD_TIMEOUT} s")
+
+
+def test_gather_equals_single_process_in_worlds_of_1_to_4(tmp_path):
+    _spawn(_worker, WORLD, str(tmp_path))
+
+
+def _nccl_worker(rank, world, port):
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=COLLECTIVE_TIMEOUT)
+    try:
+        seqs = Seqs()
+        ds = pc.Indexed(seqs)
+        per_rank = every_rank(world, lambda r: loader(ds, DistributedSampler(ds, num_replicas=world, rank=r, shuffle=True)))
+        per_rank = [[batch.to("cuda") for batch in batches] for batches in per_rank]
+        got = check(rank, world, None, per_rank, seq_model, {"num_items": N, "on_duplicate": "first", "device": "cuda"},
+                    {"per_token": {"tok"}}).gather()
+        assert got.tensor("label").is_cuda and got.jagged("tok")[0].is_cuda  # kept on the GPU throughout
+        check(rank, world, None, per_rank, seq_model, {"num_items": N, "on_duplicate": "mean"}, {"per_token": {"tok"}})
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+def test_nccl_gather_of_gpu_storage():
+    _spawn(_nccl_worker, min(2, torch.cuda.device_count()))
 
 
 # --------------------------------------------------------------------------------------------
