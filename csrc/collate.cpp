@@ -410,26 +410,12 @@ FillPattern pad_pattern(const Leaf& leaf, at::ScalarType dtype, int64_t unit) {
   return FillPattern(cast, dtype, unit);
 }
 
-void fill_bytes(char* dst, int64_t bytes, const FillPattern& fill) {
-  if (bytes <= 0) return;
-  if (fill.zero) {
-    std::memset(dst, 0, bytes);
-    return;
-  }
-  dispatch_word(fill.unit, [&](auto zero) {
-    using word_t = decltype(zero);
-    word_t word;
-    std::memcpy(&word, fill.bytes.data(), sizeof(word_t));
-    std::fill_n(reinterpret_cast<word_t*>(dst), bytes / static_cast<int64_t>(sizeof(word_t)), word);
-  });
-}
-
 // The padding rows of item b around its real rows.
 void fill_item_padding(char* base, int64_t row, const Layout& l, int64_t b, const FillPattern& fill) {
   char* item = base + b * l.max_len * row;
   const int64_t before = l.start(b);
-  fill_bytes(item, before * row, fill);
-  fill_bytes(item + (before + l.lengths[b]) * row, (l.max_len - before - l.lengths[b]) * row, fill);
+  fill.fill(item, before * row);
+  fill.fill(item + (before + l.lengths[b]) * row, (l.max_len - before - l.lengths[b]) * row);
 }
 
 struct LeafOut {

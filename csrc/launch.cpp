@@ -121,6 +121,20 @@ FillPattern::FillPattern(const c10::Scalar& value, c10::ScalarType dtype, int64_
   for (int64_t i = 0; i < unit; ++i) zero = zero && bytes[i] == 0;
 }
 
+void FillPattern::fill(char* dst, int64_t n) const {
+  if (n <= 0) return;
+  if (zero) {
+    std::memset(dst, 0, n);
+    return;
+  }
+  dispatch_word(unit, [&](auto zero_word) {
+    using word_t = decltype(zero_word);
+    word_t word;
+    std::memcpy(&word, bytes.data(), sizeof(word_t));
+    std::fill_n(reinterpret_cast<word_t*>(dst), n / static_cast<int64_t>(sizeof(word_t)), word);
+  });
+}
+
 PadArgs pad_args(const at::Tensor& values, const at::Tensor& offsets, int64_t max_len) {
   check_size_arg("pad", "max_len", max_len);
   TORCH_CHECK_VALUE(values.dim() >= 1, "pad: values must have a leading length dimension "

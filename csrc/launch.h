@@ -101,6 +101,8 @@ struct FillPattern {
   int64_t unit = 1;
   bool zero = true;
   FillPattern(const c10::Scalar& value, c10::ScalarType dtype, int64_t unit);
+  // Writes the pattern over `bytes` bytes (a whole number of units) at dst, aligned to `unit`.
+  void fill(char* dst, int64_t bytes) const;
 };
 
 }  // namespace provcollate

@@ -23,22 +23,6 @@ int64_t grain(int64_t bytes_per_item) {
   return std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, bytes_per_item));
 }
 
-template <typename word_t>
-void fill_words(char* dst, int64_t bytes, const FillPattern& fill) {
-  word_t word;
-  std::memcpy(&word, fill.bytes.data(), sizeof(word_t));
-  std::fill_n(reinterpret_cast<word_t*>(dst), bytes / static_cast<int64_t>(sizeof(word_t)), word);
-}
-
-void fill_rows(char* dst, int64_t bytes, const FillPattern& fill) {
-  if (bytes <= 0) return;
-  if (fill.zero) {
-    std::memset(dst, 0, bytes);
-    return;
-  }
-  dispatch_word(fill.unit, [&](auto word) { fill_words<decltype(word)>(dst, bytes, fill); });
-}
-
 // Outputs larger than the cache are written with non-temporal stores: these skip reading each
 // destination line before overwriting it (a third of a copy's memory traffic) and leave the
 // source in the cache. Small outputs keep ordinary stores: whoever reads them next hits the cache.
@@ -85,7 +69,7 @@ void fill_span(char* dst, int64_t n, const FillPattern& fill, bool stream) {
 #if defined(__SSE2__)
   if (stream && n >= kStreamSpanBytes) {
     const int64_t head = to_line(dst, n);
-    fill_rows(dst, head, fill);
+    fill.fill(dst, head);
     dst += head, n -= head;
     alignas(16) uint8_t line[16];
     for (int64_t i = 0; i < 16; i += fill.unit) std::memcpy(line + i, fill.bytes.data(), fill.unit);
@@ -98,7 +82,7 @@ void fill_span(char* dst, int64_t n, const FillPattern& fill, bool stream) {
     }
   }
 #endif
-  fill_rows(dst, n, fill);
+  fill.fill(dst, n);
 }
 
 // Non-temporal stores are weakly ordered: make a task's writes visible before it returns.
