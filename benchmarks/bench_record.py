@@ -17,10 +17,12 @@ Methods, each producing every item's prediction in dataset order:
 - transformers ``nested_concat``: the Trainer's accumulation (concatenate every batch onto all
   before it, padding with -100), then ``argsort``. Quadratic: it runs until --peer-budget seconds
   are spent, and the full time is extrapolated from the part done (marked "extrapolated");
-- memcpy: ``clone()`` of a tensor with the result's bytes (allocation included), the bound;
+- memcpy: ``clone()`` of a tensor with the result's bytes (allocation included), the bound of a
+  copy whose fresh pages fault in one at a time (the Recorder populates a batch's pages at once);
 - floor: one bare ``pc.ops.unpad_scatter_`` per batch into storage sized up front (per token: at
-  each item's final offset, all lengths known in advance), without any check or bookkeeping: what
-  the Recorder's own Python work (validation, duplicates, growth) adds shows against this row.
+  each item's final offset, all lengths known in advance), without any check or bookkeeping: the
+  cost of one op call per batch from Python. The Recorder makes one compiled call per batch that
+  checks, keeps the books and copies (csrc/record.cpp), so it can run below this row.
 
 Every method's result is checked against the expected predictions before anything is reported.
 Time: wall clock of the whole accumulation, best of --rounds, rounds interleaved across methods

@@ -3,9 +3,13 @@
 #include <torch/library.h>
 
 #include "collate.h"
+#include "record.h"
 
 // `import provcollate._C` loads this library, which runs the registrations below.
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { provcollate::bind_collate(m); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  provcollate::bind_collate(m);
+  provcollate::bind_record(m);
+}
 
 TORCH_LIBRARY(provcollate, m) {
   // Every output size is a host integer, so no op ever waits on the device to learn it.

@@ -16,6 +16,11 @@ How the Recorder stores what it is given:
   arrival order (:func:`provcollate.ops.unpad_scatter_` with the batch's lengths). A full chunk
   is never copied: the next one is a quarter of all rows so far, so unused space stays under a
   quarter of the result plus one batch, and host pages never written cost no memory.
+- The common batch (CPU outputs shaped as in the first ``add``, host storage, one view, no
+  repeats, no reduction, storage already big enough) is checked, its slots claimed and its rows
+  written to the same places in one compiled pass, with the GIL released (csrc/record.cpp);
+  chunk pages are populated a batch at a time rather than faulted in one by one. Any other
+  batch, and every error, takes the Python path.
 - Outputs on a GPU with storage on the host (the default) are reduced and unpadded on the GPU,
   copied to pinned host buffers without blocking, and written when the copy has landed, which
   a later ``add`` checks without waiting (``result`` waits). ``device=`` keeps storage on a
@@ -35,6 +40,11 @@ import numpy as np
 import torch
 
 from . import ops
+
+try:
+    from ._C import record_rows as _record_rows
+except ImportError:  # no compiled extension (ops.py warns): add() takes the general path only
+    _record_rows = None
 
 __all__ = ["Recorder", "Predictions"]
 
@@ -187,14 +197,18 @@ class _Chunks:
         self.used = 0  # rows used in the last chunk
         self.rows = 0  # rows handed out in all chunks
 
-    def reserve(self, n: int) -> Tuple[torch.Tensor, int, int]:
-        """Room for ``n`` consecutive rows: (chunk, first local row, global row of the chunk's row 0)."""
+    def room(self, n: int) -> None:
+        """Make the last chunk one with room for ``n`` more rows (a new chunk if it has not)."""
         if not self.chunks or self.used + n > self.chunks[-1].shape[0]:
             row_bytes = max(1, self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64)))
             size = max(n, self.rows // 4, _MIN_CHUNK_BYTES // row_bytes)
             self.bases.append(self.bases[-1] + self.chunks[-1].shape[0] if self.chunks else 0)
             self.chunks.append(torch.empty((size, *self.shape), dtype=self.dtype, device=self.device))
             self.used = 0
+
+    def reserve(self, n: int) -> Tuple[torch.Tensor, int, int]:
+        """Room for ``n`` consecutive rows: (chunk, first local row, global row of the chunk's row 0)."""
+        self.room(n)
         start = self.used
         self.used += n
         self.rows += n
@@ -318,6 +332,10 @@ class Recorder:
         self._shared = False  # the dense tensors are also held by a returned Predictions
         self._ones_cache: Dict[int, torch.Tensor] = {}
         self._on_host = self.device.type == "cpu"
+        # add() writes in one compiled pass what needs neither a reduction nor a GPU copy.
+        self._fast = _record_rows is not None and self._reduce is None and self._on_host
+        self._plan_of: Optional[Dict[str, _Spec]] = None  # the specs _plan_cache was made from
+        self._plan_cache = None
         self._stream = None  # the shard directory of write() / resume=, see shards.py
         if resume is not None:
             from . import shards
@@ -355,6 +373,9 @@ class Recorder:
         """
         if self._pending:
             self._drain(wait=False)
+        if self._fast and self._specs is not None and not (self._pending or self._shared):
+            if self._add_fast(batch, outputs, per_token, lengths, view, padding_side):
+                return
         index_t, index, views, lens, left = self._entries(batch, lengths, view, padding_side)
         named, specs, single = self._named_outputs(outputs, per_token, len(index), lens)
         keep, prev, merge, top, vmax = self._claim(index, views, lens, named)
@@ -366,6 +387,86 @@ class Recorder:
             self._commit(index_t, index, views, lens, left, named, keep, prev, merge, top, vmax)
         if self._stream is not None:
             self._stream.added(self, len(index))
+
+    def _add_fast(self, batch, outputs, per_token, lengths, view, padding_side) -> bool:
+        """Record a batch in one compiled pass (csrc/record.cpp) if it needs nothing more: CPU
+        tensors shaped as in the first add, one view, no repeats, storage already big enough.
+
+        Returns False, having changed nothing, for anything else: the general path then does
+        the work or raises the error.
+        """
+        if type(batch) is torch.Tensor:
+            if view is not None or not (lengths is None or type(lengths) is torch.Tensor):
+                return False
+            if padding_side is None or padding_side == "right":
+                left = False
+            elif padding_side == "left":
+                left = True
+            else:
+                return False
+            index, views, lens = batch, None, lengths
+        elif lengths is None and view is None and padding_side is None and hasattr(batch, "host_index"):
+            index, lens, left = batch.host_index, batch.host_lengths, batch.padding_side == "left"
+            views = getattr(batch, "host_view", None)
+            if views is None:
+                views = batch.view
+            if not (type(index) is torch.Tensor and type(views) is torch.Tensor and (lens is None or type(lens) is torch.Tensor)):
+                return False
+        else:
+            return False
+        names, token, token_names = self._plan()
+        if isinstance(outputs, torch.Tensor):
+            if names != (SINGLE,) or per_token is not token[0]:
+                return False
+            sources = [outputs]
+        elif type(outputs) is dict and len(outputs) == len(names):
+            if per_token is True or per_token is False:
+                if token_names != (frozenset(names) if per_token else frozenset()):
+                    return False
+            elif not (type(per_token) in (set, frozenset) and per_token == token_names):
+                return False
+            try:
+                sources = [outputs[name] for name in names]
+            except KeyError:
+                return False
+        else:
+            return False
+        rows = _record_rows(index, views, lens, left, self._count, self._token_len, sources, self._targets(names, token))
+        if rows < -1:  # a per-token output's last chunk is full: a new one, then the same pass again
+            for name in token_names:
+                self._chunks[name].room(-2 - rows)
+            rows = _record_rows(index, views, lens, left, self._count, self._token_len, sources, self._targets(names, token))
+        if rows < 0:
+            return False
+        for name in token_names:
+            self._chunks[name].reserve(rows)  # the rows the pass just wrote: bookkeeping only
+        if self._stream is not None:
+            self._stream.added(self, len(index))
+        return True
+
+    def _plan(self) -> Tuple[Tuple[str, ...], Tuple[bool, ...], frozenset]:
+        """(output names, whether each is per token, the per-token names), as the first add fixed them."""
+        if self._plan_of is not self._specs:
+            names = tuple(self._specs)
+            token = tuple(spec.per_token for spec in self._specs.values())
+            self._plan_cache = (names, token, frozenset(n for n, tok in zip(names, token) if tok))
+            self._plan_of = self._specs
+        return self._plan_cache
+
+    def _targets(self, names, token) -> list:
+        """Where record_rows writes each output: the dense storage, or (last chunk or None, its
+        first free row, its global first row, starts) for a per-token output."""
+        targets = []
+        for name, tok in zip(names, token):
+            if not tok:
+                targets.append(self._dense[name])
+                continue
+            store = self._chunks[name]
+            if store.chunks:
+                targets.append((store.chunks[-1], store.used, store.bases[-1], self._starts[name]))
+            else:
+                targets.append((None, 0, 0, self._starts[name]))
+        return targets
 
     def _entries(self, batch, lengths, view, padding_side):
         """(index tensor or None, index, views or None, lengths or None, left): host int64 arrays, checked."""

@@ -561,6 +561,111 @@ def test_views_grow_after_the_first_batches():
 
 
 # --------------------------------------------------------------------------------------------
+# the compiled pass (csrc/record.cpp): taken for common batches, identical to the general path
+# --------------------------------------------------------------------------------------------
+
+needs_compiled = pytest.mark.skipif(record._record_rows is None, reason="needs the compiled extension")
+
+
+@needs_compiled
+def test_common_batches_take_the_compiled_pass(monkeypatch):
+    monkeypatch.setattr(record, "_MIN_CHUNK_BYTES", 64)  # a new chunk every few batches
+    gen = torch.Generator().manual_seed(10)
+    lengths = torch.randint(0, 9, (60,), generator=gen)
+    rows = [torch.randn(int(n), 2, generator=gen) for n in lengths]
+    label = torch.randn(60, 3, generator=gen)
+    rec = pc.Recorder(num_items=60)
+    order = torch.randperm(60, generator=gen)
+    first = order[:4]
+    rec.add(first, {"tok": pad_rows([rows[i] for i in first]), "label": label[first]}, per_token={"tok"}, lengths=lengths[first])
+    monkeypatch.setattr(record.Recorder, "_entries", lambda *args: pytest.fail("the general path was taken"))
+    for k, chunk in enumerate(order[4:].split(7)):
+        left = k % 2 == 1
+        out = {"tok": pad_rows([rows[i] for i in chunk], left=left, pad=5, extra=k % 3), "label": label[chunk]}
+        if k % 3 == 0:
+            rec.add(chunk, out, per_token={"tok"}, lengths=lengths[chunk], padding_side="left" if left else None)
+        else:
+            rec.add(host_batch(chunk, lengths[chunk], padding_side="left" if left else "right"), out, per_token={"tok"})
+    assert len(rec._chunks["tok"].chunks) > 3
+    preds = rec.result()
+    for i in range(60):
+        assert torch.equal(preds[i]["tok"], rows[i]) and torch.equal(preds[i]["label"], label[i])
+
+
+@needs_compiled
+@pytest.mark.parametrize("bad, message", [
+    ([7, 3, 2, 3], "item 3 appears more than once in this batch"),
+    ([7, 8, 1], r"item 1 is already recorded \(batch position 2\)"),
+    ([7, 8, 10], r"index\[2\] = 10 is outside range\(num_items\) = range\(10\)"),
+    ([7, 8, -1], r"index\[2\] = -1 is outside range"),
+])
+def test_a_batch_failing_late_in_the_compiled_pass_changes_nothing(bad, message):
+    rec = pc.Recorder(num_items=10)
+    rec.add(torch.tensor([1, 0]), torch.zeros(2, 3), per_token=True, lengths=torch.tensor([1, 3]))
+    before = snapshot(rec)
+    with pytest.raises(ValueError, match=message):
+        rec.add(torch.tensor(bad), torch.ones(len(bad), 3), per_token=True, lengths=torch.ones(len(bad), dtype=torch.long))
+    assert_same_state(before, snapshot(rec))
+    with pytest.raises(ValueError, match=r"has 3 positions, shorter than the batch's longest item \(4\)"):
+        rec.add(torch.tensor([7, 8]), torch.ones(2, 3), per_token=True, lengths=torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match=r"lengths must be >= 0, got lengths\[1\] = -1"):
+        rec.add(torch.tensor([7, 8]), torch.ones(2, 3), per_token=True, lengths=torch.tensor([1, -1]))
+    assert_same_state(before, snapshot(rec))
+    assert int(rec._count.sum()) == 2
+    rec.add(torch.tensor([7, 8]), torch.ones(2, 3), per_token=True, lengths=torch.tensor([3, 2]))
+    assert rec.result()[8].tolist() == [1.0, 1.0]
+
+
+@needs_compiled
+def test_compiled_pass_reads_non_contiguous_inputs():
+    index = torch.arange(16)
+    x = torch.arange(48.0).view(3, 16).t()  # [16, 3], column-major
+    tokens = torch.arange(16 * 5).view(5, 16).t()  # [16, 5]
+    lengths = torch.arange(16) % 6
+    rec = pc.Recorder(num_items=16)
+    for part in (slice(0, None, 2), slice(1, None, 2)):
+        rec.add(index[part], {"x": x[part], "t": tokens[part]}, per_token={"t"}, lengths=lengths[part])
+    preds = rec.result()
+    assert torch.equal(preds.tensor("x"), x)
+    assert all(torch.equal(preds[i]["t"], tokens[i, :lengths[i]]) for i in range(16))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_compiled_pass_matches_the_general_path(data):
+    policy = data.draw(st.sampled_from(["error", "first", "last", "mean"]), label="policy")
+    known = data.draw(st.booleans(), label="known")
+    per_token = data.draw(st.sampled_from([False, True, {"tok"}]), label="per_token")
+    plain = data.draw(st.booleans(), label="plain")
+    n = 12
+    batches = data.draw(st.lists(st.lists(st.integers(0, n - 1), max_size=6), max_size=7), label="batches")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    fast, slow = pc.Recorder(num_items=n if known else None, on_duplicate=policy), pc.Recorder(num_items=n if known else None, on_duplicate=policy)
+    slow._fast = False
+    lengths_of = torch.randint(0, 5, (n,), generator=gen)  # one length per item: "mean" averages repeats
+    for k, items in enumerate(batches):
+        index = torch.tensor(items, dtype=torch.long)
+        lengths = lengths_of[index]
+        left = k % 2 == 1
+        width = int(lengths.max()) + k % 2 if len(items) else 0
+        tok = torch.randn(len(items), width, 2, generator=gen, dtype=torch.float64)
+        label = torch.randn(len(items), 3, generator=gen, dtype=torch.float64)
+        outputs = label if per_token is False else {"tok": tok} if per_token is True else {"tok": tok, "label": label}
+        side = "left" if left else "right"
+        batch, kwargs = (index, {"lengths": lengths, "padding_side": side}) if plain else (host_batch(index, lengths, padding_side=side), {})
+        errors = []
+        for rec in (fast, slow):
+            try:
+                rec.add(batch, outputs, per_token=per_token, **kwargs)
+                errors.append(None)
+            except (TypeError, ValueError) as exc:
+                errors.append((type(exc), str(exc)))
+        assert errors[0] == errors[1]
+    assert np.array_equal(fast._count, slow._count) and np.array_equal(fast._token_len, slow._token_len)
+    assert_preds_equal(fast.result(), slow.result())
+
+
+# --------------------------------------------------------------------------------------------
 # the GPU staging pipeline, run on the CPU with an event that fires when the test says so
 # --------------------------------------------------------------------------------------------
 

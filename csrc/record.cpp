@@ -1,0 +1,267 @@
+// Recorder.add in one compiled pass: the batch is checked against the Recorder's host
+// bookkeeping, its slots are claimed and its rows copied into host storage, with the GIL
+// released. It takes only the batches that need none of the general path's work in
+// provcollate/record.py (growth, repeats, views, reductions, outputs or storage on a GPU) and
+// hands every other one back untouched, for that path to do the work or raise the error: the
+// messages live in one place.
+//
+// Arguments (built by Recorder._add_fast):
+//   index [B] int64, views [B] int64 or None (all zero here), lengths [B] int64 or None
+//   count [cap, 1] uint8/int32 numpy: times each slot was recorded; token_len [cap, 1] int64
+//   sources: one tensor per output, [B, ...] per example or [B, T, ...] per token
+//   targets: per example the dense storage [cap, ...]; per token a tuple (last chunk [rows, ...]
+//            or None, its first free row, its global first row, starts [cap, 1] int64 numpy)
+// Returns the rows each per-token output took (0 without any), -1 to hand the batch back, or
+// -2 - rows when a per-token output's last chunk has no room for its rows: nothing changed.
+#include "record.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <pybind11/numpy.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels refuse it, which is harmless
+#endif
+#endif
+
+#include "kernels/jagged.h"
+
+namespace py = pybind11;
+
+namespace provcollate {
+namespace {
+
+constexpr int64_t kHandBack = -1;
+
+// One output's source rows and where they go.
+struct Output {
+  at::Tensor src;  // contiguous, owns the bytes while the GIL is released
+  bool per_token = false;
+  int64_t row = 0;      // bytes of one row (one position of one item)
+  int64_t max_len = 0;  // T, per token
+  char* dst = nullptr;
+  int64_t dst_rows = 0;  // rows of the dense storage, or of the last chunk
+  int64_t used = 0;      // per token: first free row of the last chunk
+  int64_t base = 0;      // per token: global row of the chunk's row 0
+  int64_t* starts = nullptr;
+};
+
+// The data of a numpy array the Recorder owns, if it is C-contiguous, writable and holds
+// `size` items of `itemsize` bytes of an integer kind; else null.
+char* host_array(const py::handle& h, int64_t size, std::initializer_list<int64_t> itemsizes) {
+  if (!py::isinstance<py::array>(h)) return nullptr;
+  py::array a = py::reinterpret_borrow<py::array>(h);
+  const char kind = a.dtype().kind();
+  bool itemsize_ok = false;
+  for (const int64_t s : itemsizes) itemsize_ok |= a.itemsize() == s;
+  if (!itemsize_ok || (kind != 'i' && kind != 'u') || a.size() != size || !a.writeable() ||
+      !(a.flags() & py::array::c_style)) {
+    return nullptr;
+  }
+  return static_cast<char*>(a.mutable_data());
+}
+
+// A 1-D int64 host tensor of B elements, contiguous; undefined if it is not one.
+at::Tensor host_index(const at::Tensor& t, int64_t B) {
+  if (t.layout() != at::kStrided || !t.is_cpu() || t.scalar_type() != at::kLong || t.dim() != 1 ||
+      t.size(0) != B) {
+    return at::Tensor();
+  }
+  return t.contiguous();
+}
+
+// Storage on the host with the source's dtype and row shape (trailing sizes from `dims` on).
+bool fits(const at::Tensor& dst, const at::Tensor& src, int64_t dims) {
+  return dst.layout() == at::kStrided && dst.is_cpu() && dst.is_contiguous() &&
+         dst.scalar_type() == src.scalar_type() && dst.dim() == src.dim() - dims + 1 &&
+         dst.sizes().slice(1) == src.sizes().slice(dims);
+}
+
+std::optional<Output> parse_output(const py::handle& source, const py::handle& target, int64_t B,
+                                   int64_t cap) {
+  if (!THPVariable_Check(source.ptr())) return std::nullopt;
+  const at::Tensor& raw = THPVariable_Unpack(source.ptr());
+  if (raw.layout() != at::kStrided || !raw.is_cpu() || raw.is_conj() || raw.is_neg() ||
+      raw.dim() < 1 || raw.size(0) != B) {
+    return std::nullopt;
+  }
+  Output o;
+  o.per_token = py::isinstance<py::tuple>(target);
+  const int64_t dims = o.per_token ? 2 : 1;
+  if (raw.dim() < dims) return std::nullopt;
+  o.src = raw.contiguous();
+  o.row = static_cast<int64_t>(raw.element_size()) * c10::multiply_integers(raw.sizes().slice(dims));
+  if (!o.per_token) {
+    if (!THPVariable_Check(target.ptr())) return std::nullopt;
+    const at::Tensor& dense = THPVariable_Unpack(target.ptr());
+    if (!fits(dense, raw, dims) || dense.size(0) != cap) return std::nullopt;
+    o.dst = static_cast<char*>(dense.data_ptr());
+    o.dst_rows = cap;
+    return o;
+  }
+  const py::tuple t = py::reinterpret_borrow<py::tuple>(target);
+  if (t.size() != 4) return std::nullopt;
+  o.max_len = raw.size(1);
+  if (!t[0].is_none()) {
+    if (!THPVariable_Check(t[0].ptr())) return std::nullopt;
+    const at::Tensor& chunk = THPVariable_Unpack(t[0].ptr());
+    if (!fits(chunk, raw, dims)) return std::nullopt;
+    o.dst = static_cast<char*>(chunk.data_ptr());
+    o.dst_rows = chunk.size(0);
+  }
+  o.used = t[1].cast<int64_t>();
+  o.base = t[2].cast<int64_t>();
+  o.starts = reinterpret_cast<int64_t*>(host_array(t[3], cap, {8}));
+  if (o.starts == nullptr || o.used < 0 || o.used > o.dst_rows) return std::nullopt;
+  return o;
+}
+
+// Chunks are filled front to back, into pages never touched before: populating a batch's rows
+// with one call costs about two thirds of taking their page faults one by one. Where the
+// kernel refuses, the copies fault the pages in as usual.
+void populate(char* begin, int64_t bytes) {
+#if defined(__linux__)
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  if (bytes <= 0) return;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(begin) / page * page;
+  madvise(reinterpret_cast<void*>(first), reinterpret_cast<uintptr_t>(begin) + bytes - first, MADV_POPULATE_WRITE);
+#else
+  (void)begin;
+  (void)bytes;
+#endif
+}
+
+// Checks, claims and copies, without Python objects (the caller released the GIL).
+template <typename count_t>
+int64_t record(const int64_t* index, const int64_t* views, const int64_t* lengths, bool left,
+               int64_t B, int64_t cap, count_t* count, int64_t* token_len,
+               std::vector<Output>& outputs) {
+  bool any_token = false;
+  for (const Output& o : outputs) any_token |= o.per_token;
+  if (views != nullptr) {
+    for (int64_t b = 0; b < B; ++b) {
+      if (views[b] != 0) return kHandBack;
+    }
+  }
+  // dst_offsets[b]: where item b's rows start among the batch's rows, in batch order.
+  std::vector<int64_t> dst_offsets;
+  int64_t total = 0;
+  if (lengths != nullptr) {
+    int64_t longest = 0;
+    dst_offsets.resize(B);
+    for (int64_t b = 0; b < B; ++b) {
+      if (lengths[b] < 0) return kHandBack;
+      dst_offsets[b] = total;
+      total += lengths[b];
+      longest = std::max(longest, lengths[b]);
+    }
+    for (const Output& o : outputs) {
+      if (o.per_token && longest > o.max_len) return kHandBack;
+    }
+  } else if (any_token) {
+    return kHandBack;
+  }
+  // Claim every slot; a slot recorded before or twice in this batch undoes the claims made.
+  const auto release = [&](int64_t upto) {
+    for (int64_t b = 0; b < upto; ++b) count[index[b]] = 0;
+  };
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t slot = index[b];
+    if (slot < 0 || slot >= cap || count[slot] != 0) {
+      release(b);
+      return kHandBack;
+    }
+    count[slot] = 1;
+  }
+  for (const Output& o : outputs) {
+    if (o.per_token && o.used + total > o.dst_rows) {
+      release(B);
+      return -2 - total;
+    }
+  }
+  if (lengths != nullptr) {
+    for (int64_t b = 0; b < B; ++b) token_len[index[b]] = lengths[b];
+  }
+  for (Output& o : outputs) {
+    const char* src = static_cast<const char*>(o.src.const_data_ptr());
+    if (!o.per_token) {
+      for (int64_t b = 0; b < B && o.row > 0; ++b) {
+        std::memcpy(o.dst + index[b] * o.row, src + b * o.row, o.row);
+      }
+      continue;
+    }
+    const int64_t first = o.base + o.used;
+    for (int64_t b = 0; b < B; ++b) o.starts[index[b]] = first + dst_offsets[b];
+    if (o.row == 0 || total == 0) continue;
+    // The same Span arithmetic as unpad_scatter_, into rows used..used + total of the chunk.
+    const int64_t item_bytes = o.max_len * o.row;
+    char* dst = o.dst + o.used * o.row;
+    populate(dst, total * o.row);
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, item_bytes));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const kernels::Span s =
+            kernels::scatter_span(lengths, dst_offsets.data(), b, total, o.max_len, left);
+        std::memcpy(dst + s.jagged * o.row, src + b * item_bytes + s.padded * o.row, s.len * o.row);
+      }
+    });
+  }
+  return total;
+}
+
+int64_t record_rows(const at::Tensor& index_arg, const std::optional<at::Tensor>& views_arg,
+                    const std::optional<at::Tensor>& lengths_arg, bool left, const py::handle& count_arg,
+                    const py::handle& token_len_arg, const py::list& sources, const py::list& targets) {
+  if (index_arg.dim() != 1 || sources.size() != targets.size() || sources.size() == 0) return kHandBack;
+  const int64_t B = index_arg.size(0);
+  const at::Tensor index = host_index(index_arg, B);
+  const at::Tensor views = views_arg ? host_index(*views_arg, B) : at::Tensor();
+  const at::Tensor lengths = lengths_arg ? host_index(*lengths_arg, B) : at::Tensor();
+  if (!index.defined() || (views_arg && !views.defined()) || (lengths_arg && !lengths.defined())) {
+    return kHandBack;
+  }
+  if (!py::isinstance<py::array>(count_arg)) return kHandBack;
+  const py::array count_array = py::reinterpret_borrow<py::array>(count_arg);
+  if (count_array.ndim() != 2 || count_array.shape(1) != 1) return kHandBack;  // one view only
+  const int64_t cap = count_array.shape(0);
+  char* count = host_array(count_arg, cap, {1, 4});
+  auto* token_len = reinterpret_cast<int64_t*>(host_array(token_len_arg, cap, {8}));
+  if (count == nullptr || token_len == nullptr) return kHandBack;
+  std::vector<Output> outputs;
+  outputs.reserve(sources.size());
+  for (size_t k = 0; k < sources.size(); ++k) {
+    std::optional<Output> o = parse_output(sources[k], targets[k], B, cap);
+    if (!o) return kHandBack;
+    outputs.push_back(std::move(*o));
+  }
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  const int64_t* view = views.defined() ? views.const_data_ptr<int64_t>() : nullptr;
+  const int64_t* lens = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
+  const bool wide = count_array.itemsize() == 4;
+  py::gil_scoped_release nogil;
+  if (wide) {
+    return record(idx, view, lens, left, B, cap, reinterpret_cast<int32_t*>(count), token_len, outputs);
+  }
+  return record(idx, view, lens, left, B, cap, reinterpret_cast<uint8_t*>(count), token_len, outputs);
+}
+
+}  // namespace
+
+void bind_record(py::module_& m) {
+  m.def("record_rows", &record_rows, py::arg("index"), py::arg("views"), py::arg("lengths"),
+        py::arg("left"), py::arg("count"), py::arg("token_len"), py::arg("sources"),
+        py::arg("targets"),
+        "Recorder.add's fast path (provcollate/record.py): checks, claims and copies one batch "
+        "into host storage; -1 hands it back unchanged, -2 - rows asks for room.");
+}
+
+}  // namespace provcollate
