@@ -56,7 +56,7 @@ struct Output {
 };
 
 // The data of a numpy array the Recorder owns, if it is C-contiguous, writable and holds
-// `size` items of `itemsize` bytes of an integer kind; else null.
+// `size` integers of one of `itemsizes` bytes; else null.
 char* host_array(const py::handle& h, int64_t size, std::initializer_list<int64_t> itemsizes) {
   if (!py::isinstance<py::array>(h)) return nullptr;
   py::array a = py::reinterpret_borrow<py::array>(h);
