@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 
 #if defined(__SSE2__)
@@ -166,14 +167,17 @@ at::Tensor unpad_cpu(const at::Tensor& padded, const at::Tensor& offsets, int64_
     return out;
   }
   const int64_t item_bytes = a.max_len * row;
-  const int64_t mean_bytes = a.batch > 0 ? total * row / a.batch : 0;
-  const bool stream = use_streaming(total * row);
-  at::parallel_for(0, a.batch, grain(mean_bytes), [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
+  // Threads split the output rows evenly, not the items: items differ in length, and a thread
+  // given the long ones would finish last. Offsets on the CPU were validated: they are sorted.
+  at::parallel_for(0, total, grain(row), [&](int64_t r0, int64_t r1) {
+    int64_t b = std::upper_bound(off, off + a.batch + 1, r0) - off - 1;
+    for (; b < a.batch && off[b] < r1; ++b) {
       const kernels::Span s = kernels::item_span(off, b, total, a.max_len, left);
-      copy_span(dst + s.jagged * row, src + b * item_bytes + s.padded * row, s.len * row, stream);
+      const int64_t lo = std::max(s.jagged, r0), hi = std::min(s.jagged + s.len, r1);
+      if (hi <= lo) continue;
+      std::memcpy(dst + lo * row, src + b * item_bytes + (s.padded + lo - s.jagged) * row,
+                  (hi - lo) * row);
     }
-    end_stream(stream);
   });
   return out;
 }
