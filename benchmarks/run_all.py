@@ -67,7 +67,8 @@ def assemble(status: dict) -> None:
         "",
         "| benchmark | status |",
         "|---|---|",
-        *[f"| {name} | {state}: {detail} |" for name, (state, detail) in status.items()],
+        *[f"| {name} | {status[name][0]}: {status[name][1]} |" if name in status else f"| {name} | not rerun: its page is from an earlier run |"
+          for name, _ in RUNS],
         "",
     ]
     for name, title in TITLES.items():
