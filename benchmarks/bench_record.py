@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import provcollate as pc
-from common import ALLOCATORS, RESULTS_DIR, best_of, machine, markdown_table, set_allocator, write_markdown
+from common import ALLOCATORS, RESULTS_DIR, best_of, machine, markdown_table, set_allocator, status_kib, write_markdown
 
 try:
     from transformers.trainer_pt_utils import nested_concat
@@ -283,14 +283,6 @@ def check(case: Case, method: str, result, expected, items: Optional[torch.Tenso
 # --------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def memory_child(case_name: str, method: str, sizes: dict, seed: int) -> dict:
     """Peak resident-set rise of one method over batches made one at a time (runs in a subprocess)."""
     case = Case(case_name, sizes, seed)
@@ -301,9 +293,9 @@ def memory_child(case_name: str, method: str, sizes: dict, seed: int) -> dict:
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     result = RUNNERS[method](case, case.batches())
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     del result
     return {"peak_bytes": (peak - before) * 1024, "result_bytes": case.result_bytes, "batch_bytes": case.batch_bytes()}
 
