@@ -558,13 +558,13 @@ class Batch:
         offsets: LongTensor [B+1] of the primary field's rows in its packed values (packed only).
         field_offsets: {field path: LongTensor [B+1]} for every packed field (packed only, else {}).
         padding_side: "right" or "left".
-        host_index, host_lengths: CPU copies of index and lengths that stay on the host through
-            ``to()``, so consumers know every size without reading a device back.
+        host_index, host_lengths, host_view: CPU copies of index, lengths and view that stay on the
+            host through ``to()``, so consumers know every size without reading a device back.
     """
 
     def __init__(self, *, index, view, data, lengths=None, field_lengths=None, mask=None, max_len=None,
                  offsets=None, field_offsets=None, padding_side="right", host_index=None, host_lengths=None,
-                 packed_fields=None) -> None:
+                 packed_fields=None, host_view=None) -> None:
         self.index = index
         self.view = view
         self.data = data
@@ -577,6 +577,7 @@ class Batch:
         self.padding_side = padding_side
         self.host_index = host_index if host_index is not None else index
         self.host_lengths = host_lengths if host_lengths is not None else lengths
+        self.host_view = host_view if host_view is not None else view
         # field path -> (keys/positions in data, pad value, padded length): what padded() needs.
         self._packed = packed_fields if packed_fields is not None else {}
 
@@ -597,10 +598,11 @@ class Batch:
             max_len=self.max_len, offsets=opt(self.offsets),
             field_offsets={k: fn(v) for k, v in self.field_offsets.items()}, padding_side=self.padding_side,
             host_index=self.host_index, host_lengths=self.host_lengths, packed_fields=self._packed,
+            host_view=self.host_view,
         )
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        """A new Batch with every tensor on ``device``; ``host_index`` and ``host_lengths`` stay on the CPU."""
+        """A new Batch with every tensor on ``device``; ``host_index``, ``host_lengths`` and ``host_view`` stay on the CPU."""
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
@@ -628,7 +630,7 @@ class Batch:
         return Batch(
             index=self.index, view=self.view, data=data, lengths=self.lengths, field_lengths=self.field_lengths,
             mask=mask, max_len=self.max_len, padding_side=self.padding_side, host_index=self.host_index,
-            host_lengths=self.host_lengths,
+            host_lengths=self.host_lengths, host_view=self.host_view,
         )
 
     def __repr__(self) -> str:

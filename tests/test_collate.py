@@ -859,3 +859,13 @@ def test_cuda_samples_and_transfer():
     assert moved.index.is_cuda and moved.host_index.device.type == "cpu"
     packed = pc.Collator(packed=True, pad_value=-1.0)(samples)
     assert torch.equal(packed.to("cuda").padded()["x"].cpu(), cpu["x"])
+
+
+def test_host_copies_stay_on_the_cpu_through_to():
+    batch = pc.Collator()([pc.Sample(i, i % 2, torch.arange(i + 1)) for i in range(3)])
+    moved = batch.to("meta")
+    assert moved.index.device.type == "meta" and moved.view.device.type == "meta"
+    for name in ("host_index", "host_lengths", "host_view"):
+        assert getattr(moved, name).device.type == "cpu"
+    assert moved.host_view.tolist() == [0, 1, 0] and moved.host_index.tolist() == [0, 1, 2]
+    assert moved.host_lengths.tolist() == [1, 2, 3]
