@@ -69,14 +69,14 @@ def _is_iterable_only(dataset) -> bool:
     return hasattr(dataset, "__iter__") and not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"))
 
 
-def _check_int(owner: str, name: str, value, minimum: int | None = None) -> int:
+def _check_int(owner: str, name: str, value, minimum: int | None = None, what: str = "an int") -> int:
     """``value`` as a Python int (numpy ints and 0-d tensors accepted, bools not), at least ``minimum``."""
     if isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be an int, got bool {value}")
+        raise TypeError(f"{owner}: {name} must be {what}, got bool {value}")
     try:
         value = operator.index(value)
     except TypeError:
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}") from None
+        raise TypeError(f"{owner}: {name} must be {what}, got {type(value).__name__}") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
     return value

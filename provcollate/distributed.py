@@ -17,7 +17,6 @@ on the GPU: a Recorder storing on a GPU never copies its outputs to the host.
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import _entries
+from .dataset import _check_int
 from .record import Predictions, Recorder, _to_device
 
 __all__ = ["gather"]
@@ -127,12 +127,7 @@ def gather(rec: Recorder, dst: Optional[int] = None, group=None) -> Optional[Pre
     """See :meth:`provcollate.Recorder.gather`."""
     owner = "Recorder.gather"
     if dst is not None:
-        if isinstance(dst, bool):
-            raise TypeError(f"{owner}: dst must be a global rank (int) or None, got bool {dst}")
-        try:
-            dst = operator.index(dst)
-        except TypeError:
-            raise TypeError(f"{owner}: dst must be a global rank (int) or None, got {type(dst).__name__}") from None
+        dst = _check_int(owner, "dst", dst, what="a global rank (int) or None")
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError(f"{owner}: group= needs torch.distributed to be initialized, got group={group!r}")

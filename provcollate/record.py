@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from . import ops
+from .dataset import _check_int
 
 try:
     from ._C import record_rows as _record_rows
@@ -294,14 +295,7 @@ class Recorder:
     def __init__(self, num_items: Optional[int] = None, device=None, on_duplicate: str = "error",
                  views: str = "mean", reduce: Optional[str] = None, resume=None) -> None:
         if num_items is not None:
-            if isinstance(num_items, bool):
-                raise TypeError(f"Recorder: num_items must be an int or None, got bool {num_items}")
-            try:
-                num_items = operator.index(num_items)
-            except TypeError:
-                raise TypeError(f"Recorder: num_items must be an int or None, got {type(num_items).__name__}") from None
-            if num_items < 0:
-                raise ValueError(f"Recorder: num_items must be >= 0, got {num_items}")
+            num_items = _check_int("Recorder", "num_items", num_items, minimum=0, what="an int or None")
         if on_duplicate not in _ON_DUPLICATE:
             raise ValueError(f"Recorder: on_duplicate must be one of {', '.join(map(repr, _ON_DUPLICATE))}, got {on_duplicate!r}")
         if views not in _VIEWS:
