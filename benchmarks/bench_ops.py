@@ -7,21 +7,28 @@ nested tensor its nested tensor, masked peers the [B, T] bool mask (a Batch carr
 peer's result must equal provcollate's before anything is timed.
 
 Each op is timed with torch.utils.benchmark (warm-up, then as many calls as fit in --min-run-time,
-median), in --rounds interleaved rounds; the best round's median is reported. The memcpy bound is
-a plain ``clone()`` of a tensor with the op's output bytes, allocation included.
+median), in --rounds rounds that time every candidate back to back in rotating order; times are the
+best round's median, speedups the median over rounds of the two times taken in the same round (the
+memory bandwidth of a shared machine drifts by up to 2x within seconds). The memcpy bound is a plain
+``clone()`` of a tensor with the op's output bytes, allocation included.
 
 GB/s counts bytes read + bytes written by the op (pad: reads the rows, writes B*T rows; unpad:
 reads and writes the rows; clone: twice its size); "output GB/s" counts the bytes produced.
 Target per op and shape: provcollate's throughput >= min(1.5 x the fastest peer, 0.90 x clone),
 i.e. 1.5x the fastest peer, or 90% of memcpy speed where a peer already runs near it.
 
+--cache cold flushes the caches (a 128 MiB write, untimed) before every call: with a 32 MiB L3, the
+shapes whose input and output together come near it are on the cache's cliff, and warm timings
+swing by up to 1.5x between processes with the physical pages they got; cold timings do not.
+
 Every op allocates its output, so how malloc serves it decides much of the time of big outputs:
 --alloc reuse (default) pins glibc to reuse freed memory (the steady state of a loop), --alloc fresh
 to map new pages for every call (page faults included); glibc's own policy depends on history.
 
-    python benchmarks/bench_ops.py [--dtype float32] [--threads N] [--rounds 3] [--write]
+    python benchmarks/bench_ops.py [--dtype float32] [--threads N] [--rounds 5] [--write]
     python benchmarks/bench_ops.py --sweep [--write]     # throughput vs batch size and vs length
     python benchmarks/bench_ops.py --plot                # charts from the sweep JSON (needs matplotlib)
+    python benchmarks/bench_ops.py --cache cold [--write] # every call starts with flushed caches
     python benchmarks/bench_ops.py --quick               # tiny sizes, a few seconds
 """
 from __future__ import annotations
@@ -38,7 +45,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 import provcollate as pc
 from common import (ALLOCATORS, RESULTS_DIR, best_of, command_line, machine, markdown_table, median_time,
-                    set_allocator, write_markdown)
+                    paired_ratio, rounds_of, set_allocator, write_markdown)
 
 try:
     import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm.*)
@@ -285,21 +292,23 @@ def prepare(op: Op, c: Case) -> Tuple[Dict[str, Fn], Dict[str, str]]:
     return fns, skipped
 
 
-def measure(fns: Dict[str, Fn], rounds: int, min_run_time: float) -> Dict[str, float]:
-    """Best-of-rounds median seconds per candidate; rounds interleave candidates so drift hits all alike."""
-    times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(median_time(fn, min_run_time))
-    return {name: best_of(t) for name, t in times.items()}
+def measure(fns: Dict[str, Fn], rounds: int, min_run_time: float,
+            cold: bool = False) -> Tuple[Dict[str, float], Dict[str, List[float]]]:
+    """Best-of-rounds median seconds per candidate, and every round's medians (for paired ratios)."""
+    times = rounds_of(fns, rounds, min_run_time, cold)
+    return {name: best_of(t) for name, t in times.items()}, times
 
 
-def verdict(op: Op, c: Case, secs: Dict[str, float]) -> dict:
-    """provcollate against its fastest peer and the memcpy bound, and whether the target is met."""
+def verdict(op: Op, c: Case, secs: Dict[str, float], times: Dict[str, List[float]]) -> dict:
+    """provcollate against its fastest peer and the memcpy bound, and whether the target is met.
+
+    Speedups are paired: the median over rounds of the peer's (or clone's) time over provcollate's
+    in the same round.
+    """
     ours, *peers = [n for n in secs if n != BOUND]
     fastest = min(peers, key=secs.get) if peers else None
-    vs_peer = secs[fastest] / secs[ours] if fastest else float("inf")
-    vs_bound = secs[BOUND] / secs[ours]
+    vs_peer = paired_ratio(times, fastest, ours) if fastest else float("inf")
+    vs_bound = paired_ratio(times, BOUND, ours)
     # Throughput needed: min(1.5 x peer, 0.9 x clone); the smaller one is the target that binds.
     by_peer = vs_peer / PEER_TARGET
     by_bound = vs_bound / MEMCPY_TARGET
@@ -345,12 +354,12 @@ def run_shapes(args, shapes) -> List[str]:
         c = make_case(*shape, args.dtype, gen, args.device)
         for op in OPS:
             fns, skipped = prepare(op, c)
-            secs = measure(fns, args.rounds, args.min_run_time)
+            secs, times = measure(fns, args.rounds, args.min_run_time, args.cache == "cold")
             table = shape_table(op, c, secs, skipped)
             print(table + "\n", flush=True)
             sections.append(table)
             if op.in_target:
-                verdicts.append(verdict(op, c, secs))
+                verdicts.append(verdict(op, c, secs, times))
     summary = ("## Targets: pad and unpad >= 1.5x the fastest peer, or >= 0.90x clone throughput where a peer "
                "is already near memory speed\n\n" + summary_table(verdicts))
     print(summary)
@@ -370,7 +379,7 @@ def run_sweeps(args, sweeps) -> dict:
             c = make_case(*shape, args.dtype, gen, args.device)
             for op in OPS[:2]:
                 fns, _ = prepare(op, c)
-                secs = measure(fns, 1, args.min_run_time)
+                secs, _ = measure(fns, 1, args.min_run_time)
                 per_op = series["ops"].setdefault(op.name, {})
                 for name, s in secs.items():
                     moved = 2 * op.out_bytes(c) if name == BOUND else op.bytes_moved(c)
@@ -417,10 +426,12 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtype", default="float32", help="torch dtype of the values (default float32)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before timing")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per shape, best median kept (default 3)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per shape: best median kept, speedups paired per round (default 5)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of calls per median (default 0.3)")
     p.add_argument("--alloc", choices=sorted(ALLOCATORS), default="reuse",
                    help="glibc malloc policy for outputs (default reuse; results of others get a suffix)")
+    p.add_argument("--cache", choices=("warm", "cold"), default="warm",
+                   help="warm: calls back to back (default); cold: caches flushed before every call (results get _cold)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda: the same table on a GPU (peers without CUDA kernels are skipped)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test that takes seconds")
@@ -439,21 +450,22 @@ def parse_args(argv=None):
         p.error(f"--device must be cpu or cuda, got {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_ops --device cuda: skipped, this machine has no CUDA device")
-    args.rounds = args.rounds or (1 if args.quick else 3)
-    args.min_run_time = args.min_run_time or (0.01 if args.quick else 0.3)
+    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.min_run_time = args.min_run_time or (0.01 if args.quick else 0.2)
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     set_allocator(args.alloc)
-    suffix = ("" if args.alloc == "reuse" else f"_{args.alloc}") + ("" if args.device == "cpu" else f"_{args.device}")
+    suffix = (("" if args.alloc == "reuse" else f"_{args.alloc}") + ("" if args.device == "cpu" else f"_{args.device}")
+              + ("" if args.cache == "warm" else "_cold"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     m = machine()
     print(f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['torch_threads']} threads, "
           f"{str(args.dtype).replace('torch.', '')}, {args.rounds} round(s) of {args.min_run_time} s per op, "
-          f"allocator: {ALLOCATORS[args.alloc]}\n")
+          f"allocator: {ALLOCATORS[args.alloc]}, {args.cache} caches\n")
     sweep_json = os.path.join(args.out, f"bench_ops_sweep{suffix}.json")
     if args.plot:
         with open(sweep_json) as f:
@@ -479,7 +491,10 @@ def main(argv=None) -> None:
     if args.write:
         path = os.path.join(args.out, f"bench_ops{suffix}.md")
         note = (f"dtype {str(args.dtype).replace('torch.', '')}; lengths uniform in 1..T (one item set to T); "
-                f"best of {args.rounds} interleaved rounds of median times ({args.min_run_time} s of calls each). "
+                + (f"{args.rounds} rounds of median times ({args.min_run_time} s of calls each)" if args.cache == "warm"
+                   else f"{args.rounds} rounds of median times of 30 calls, each after a 128 MiB write that flushes the caches (untimed)")
+                + ", candidates back to back in rotating order; times are the best round's, speedups the median of "
+                "per-round ratios. "
                 "GB/s = (bytes read + bytes written) / time; the memcpy bound is `clone()` of the op's output "
                 "bytes, allocation included.")
         write_markdown(path, "pad / unpad: provcollate vs peers vs memcpy", [note, *sections], m)

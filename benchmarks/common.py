@@ -3,7 +3,10 @@
     machine()                      -> dict: CPU model, cores, torch threads, versions, allocator policy
     set_allocator(policy)          -> pins glibc malloc to "reuse" or "fresh" memory (see ALLOCATORS)
     median_time(fn, min_run_time)  -> median seconds of one call of fn (torch.utils.benchmark)
+    cold_median_time(fn, calls)    -> the same with the caches flushed before every call (untimed)
     best_of(times)                 -> the figure to report from several rounds of median_time
+    rounds_of(fns, rounds, t)      -> {name: [median seconds per round]}, candidates in rotating order
+    paired_ratio(times, a, b)      -> median over rounds of a's time / b's time in the same round
     markdown_table(headers, rows)  -> str, a GitHub markdown table
     command_line()                 -> str, the exact command that ran this script
     write_markdown(path, title, sections, machine_info=None) -> writes the results page
@@ -15,8 +18,10 @@ import ctypes
 import os
 import platform
 import shlex
+import statistics
+import time
 import sys
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence
 
 import torch
 from torch.utils.benchmark import Timer
@@ -95,6 +100,64 @@ def median_time(fn: Callable[[], object], min_run_time: float = 0.2) -> float:
 def best_of(times: Iterable[float]) -> float:
     """The smallest of several rounds' medians: on a shared machine noise only ever adds time."""
     return min(times)
+
+
+_FLUSH_BYTES = 128 << 20
+_flush_buffer = None
+
+
+def flush_caches() -> None:
+    """Evict this process's data from the CPU caches by writing a buffer 4x a 32 MiB last-level cache."""
+    global _flush_buffer
+    if _flush_buffer is None:
+        _flush_buffer = torch.empty(_FLUSH_BYTES, dtype=torch.uint8)
+    _flush_buffer.fill_(1)
+
+
+def cold_median_time(fn: Callable[[], object], calls: int = 30) -> float:
+    """Median seconds of one ``fn()`` that starts with cold caches: a flush runs before every call, untimed.
+
+    Where inputs and outputs together come near the size of the last-level cache, warm timings
+    depend on which physical pages they got (the same op swings 1.5x between processes); with
+    the caches flushed every candidate reads its input from memory, as a batch produced long
+    before would be, and the spread is a few percent.
+    """
+    fn()
+    times = []
+    for _ in range(calls):
+        flush_caches()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rounds_of(fns: Dict[str, Callable[[], object]], rounds: int, min_run_time: float,
+              cold: bool = False) -> Dict[str, List[float]]:
+    """Median seconds of every candidate in each of ``rounds`` rounds.
+
+    Each round times every candidate back to back, starting one candidate later than the round
+    before, so that no candidate always runs after the same neighbour (which leaves the caches in
+    its own state) and drift in the machine's speed reaches every candidate alike. ``cold``: each
+    call starts with flushed caches (``cold_median_time``, 30 calls) instead.
+    """
+    names = list(fns)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            times[name].append(cold_median_time(fns[name]) if cold else median_time(fns[name], min_run_time))
+    return times
+
+
+def paired_ratio(times: Dict[str, List[float]], a: str, b: str) -> float:
+    """Median over rounds of ``a``'s time over ``b``'s in the same round.
+
+    On a shared machine memory bandwidth drifts by up to 2x within seconds; two candidates timed
+    in the same round saw the same machine, so their ratio is steadier than a ratio of best times
+    taken from different rounds.
+    """
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:

@@ -26,6 +26,7 @@ RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 # (results page, command line arguments) in the order of the pipeline.
 RUNS = [
     ("bench_ops", ["bench_ops.py"]),
+    ("bench_ops_cold", ["bench_ops.py", "--cache", "cold"]),
     ("bench_ops_sweep", ["bench_ops.py", "--sweep"]),
     ("bench_ops_cuda", ["bench_ops.py", "--device", "cuda"]),
     ("bench_collate", ["bench_collate.py"]),
@@ -35,6 +36,7 @@ RUNS = [
 ]
 TITLES = {
     "bench_ops": "Ops: pad / unpad / unpad_scatter_ (CPU)",
+    "bench_ops_cold": "Ops with cold caches (CPU)",
     "bench_ops_cuda": "Ops on a GPU",
     "bench_collate": "Collator",
     "bench_record": "Recorder",

@@ -72,13 +72,28 @@ class Unpad : public torch::autograd::Function<Unpad> {
   }
 };
 
+// Whether a call must build a graph node. When it need not (no grad mode, or an input that
+// needs no gradient), the op runs below autograd at once, as torch's generated kernels do:
+// Function::apply would still build a context and a node, which costs as much as a small op.
+bool records_grad(const at::Tensor& input) {
+  return (at::GradMode::is_enabled() && input.requires_grad()) || input._fw_grad(/*level=*/0).defined();
+}
+
 at::Tensor pad_autograd(const at::Tensor& values, const at::Tensor& offsets, c10::SymInt max_len,
                         const at::Scalar& pad_value, bool left) {
+  if (!records_grad(values)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return pad_op(values, offsets, max_len, pad_value, left);
+  }
   return Pad::apply(values, offsets, std::move(max_len), pad_value, left);
 }
 
 at::Tensor unpad_autograd(const at::Tensor& padded, const at::Tensor& offsets, c10::SymInt total,
                           bool left) {
+  if (!records_grad(padded)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return unpad_op(padded, offsets, total, left);
+  }
   return Unpad::apply(padded, offsets, std::move(total), left);
 }
 

@@ -15,3 +15,10 @@ def test_benchmark_quick_run(script):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert out.stdout.strip(), "a benchmark must print its table"
+
+
+def test_bench_ops_cold_caches_quick_run():
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_ops.py"), "--quick", "--cache", "cold"], cwd=BENCH,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "cold caches" in out.stdout and "| unpad |" in out.stdout

@@ -295,7 +295,8 @@ def test_scatter_leaves_other_rows_untouched():
 @pytest.mark.parametrize("left", [False, True])
 @pytest.mark.parametrize("dtype,trailing,max_len", [(torch.float32, (1000,), 600), (torch.float16, (3,), 400_000), (torch.int8, (5,), 500_000)])
 def test_outputs_larger_than_the_cache(dtype, trailing, max_len, left):
-    """Outputs of 8 MiB and more take the non-temporal store path: odd row sizes, unaligned spans."""
+    """Outputs of 8 MiB and more: odd row sizes, unaligned spans. Outputs past the last-level cache
+    take the non-temporal store path; test_streamed_stores_match_reference forces it for every size."""
     gen = torch.Generator().manual_seed(3)
     lengths = torch.randint(0, max_len + 1, (6,), generator=gen).tolist()
     lengths[0], lengths[1] = max_len, 1
@@ -306,6 +307,43 @@ def test_outputs_larger_than_the_cache(dtype, trailing, max_len, left):
         assert padded.numel() * padded.element_size() >= 8 << 20
         assert torch.equal(padded, reference.pad(values, offsets, max_len, fill, left))
         assert torch.equal(ops.unpad(padded, offsets, values.shape[0], left), values)
+
+
+def test_streamed_stores_match_reference():
+    """PROVCOLLATE_STREAM_BYTES=0 writes every output with non-temporal stores: rerun the op tests so."""
+    env = dict(os.environ, PROVCOLLATE_STREAM_BYTES="0", HYPOTHESIS_PROFILE=os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(tests, "test_ops.py"),
+         "-k", "match_reference and not streamed or larger_than_the_cache or scatter"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tests,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout
+
+
+def test_bad_stream_bytes_raises():
+    code = "import torch, provcollate as pc; pc.ops.pad(torch.ones(2, 1), torch.tensor([0, 2]), 3)"
+    env = dict(os.environ, PROVCOLLATE_STREAM_BYTES="lots")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode != 0
+    assert "PROVCOLLATE_STREAM_BYTES must be a byte count >= 0, got 'lots'" in out.stderr
+
+
+@pytest.mark.parametrize("op", ["pad", "unpad"])
+def test_graph_recorded_only_when_a_gradient_is_needed(op):
+    offsets = torch.tensor([0, 2, 3])
+    x = torch.randn(3, 2, requires_grad=True) if op == "pad" else torch.randn(2, 2, 2, requires_grad=True)
+    call = (lambda t: ops.pad(t, offsets, 2)) if op == "pad" else (lambda t: ops.unpad(t, offsets, 3))
+    assert call(x).grad_fn is not None and call(x).requires_grad
+    with torch.no_grad():
+        assert call(x).grad_fn is None and not call(x).requires_grad
+    with torch.inference_mode():
+        assert not call(x).requires_grad
+    assert call(x.detach()).grad_fn is None
+    out = call(x)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
 
 
 def test_64bit_sizes():

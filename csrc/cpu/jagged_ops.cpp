@@ -6,91 +6,43 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__linux__)
+#include <unistd.h>
 #endif
 
 #include "kernels/jagged.h"
 #include "launch.h"
+#include "stream.h"
 
 namespace provcollate {
+
+int64_t stream_threshold() {
+  static const int64_t bytes = [] {
+    if (const char* env = std::getenv("PROVCOLLATE_STREAM_BYTES")) {
+      char* end = nullptr;
+      const long long v = std::strtoll(env, &end, 10);
+      TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0,
+                        "PROVCOLLATE_STREAM_BYTES must be a byte count >= 0, got '", env, "'");
+      return static_cast<int64_t>(v);
+    }
+    int64_t llc = 0;
+#if defined(__linux__) && defined(_SC_LEVEL3_CACHE_SIZE)
+    llc = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+    return std::max<int64_t>(llc, int64_t{8} << 20);
+  }();
+  return bytes;
+}
+
 namespace {
 
 // Items per task: enough bytes that a task outweighs the cost of handing it to a thread.
 int64_t grain(int64_t bytes_per_item) {
   constexpr int64_t kTaskBytes = 1 << 18;
   return std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, bytes_per_item));
-}
-
-// Outputs larger than the cache are written with non-temporal stores: these skip reading each
-// destination line before overwriting it (a third of a copy's memory traffic) and leave the
-// source in the cache. Small outputs keep ordinary stores: whoever reads them next hits the cache.
-constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
-constexpr int64_t kStreamSpanBytes = int64_t{16} << 10;
-
-bool use_streaming(int64_t output_bytes) {
-#if defined(__SSE2__)
-  return output_bytes >= kStreamOutputBytes;
-#else
-  return false;
-#endif
-}
-
-// Bytes from dst up to its next 64-byte line, at most n.
-int64_t to_line(const char* dst, int64_t n) {
-  return std::min<int64_t>(n, (64 - static_cast<int64_t>(reinterpret_cast<uintptr_t>(dst) % 64)) % 64);
-}
-
-void copy_span(char* dst, const char* src, int64_t n, bool stream) {
-#if defined(__SSE2__)
-  if (stream && n >= kStreamSpanBytes) {
-    const int64_t head = to_line(dst, n);
-    std::memcpy(dst, src, head);
-    dst += head, src += head, n -= head;
-    for (; n >= 64; n -= 64, dst += 64, src += 64) {
-      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
-      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
-      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst), a);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), b);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), c);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), d);
-    }
-  }
-#endif
-  std::memcpy(dst, src, n);
-}
-
-// The pattern repeats every fill.unit bytes from any address aligned to it (copy_unit checked
-// the output's alignment), so 16 bytes of it fit every 16-aligned address.
-void fill_span(char* dst, int64_t n, const FillPattern& fill, bool stream) {
-#if defined(__SSE2__)
-  if (stream && n >= kStreamSpanBytes) {
-    const int64_t head = to_line(dst, n);
-    fill.fill(dst, head);
-    dst += head, n -= head;
-    alignas(16) uint8_t line[16];
-    for (int64_t i = 0; i < 16; i += fill.unit) std::memcpy(line + i, fill.bytes.data(), fill.unit);
-    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(line));
-    for (; n >= 64; n -= 64, dst += 64) {
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst), v);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 16), v);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 32), v);
-      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + 48), v);
-    }
-  }
-#endif
-  fill.fill(dst, n);
-}
-
-// Non-temporal stores are weakly ordered: make a task's writes visible before it returns.
-void end_stream(bool stream) {
-#if defined(__SSE2__)
-  if (stream) _mm_sfence();
-#endif
 }
 
 // Runs body(i) for every element i < n with the index type a CUDA launch would use.
@@ -169,15 +121,17 @@ at::Tensor unpad_cpu(const at::Tensor& padded, const at::Tensor& offsets, int64_
   const int64_t item_bytes = a.max_len * row;
   // Threads split the output rows evenly, not the items: items differ in length, and a thread
   // given the long ones would finish last. Offsets on the CPU were validated: they are sorted.
+  const bool stream = use_streaming(total * row);
   at::parallel_for(0, total, grain(row), [&](int64_t r0, int64_t r1) {
     int64_t b = std::upper_bound(off, off + a.batch + 1, r0) - off - 1;
     for (; b < a.batch && off[b] < r1; ++b) {
       const kernels::Span s = kernels::item_span(off, b, total, a.max_len, left);
       const int64_t lo = std::max(s.jagged, r0), hi = std::min(s.jagged + s.len, r1);
       if (hi <= lo) continue;
-      std::memcpy(dst + lo * row, src + b * item_bytes + (s.padded + lo - s.jagged) * row,
-                  (hi - lo) * row);
+      copy_span(dst + lo * row, src + b * item_bytes + (s.padded + lo - s.jagged) * row,
+                (hi - lo) * row, stream);
     }
+    end_stream(stream);
   });
   return out;
 }
@@ -207,12 +161,14 @@ void unpad_scatter_cpu(const at::Tensor& dst, const at::Tensor& padded, const at
     });
   } else {
     const int64_t item_bytes = a.max_len * row;
+    const bool stream = use_streaming(a.dst_rows * row);
     at::parallel_for(0, a.batch, grain(item_bytes / 2), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const kernels::Span s =
             kernels::scatter_span(len, dst_off, b, a.dst_rows, a.max_len, left);
-        std::memcpy(base + s.jagged * row, src + b * item_bytes + s.padded * row, s.len * row);
+        copy_span(base + s.jagged * row, src + b * item_bytes + s.padded * row, s.len * row, stream);
       }
+      end_stream(stream);
     });
   }
   if (!out.is_same(dst)) dst.copy_(out);
