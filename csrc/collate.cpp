@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/stream.h"
 #include "launch.h"
 
 namespace py = pybind11;
@@ -411,11 +412,12 @@ FillPattern pad_pattern(const Leaf& leaf, at::ScalarType dtype, int64_t unit) {
 }
 
 // The padding rows of item b around its real rows.
-void fill_item_padding(char* base, int64_t row, const Layout& l, int64_t b, const FillPattern& fill) {
+void fill_item_padding(char* base, int64_t row, const Layout& l, int64_t b, const FillPattern& fill,
+                       bool stream = false) {
   char* item = base + b * l.max_len * row;
   const int64_t before = l.start(b);
-  fill.fill(item, before * row);
-  fill.fill(item + (before + l.lengths[b]) * row, (l.max_len - before - l.lengths[b]) * row);
+  fill_span(item, before * row, fill, stream);
+  fill_span(item + (before + l.lengths[b]) * row, (l.max_len - before - l.lengths[b]) * row, fill, stream);
 }
 
 struct LeafOut {
@@ -506,16 +508,18 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const 
     py::gil_scoped_release nogil;
     const int64_t item_bytes = std::max<int64_t>(1, l.max_len * row);
     constexpr int64_t kTaskBytes = 1 << 18;  // enough work per task to be worth a thread
+    const bool stream = host && use_streaming(l.total_rows() * row);
     at::parallel_for(0, B, std::max<int64_t>(1, kTaskBytes / item_bytes), [&](int64_t begin, int64_t end) {
       const at::NoGradGuard no_grad;  // a batch never carries autograd history
       for (int64_t b = begin; b < end; ++b) {
-        if (fill && host) fill_item_padding(base, row, l, b, *fill);
+        if (fill && host) fill_item_padding(base, row, l, b, *fill, stream);
         if (src[b] != nullptr) {
-          std::memcpy(base + l.first_row(b) * row, src[b], l.lengths[b] * row);
+          copy_span(base + l.first_row(b) * row, src[b], l.lengths[b] * row, stream);
         } else {
           rows.narrow(0, l.first_row(b), l.lengths[b]).copy_(items[b]);
         }
       }
+      end_stream(stream);
     });
   }
   return {py::cast(out), std::move(l)};

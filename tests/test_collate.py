@@ -869,3 +869,26 @@ def test_host_copies_stay_on_the_cpu_through_to():
         assert getattr(moved, name).device.type == "cpu"
     assert moved.host_view.tolist() == [0, 1, 0] and moved.host_index.tolist() == [0, 1, 2]
     assert moved.host_lengths.tolist() == [1, 2, 3]
+
+
+STREAMED_COLLATE = """
+import torch, provcollate as pc
+from torch.nn.utils.rnn import pad_sequence
+g = torch.Generator().manual_seed(5)
+lengths = [40, 1, 0, 33, 17]
+for dtype, dim in ((torch.float32, 768), (torch.float16, 257), (torch.int8, 4099)):
+    xs = [torch.randn(n, dim, generator=g).mul(20).to(dtype) for n in lengths]
+    for side in ("right", "left"):
+        b = pc.Collator(index=1, pad_value=3, padding_side=side)([(x, i) for i, x in enumerate(xs)])
+        want = pad_sequence(xs, batch_first=True, padding_value=3, padding_side=side)
+        assert torch.equal(b.data[0], want), (dtype, side)
+print("streamed ok")
+"""
+
+
+def test_streamed_collate_matches_pad_sequence():
+    """PROVCOLLATE_STREAM_BYTES=0: every output written with non-temporal stores, spans of every alignment."""
+    env = dict(os.environ, PROVCOLLATE_STREAM_BYTES="0")
+    out = subprocess.run([sys.executable, "-c", STREAMED_COLLATE], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "streamed ok" in out.stdout

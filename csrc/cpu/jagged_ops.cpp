@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 
 #if defined(__linux__)
 #include <unistd.h>
@@ -19,20 +21,48 @@
 
 namespace provcollate {
 
+namespace {
+
+// Bytes of the last-level cache one core sees: sysfs names the cache instance of cpu0. glibc's
+// sysconf(_SC_LEVEL3_CACHE_SIZE) can report the whole socket's L3 instead (256 MiB on an EPYC
+// virtual machine whose cores share one 32 MiB instance), so it is only the fallback.
+int64_t last_level_cache_bytes() {
+  int64_t best = 0;
+  int best_level = 0;
+#if defined(__linux__)
+  for (int index = 0; index < 8; ++index) {
+    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+    std::ifstream level_file(dir + "level"), size_file(dir + "size");
+    int level = 0;
+    std::string size;
+    if (!(level_file >> level) || !(size_file >> size) || level <= best_level) continue;
+    char* end = nullptr;
+    int64_t bytes = std::strtoll(size.c_str(), &end, 10);
+    if (end != nullptr && (*end == 'K' || *end == 'k')) bytes <<= 10;
+    if (end != nullptr && (*end == 'M' || *end == 'm')) bytes <<= 20;
+    best = bytes;
+    best_level = level;
+  }
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+  if (best == 0) best = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+#endif
+  return best;
+}
+
+}  // namespace
+
 int64_t stream_threshold() {
   static const int64_t bytes = [] {
-    if (const char* env = std::getenv("PROVCOLLATE_STREAM_BYTES")) {
+    const char* env = std::getenv("PROVCOLLATE_STREAM_BYTES");
+    if (env != nullptr && *env != '\0') {
       char* end = nullptr;
       const long long v = std::strtoll(env, &end, 10);
       TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 0,
                         "PROVCOLLATE_STREAM_BYTES must be a byte count >= 0, got '", env, "'");
       return static_cast<int64_t>(v);
     }
-    int64_t llc = 0;
-#if defined(__linux__) && defined(_SC_LEVEL3_CACHE_SIZE)
-    llc = std::max<long>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
-#endif
-    return std::max<int64_t>(llc, int64_t{8} << 20);
+    return std::max<int64_t>(last_level_cache_bytes(), int64_t{8} << 20);
   }();
   return bytes;
 }
