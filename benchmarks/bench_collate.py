@@ -17,10 +17,16 @@ The memcpy bound is a clone() of a uint8 tensor as large as every tensor the bat
 index, lengths, mask), allocation included. Targets: items/s >= 3x the seed article's collate,
 >= 50x DataCollatorWithPadding, and time <= 2x the memcpy bound.
 
-Timing: torch.utils.benchmark (warm-up, then as many calls as fit in --min-run-time, median), in
---rounds interleaved rounds, best round reported. --alloc pins glibc malloc as in bench_ops.py.
+--floors adds what no collate of the token cases can go below, from benchmarks/floors.cpp (compiled
+on first use): reading every Python int of the lists and writing nothing; and for tensors, a bare
+C++ pad into [B, T] with every check, the plan and the Batch object left out.
 
-    python benchmarks/bench_collate.py [--batch 64] [--rounds 3] [--alloc reuse] [--write]
+Timing: torch.utils.benchmark (warm-up, then as many calls as fit in --min-run-time, median), in
+--rounds rounds that time every collate back to back in rotating order; times are the best round's,
+speedups the median over rounds of the two times taken in the same round. --alloc pins glibc malloc
+as in bench_ops.py.
+
+    python benchmarks/bench_collate.py [--batch 64] [--rounds 5] [--alloc reuse] [--floors] [--write]
     python benchmarks/bench_collate.py --quick            # small sizes, a few seconds
 """
 from __future__ import annotations
@@ -38,7 +44,8 @@ from torch.utils.data import default_collate
 
 import provcollate as pc
 from provcollate import collate as collate_mod
-from common import ALLOCATORS, RESULTS_DIR, best_of, machine, markdown_table, median_time, set_allocator, write_markdown
+from common import (ALLOCATORS, RESULTS_DIR, best_of, machine, markdown_table, paired_ratio, rounds_of, set_allocator,
+                    write_markdown)
 
 SEED_TARGET = 3.0
 DCWP_TARGET = 50.0
@@ -49,6 +56,17 @@ SEED = "seed article collate"
 HAND = "hand pad + default_collate"
 DCWP = "DataCollatorWithPadding"
 BOUND = "clone() (memcpy bound)"
+FLOOR_READ = "floor: read every int, write nothing (C++)"
+FLOOR_PAD = "floor: bare C++ pad, no checks, no Batch"
+TOKEN_FIELDS = ["input_ids", "attention_mask"]
+
+
+def floors_module():
+    """benchmarks/floors.cpp, compiled on first use (about a minute) and cached by torch."""
+    from torch.utils.cpp_extension import load
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return load(name="provcollate_bench_floors", sources=[os.path.join(here, "floors.cpp")], extra_cflags=["-O3"])
 
 
 def tokenizer():
@@ -185,18 +203,15 @@ def check_same(name: str, ours: tuple, theirs: tuple) -> None:
 
 
 def run_case(label: str, samples: list, peers: Dict[str, Callable], nbytes: int, rounds: int, min_run_time: float) -> dict:
+    """Every collate's per-round median seconds; every peer's result must equal provcollate's first."""
     reference = peers[OURS](samples)
     for name, fn in peers.items():
-        if name != OURS:
+        if name != OURS and not name.startswith("floor"):
             check_same(name, reference, fn(samples))
     buffer = torch.empty(nbytes, dtype=torch.uint8)
-    fns = dict(peers)
-    fns[BOUND] = lambda _: buffer.clone()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times[name].append(median_time(lambda: fn(samples), min_run_time))
-    return {name: best_of(t) for name, t in times.items()}
+    fns = {name: (lambda fn=fn: fn(samples)) for name, fn in peers.items()}
+    fns[BOUND] = buffer.clone
+    return rounds_of(fns, rounds, min_run_time)
 
 
 def main(argv=None) -> None:
@@ -204,8 +219,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--min-len", type=int, default=8)
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--min-run-time", type=float, default=0.3)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--min-run-time", type=float, default=0.2)
+    p.add_argument("--floors", action="store_true", help="add the lower bounds of benchmarks/floors.cpp (compiles it)")
     p.add_argument("--alloc", choices=sorted(ALLOCATORS), default="reuse", help="glibc malloc policy (see common.py)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test that takes seconds")
@@ -220,6 +236,7 @@ def main(argv=None) -> None:
     rng = random.Random(0)
     lengths = [rng.randint(args.min_len, args.max_len) for _ in range(args.batch)]
     tok = tokenizer()
+    floors = floors_module() if args.floors else None
     token_collator = pc.Collator(index="idx")
     feature_collator = pc.Collator(index=2)
 
@@ -231,6 +248,10 @@ def main(argv=None) -> None:
 
             peers[DCWP] = dcwp(DataCollatorWithPadding(tok))
         peers[FALLBACK] = without_extension(ours_tokens(token_collator))
+        if floors is not None and as_tensors:
+            peers[FLOOR_PAD] = lambda s: floors.collate_tensors(s, TOKEN_FIELDS, "label", "idx")
+        elif floors is not None:
+            peers[FLOOR_READ] = lambda s: floors.read_ints(s, TOKEN_FIELDS)
         samples = token_samples(args.batch, lengths, as_tensors, rng)
         label = f"tokens as {'tensors' if as_tensors else 'lists'}"
         cases.append((label, samples, peers, token_collator))
@@ -244,10 +265,10 @@ def main(argv=None) -> None:
     rows, summary = [], []
     for label, samples, peers, collator in cases:
         nbytes = batch_bytes(collator(samples))
-        t = run_case(label, samples, peers, nbytes, args.rounds, args.min_run_time)
-        ours = t[OURS]
+        times = run_case(label, samples, peers, nbytes, args.rounds, args.min_run_time)
+        t = {name: best_of(v) for name, v in times.items()}
         for name, seconds in t.items():
-            speedup = seconds / ours
+            speedup = paired_ratio(times, name, OURS)
             target, met = "", ""
             if name == SEED:
                 target, met = f">= {SEED_TARGET:g}x", "yes" if speedup >= SEED_TARGET else "NO"
@@ -256,7 +277,7 @@ def main(argv=None) -> None:
             elif name == BOUND:
                 target, met = f">= {1 / MEMCPY_TARGET:g}x (within {MEMCPY_TARGET:g}x)", "yes" if speedup >= 1 / MEMCPY_TARGET else "NO"
             rows.append([label, name, f"{seconds * 1e3:.3f}", f"{args.batch / seconds:,.0f}", f"{nbytes / seconds / 1e9:.2f}",
-                         f"{seconds / t[BOUND]:.2f}", "-" if name == OURS else f"{speedup:.2f}x", target, met])
+                         f"{1 / paired_ratio(times, BOUND, name):.2f}", "-" if name == OURS else f"{speedup:.2f}x", target, met])
         summary.append(f"{label}: {args.batch} samples, {nbytes / 1e6:.2f} MB of output")
     table = markdown_table(headers, rows)
     print(table)
@@ -268,8 +289,11 @@ def main(argv=None) -> None:
             "`time / memcpy bound` is each collate's time over the clone() of the batch's bytes: a collate near 1 "
             "is memory-bound, and no collate can be several times faster than another that is. Lists of Python ints "
             "cannot get near it: every element is a separate object to read (8 bytes of pointer and 28 of int object "
-            "for 8 bytes written).",
-            "`provcollate speedup` is the peer's time over provcollate's (above 1: provcollate is faster). "
+            "for 8 bytes written). The `floor` rows (--floors, benchmarks/floors.cpp) are what no collate of the token "
+            "cases can go below on this machine: reading the ints alone, or a bare C++ pad of the tensors.",
+            "`provcollate speedup` is the peer's time over provcollate's (above 1: provcollate is faster), and "
+            "`time / memcpy bound` the collate's time over clone's: both are medians over rounds of the two times "
+            "taken in the same round. `time (ms)` is the best round's. "
             f"Targets: >= {SEED_TARGET:g}x the seed article's collate, >= {DCWP_TARGET:g}x DataCollatorWithPadding, "
             f"and within {MEMCPY_TARGET:g}x of the memcpy bound (a clone() of the batch's bytes, allocation included).",
             table,

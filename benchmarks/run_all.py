@@ -29,7 +29,7 @@ RUNS = [
     ("bench_ops_cold", ["bench_ops.py", "--cache", "cold"]),
     ("bench_ops_sweep", ["bench_ops.py", "--sweep"]),
     ("bench_ops_cuda", ["bench_ops.py", "--device", "cuda"]),
-    ("bench_collate", ["bench_collate.py"]),
+    ("bench_collate", ["bench_collate.py", "--floors"]),
     ("bench_record", ["bench_record.py"]),
     ("bench_bucketing", ["bench_bucketing.py"]),
     ("bench_distributed", ["bench_distributed.py"]),

@@ -22,3 +22,11 @@ def test_bench_ops_cold_caches_quick_run():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "cold caches" in out.stdout and "| unpad |" in out.stdout
+
+
+def test_bench_collate_floors_quick_run():
+    """benchmarks/floors.cpp compiles and its lower bounds run beside the collates."""
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_collate.py"), "--quick", "--floors"], cwd=BENCH,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "floor: read every int" in out.stdout and "floor: bare C++ pad" in out.stdout

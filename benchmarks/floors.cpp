@@ -1,0 +1,92 @@
+// Lower bounds for bench_collate.py's token cases: the least work any collate of those batches
+// must do, with every check, every plan and the Batch object left out. Built on demand by
+// `bench_collate.py --floors` (torch.utils.cpp_extension.load); not part of the package.
+//
+//   read_ints(samples, keys)      reads every Python int of the list fields named by keys (type
+//                                 check and value, summed): no output is written at all.
+//   collate_tensors(samples, keys, label_key, index_key)
+//                                 pads the int64 tensor fields named by keys to [B, T], stacks the
+//                                 label and index ints, and builds lengths and the [B, T] bool mask:
+//                                 one allocation per output, memcpy and memset, nothing else.
+#include <torch/extension.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+PyObject* field(PyObject* sample, const py::str& key) {
+  PyObject* v = PyDict_GetItemWithError(sample, key.ptr());
+  if (v == nullptr) throw py::key_error(std::string(key));
+  return v;
+}
+
+int64_t read_ints(const py::list& samples, const std::vector<py::str>& keys) {
+  int64_t sum = 0;
+  for (const py::handle s : samples) {
+    for (const py::str& key : keys) {
+      PyObject* list = field(s.ptr(), key);
+      if (!PyList_Check(list)) throw py::type_error("read_ints: fields must be lists of ints");
+      PyObject** el = PySequence_Fast_ITEMS(list);
+      for (Py_ssize_t i = 0, n = PyList_GET_SIZE(list); i < n; ++i) {
+        PyObject* o = el[i];
+        // A small exact int holds its value in one digit (CPython 3.11's layout).
+        sum += (PyLong_CheckExact(o) && Py_SIZE(o) == 1) ? reinterpret_cast<PyLongObject*>(o)->ob_digit[0] : -1;
+      }
+    }
+  }
+  return sum;
+}
+
+py::tuple collate_tensors(const py::list& samples, const std::vector<py::str>& keys, const py::str& label_key,
+                          const py::str& index_key) {
+  const int64_t B = static_cast<int64_t>(samples.size());
+  const size_t F = keys.size();
+  std::vector<const int64_t*> src(B * F);
+  std::vector<int64_t> len(B), label(B), index(B);
+  int64_t T = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    PyObject* s = PyList_GET_ITEM(samples.ptr(), b);
+    for (size_t f = 0; f < F; ++f) {
+      const at::Tensor& t = THPVariable_Unpack(field(s, keys[f]));
+      src[b * F + f] = t.const_data_ptr<int64_t>();
+      len[b] = t.size(0);
+    }
+    label[b] = PyLong_AsLongLong(field(s, label_key));
+    index[b] = PyLong_AsLongLong(field(s, index_key));
+    T = std::max(T, len[b]);
+  }
+  const auto longs = at::TensorOptions().dtype(at::kLong);
+  py::list out;
+  for (size_t f = 0; f < F; ++f) {
+    at::Tensor padded = at::empty({B, T}, longs);
+    int64_t* o = padded.mutable_data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(o + b * T, src[b * F + f], len[b] * sizeof(int64_t));
+      std::memset(o + b * T + len[b], 0, (T - len[b]) * sizeof(int64_t));
+    }
+    out.append(padded);
+  }
+  for (const std::vector<int64_t>* v : {&label, &index, &len}) {
+    at::Tensor t = at::empty({B}, longs);
+    std::memcpy(t.mutable_data_ptr<int64_t>(), v->data(), B * sizeof(int64_t));
+    out.append(t);
+  }
+  at::Tensor mask = at::empty({B, T}, at::TensorOptions().dtype(at::kBool));
+  bool* m = mask.mutable_data_ptr<bool>();
+  for (int64_t b = 0; b < B; ++b) {
+    std::memset(m + b * T, 1, len[b]);
+    std::memset(m + b * T + len[b], 0, T - len[b]);
+  }
+  out.append(mask);
+  return py::tuple(out);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("read_ints", &read_ints);
+  m.def("collate_tensors", &collate_tensors);
+}
