@@ -396,13 +396,17 @@ FillPattern pad_pattern(const Leaf& leaf, at::ScalarType dtype, int64_t unit) {
   c10::Scalar cast;
   bool ok = true;
   try {
-    cast = at::full({}, leaf.pad_value, at::TensorOptions().dtype(dtype)).item();
+    cast = to_element(leaf.pad_value, dtype).value;
   } catch (const std::exception&) {  // c10::Error, or std::runtime_error on overflow
     ok = false;
   }
   if (ok && !at::isFloatingType(dtype) && !at::isComplexType(dtype)) {
     const c10::Scalar& v = leaf.pad_value;
-    ok = v.isFloatingPoint() ? cast.toDouble() == v.toDouble() : cast.toLong() == v.toLong();
+    try {
+      ok = v.isFloatingPoint() ? cast.toDouble() == v.toDouble() : cast.toLong() == v.toLong();
+    } catch (const std::exception&) {  // -3 into uint64 reads back as 2**64 - 3, past int64
+      ok = false;
+    }
   }
   if (!ok) {
     value_error("pad value " + std::string(py::str(py::cast(leaf.pad_value))) + " of field '" + leaf.path +

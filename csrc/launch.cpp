@@ -1,11 +1,13 @@
 #include "launch.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 namespace provcollate {
 
@@ -102,21 +104,66 @@ int64_t copy_unit(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
   return unit;
 }
 
+// As fill_ converts: float16 and bfloat16 round (1e10 becomes inf), every other dtype checks
+// overflow (1e40 into float32 or 300 into int8 is an error); -100 into uint8 wraps to 156.
+template <typename T>
+T element_of(const c10::Scalar& value) {
+  if constexpr (std::is_same_v<T, at::Half> || std::is_same_v<T, at::BFloat16>) {
+    return static_cast<T>(value.toDouble());
+  } else {
+    return value.to<T>();
+  }
+}
+
+Element to_element(const c10::Scalar& value, c10::ScalarType dtype) {
+  Element e;
+  switch (dtype) {
+    // The dtypes batches hold: a cast.
+    case at::kBool: case at::kByte: case at::kChar: case at::kShort: case at::kInt: case at::kLong:
+    case at::kHalf: case at::kBFloat16: case at::kFloat: case at::kDouble:
+    case at::kComplexFloat: case at::kComplexDouble:
+      AT_DISPATCH_ALL_TYPES_AND_COMPLEX_AND3(at::kBool, at::kHalf, at::kBFloat16, dtype, "to_element", [&] {
+        const scalar_t x = element_of<scalar_t>(value);
+        e.size = sizeof(scalar_t);
+        std::memcpy(e.bytes.data(), &x, sizeof(scalar_t));
+        e.value = c10::Scalar(x);
+      });
+      return e;
+    default: {  // anything else through a 0-d tensor, which knows every dtype
+      const at::Tensor one = at::full({}, value, at::TensorOptions().dtype(dtype));
+      e.size = static_cast<int64_t>(one.element_size());
+      TORCH_INTERNAL_ASSERT(e.size <= 16);
+      std::memcpy(e.bytes.data(), one.const_data_ptr(), e.size);
+      e.value = one.item();
+      return e;
+    }
+  }
+}
+
 FillPattern::FillPattern(const c10::Scalar& value, c10::ScalarType dtype, int64_t unit_)
     : unit(unit_) {
-  const at::Tensor one = at::full({}, value, at::TensorOptions().dtype(dtype));
+  const Element one = to_element(value, dtype);
   if (c10::isIntegralType(dtype, /*includeBool=*/true)) {
     // A silent wrap (-100 as uint8 is 156) would put a valid-looking token id in the padding.
-    const c10::Scalar back = one.item();
-    const bool same = value.isFloatingPoint()
-                          ? static_cast<double>(back.toLong()) == value.toDouble()
-                          : !value.isComplex() && back.toLong() == value.toLong();
-    TORCH_CHECK_VALUE(same, "pad: pad_value ", value, " cannot be represented in ", dtype,
-                      " (it would become ", back, ")");
+    const c10::Scalar& back = one.value;
+    bool same = false;
+    try {
+      same = value.isFloatingPoint() ? static_cast<double>(back.toLong()) == value.toDouble()
+                                     : !value.isComplex() && back.toLong() == value.toLong();
+    } catch (const std::exception&) {  // -3 into uint64 reads back as 2**64 - 3, past int64 (runtime_error)
+    }
+    if (!same) {
+      // Printing a Scalar reads it as int64, which 2**64 - 3 (from uint64) is not.
+      const std::string became = back.isIntegral(false) && dtype == at::kUInt64
+                                     ? std::to_string(back.to<uint64_t>())
+                                     : c10::str(back);
+      TORCH_CHECK_VALUE(false, "pad: pad_value ", value, " cannot be represented in ", dtype,
+                        " (it would become ", became, ")");
+    }
   }
-  const int64_t elem = static_cast<int64_t>(one.element_size());
+  const int64_t elem = one.size;
   TORCH_INTERNAL_ASSERT(unit % elem == 0 && unit <= 16);
-  for (int64_t i = 0; i < unit; i += elem) std::memcpy(bytes.data() + i, one.const_data_ptr(), elem);
+  for (int64_t i = 0; i < unit; i += elem) std::memcpy(bytes.data() + i, one.bytes.data(), elem);
   zero = true;
   for (int64_t i = 0; i < unit; ++i) zero = zero && bytes[i] == 0;
 }

@@ -95,6 +95,16 @@ void dispatch_index(bool int64_index, const F& f) {
 enum class Emulation { off, device, int64 };
 Emulation emulation();
 
+// A value as one element of dtype, converted as at::full (fill_) converts it: a c10::Error when
+// it overflows the dtype, a silent wrap where fill_ wraps (-100 into uint8 is 156). `value` is
+// the converted element read back, to compare with what was asked for.
+struct Element {
+  std::array<uint8_t, 16> bytes{};
+  int64_t size = 0;
+  c10::Scalar value;
+};
+Element to_element(const c10::Scalar& value, c10::ScalarType dtype);
+
 // The pad value converted to the tensor's dtype and repeated to fill `unit` bytes.
 struct FillPattern {
   std::array<uint8_t, 16> bytes{};

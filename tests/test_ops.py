@@ -169,6 +169,28 @@ def test_pad_value_kept_exactly_for_int64():
     assert out[0, 1].item() == big and out[1, 2].item() == big
 
 
+@pytest.mark.parametrize("dtype", DTYPES + [torch.uint16, torch.uint32, torch.uint64])
+@pytest.mark.parametrize("fill", [0, 1, 7, -3, 2.5, 1e10, 1e40, float("inf"), float("nan"), True, 2**40])
+def test_pad_value_converts_as_torch_full(dtype, fill):
+    """The pad value becomes exactly torch.full's element of the dtype, or the op raises."""
+    values = torch.zeros(3, 2, dtype=dtype)
+    offsets = torch.tensor([0, 1, 3])
+    try:
+        want = torch.full((), fill, dtype=dtype)
+    except RuntimeError:  # overflows the dtype: the op must refuse it too
+        with pytest.raises((RuntimeError, ValueError)):
+            ops.pad(values, offsets, 3, fill)
+        return
+    exact = dtype.is_floating_point or dtype.is_complex or want.item() == fill
+    if not exact:  # e.g. -3 into uint8, 2.5 into int64: refused rather than wrapped or truncated
+        with pytest.raises(ValueError, match="cannot be represented"):
+            ops.pad(values, offsets, 3, fill)
+        return
+    out = ops.pad(values, offsets, 3, fill)
+    padding = out[0, 1:].reshape(-1)
+    assert torch.equal(padding.view(torch.uint8), want.expand_as(padding).contiguous().view(torch.uint8)), (padding, want)
+
+
 @pytest.mark.parametrize("fill", [0, 1, False, True, 0.0])
 def test_bool_pad_values(fill):
     values = torch.tensor([True, False, True])
