@@ -17,9 +17,11 @@ The memcpy bound is a clone() of a uint8 tensor as large as every tensor the bat
 index, lengths, mask), allocation included. Targets: items/s >= 3x the seed article's collate,
 >= 50x DataCollatorWithPadding, and time <= 2x the memcpy bound.
 
---floors adds what no collate of the token cases can go below, from benchmarks/floors.cpp (compiled
-on first use): reading every Python int of the lists and writing nothing; and for tensors, a bare
-C++ pad into [B, T] with every check, the plan and the Batch object left out.
+--floors adds what no collate can go below, from benchmarks/floors.cpp (compiled on first use):
+reading every Python int of the lists and writing nothing; for tensors, a bare C++ pad into [B, T]
+with every check, the plan and the Batch object left out; for features of 32 MiB and more (past the
+L3), allocating the batch's bytes and writing each once with streaming stores on every thread,
+reading nothing.
 
 Timing: torch.utils.benchmark (warm-up, then as many calls as fit in --min-run-time, median), in
 --rounds rounds that time every collate back to back in rotating order; times are the best round's,
@@ -58,6 +60,7 @@ DCWP = "DataCollatorWithPadding"
 BOUND = "clone() (memcpy bound)"
 FLOOR_READ = "floor: read every int, write nothing (C++)"
 FLOOR_PAD = "floor: bare C++ pad, no checks, no Batch"
+FLOOR_WRITE = "floor: write the batch's bytes once, read nothing"
 TOKEN_FIELDS = ["input_ids", "attention_mask"]
 
 
@@ -258,7 +261,12 @@ def main(argv=None) -> None:
     for dim in (80, 768):
         peers = {OURS: ours_features(feature_collator), SEED: seed_features, HAND: hand_pad_features,
                  FALLBACK: without_extension(ours_features(feature_collator))}
-        cases.append((f"features [L, {dim}]", feature_samples(lengths, dim), peers, feature_collator))
+        samples = feature_samples(lengths, dim)
+        nbytes = batch_bytes(feature_collator(samples))
+        # Below the L3 writing memory is not what bounds a collate (--quick shows the row anyway).
+        if floors is not None and (nbytes >= 32 << 20 or args.quick):
+            peers[FLOOR_WRITE] = lambda s, n=nbytes: floors.write_once(n)
+        cases.append((f"features [L, {dim}]", samples, peers, feature_collator))
 
     headers = ["case", "collate", "time (ms)", "items/s", "output GB/s", "time / memcpy bound", "provcollate speedup",
                "target", "met"]
@@ -289,8 +297,9 @@ def main(argv=None) -> None:
             "`time / memcpy bound` is each collate's time over the clone() of the batch's bytes: a collate near 1 "
             "is memory-bound, and no collate can be several times faster than another that is. Lists of Python ints "
             "cannot get near it: every element is a separate object to read (8 bytes of pointer and 28 of int object "
-            "for 8 bytes written). The `floor` rows (--floors, benchmarks/floors.cpp) are what no collate of the token "
-            "cases can go below on this machine: reading the ints alone, or a bare C++ pad of the tensors.",
+            "for 8 bytes written). The `floor` rows (--floors, benchmarks/floors.cpp) are what no collate can go "
+            "below on this machine: reading the ints alone; a bare C++ pad of the tensors; writing the batch's "
+            "bytes once with streaming stores and reading nothing.",
             "`provcollate speedup` is the peer's time over provcollate's (above 1: provcollate is faster), and "
             "`time / memcpy bound` the collate's time over clone's: both are medians over rounds of the two times "
             "taken in the same round. `time (ms)` is the best round's. "

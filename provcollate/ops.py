@@ -11,6 +11,10 @@ pad and unpad are differentiable, each the other's backward (autograd is registe
 csrc/autograd.cpp, so calls that need no gradient pay nothing for it); fake kernels for
 torch.compile are registered here. Without the compiled extension these functions run on
 :mod:`provcollate.reference`.
+
+On the CPU, outputs at least as large as the last-level cache are written with non-temporal
+stores (they skip reading each destination line before writing it); ``PROVCOLLATE_STREAM_BYTES``
+sets that threshold in bytes instead (0 streams every output). The Collator follows it too.
 """
 from __future__ import annotations
 

@@ -30,3 +30,4 @@ def test_bench_collate_floors_quick_run():
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "floor: read every int" in out.stdout and "floor: bare C++ pad" in out.stdout
+    assert "floor: write the batch's bytes once" in out.stdout
