@@ -15,7 +15,9 @@
 //                                 it past the L3, where writing memory is what bounds a collate).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <algorithm>
@@ -95,12 +97,17 @@ at::Tensor write_once(int64_t nbytes) {
   at::Tensor out = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte));
   char* base = static_cast<char*>(out.data_ptr());
   const int64_t lines = nbytes / 64;
+#if defined(__SSE2__)
   const bool stream = nbytes >= (int64_t{32} << 20);
+#else
+  const bool stream = false;  // no streaming stores on this architecture
+#endif
   at::parallel_for(0, lines, 4096, [&](int64_t begin, int64_t end) {
     if (!stream) {
       std::memset(base + begin * 64, 0, (end - begin) * 64);
       return;
     }
+#if defined(__SSE2__)
     const __m128i zero = _mm_setzero_si128();
     for (int64_t i = begin; i < end; ++i) {
       char* p = base + i * 64;  // at::empty aligns to 64 bytes
@@ -110,6 +117,7 @@ at::Tensor write_once(int64_t nbytes) {
       _mm_stream_si128(reinterpret_cast<__m128i*>(p + 48), zero);
     }
     _mm_sfence();
+#endif
   });
   std::memset(base + lines * 64, 0, nbytes - lines * 64);
   return out;
