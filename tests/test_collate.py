@@ -892,3 +892,66 @@ def test_streamed_collate_matches_pad_sequence():
     out = subprocess.run([sys.executable, "-c", STREAMED_COLLATE], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "streamed ok" in out.stdout
+
+
+def pickle_cases():
+    g = torch.Generator().manual_seed(7)
+    nested = [{"text": {"ids": list(range(i + 1))}, "audio": np.arange(3 * (i + 1), dtype=np.float32).reshape(i + 1, 3),
+               "meta": None if i == 2 else f"m{i}", "score": [0.5, 1][i % 2], "pair": (torch.ones(2) * i, i)}
+              for i in range(4)]
+    big = [(torch.randn(int(n), 300, generator=g), i % 3, 100 + i) for i, n in enumerate([100, 7, 64, 1])]
+    return {
+        "nested": (pc.Collator(), indexed(nested)),
+        "big features": (pc.Collator(index=2), big),  # [4, 100, 300] float32: past the copy size, a view
+        "packed, left": (pc.Collator(index=2, packed=True, padding_side="left"), big),
+        "views": (pc.Collator(), [pc.Sample(index=i // 2, view=i % 2, data=torch.ones(i + 1)) for i in range(5)]),
+    }
+
+
+@pytest.mark.parametrize("case", list(pickle_cases()))
+def test_pickle_round_trip(impl, case):
+    """A Batch pickles its tensors as one buffer and comes back field for field."""
+    collator, samples = pickle_cases()[case]
+    batch = collator(samples)
+    back = pickle.loads(pickle.dumps(batch))
+    assert_same_batch(back, batch)
+    assert_same_data(back.host_view, batch.host_view)
+    assert back._packed == batch._packed and back.padding_side == batch.padding_side
+    if batch._packed:
+        assert_same_batch(back.padded(), batch.padded())
+    # Identity and length tensors are copies: keeping batch.index alive never keeps the data alive.
+    meta = [back.index, back.view, back.host_index, back.host_view, back.lengths, back.mask, back.offsets,
+            *back.field_lengths.values(), *back.field_offsets.values()]
+    data = []
+    collate_mod._map_tensors(back.data, data.append)
+    big = {t.untyped_storage().data_ptr() for t in data if t.numel() * t.element_size() > collate_mod._CLONE_BYTES}
+    for t in meta:
+        if t is not None:
+            assert t.untyped_storage().data_ptr() not in big
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    if case == "big features":
+        assert len(big) == 1  # the large data tensor is a view of the pickled buffer, not a third copy
+
+
+def test_copy_is_shallow_and_deepcopy_is_deep(impl):
+    import copy
+
+    batch = pc.Collator(index=1)([(torch.ones(2), 0), (torch.ones(3), 1)])
+    shallow = copy.copy(batch)
+    assert shallow.index is batch.index and shallow.data[0] is batch.data[0]
+    deep = copy.deepcopy(batch)
+    assert deep.index is not batch.index
+    assert_same_batch(deep, batch)
+
+
+def test_batches_from_workers_equal_batches_made_here(impl):
+    """Through DataLoader workers (shared memory), every field arrives as the main process makes it."""
+    dataset = pc.Indexed(Ragged(40))
+    collator = pc.Collator(pad_values={"tokens": -1})
+    loader = DataLoader(dataset, batch_size=6, num_workers=2, collate_fn=collator)
+    batches = list(loader)
+    assert len(batches) == 7
+    for k, batch in enumerate(batches):
+        here = collator([dataset[i] for i in range(6 * k, min(6 * k + 6, len(dataset)))])
+        assert_same_batch(batch, here)
+        assert_same_data(batch.field_lengths, here.field_lengths)
