@@ -242,8 +242,8 @@ def loader_table(cases, batch: int, workers: int, batches: int, rounds: int) -> 
         names = [n for n in (OURS, SEED, DCWP) if n in peers]
         peers = {**peers, OURS: collator}  # the Batch itself, as a user gets it
         secs = {n: [] for n in names}
-        for _ in range(rounds):
-            for name in names:
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:  # rotating order, as rounds_of
                 loader = torch.utils.data.DataLoader(_Listed(items), batch_size=batch, collate_fn=peers[name],
                                                      num_workers=workers, persistent_workers=True)
                 for _ in loader:  # start the workers and warm up

@@ -551,11 +551,13 @@ def _replace(x, path: tuple, value):
 # A DataLoader worker sends each batch to the main process by pickling it, and every tensor
 # storage pickled costs a shared-memory segment of its own (create, map, send a descriptor,
 # map again): about 0.1 ms each, more than a whole collate. So a Batch pickles its CPU tensors
-# as one byte buffer (allocated straight in shared memory inside a worker) and rebuilds them
-# from it. Small tensors and the identity/length tensors come back as copies, so keeping
-# ``batch.index`` alive never keeps a batch's data alive; large data tensors come back as
-# views of the buffer, which saves copying them again.
+# of up to 1 MiB as one byte buffer (allocated straight in shared memory inside a worker) and
+# rebuilds them from it; larger tensors travel as themselves, since copying them outweighs a
+# segment. The identity/length tensors and small data tensors come back as copies, so keeping
+# ``batch.index`` alive never keeps a batch's data alive; other data tensors come back as views
+# of the buffer, which saves copying them again.
 
+_PACK_BYTES = 1 << 20  # tensors up to this size travel in the one buffer
 _CLONE_BYTES = 1 << 16  # data tensors up to this size come back as copies, larger ones as views
 _ALIGN = 64
 
@@ -586,7 +588,7 @@ def _pack_state(state: dict):
 
     def take(t, is_data: bool):
         nonlocal total
-        if not _packable(t):
+        if not _packable(t) or t.numel() * t.element_size() > _PACK_BYTES:
             return t
         slot = slots.get(id(t))
         if slot is None:
