@@ -517,18 +517,21 @@ def _collate_python(samples, walk, leaves, left, pad_to_multiple_of, packed, pin
 # Batch
 
 
+def _map_objects(x, fn):
+    """``x`` with every leaf inside dicts, lists, tuples and namedtuples replaced by ``fn(leaf)``."""
+    if isinstance(x, dict):
+        return {k: _map_objects(v, fn) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_map_objects(v, fn) for v in x]
+    if isinstance(x, tuple):
+        parts = [_map_objects(v, fn) for v in x]
+        return type(x)(*parts) if hasattr(type(x), "_fields") else tuple(parts)
+    return fn(x)
+
+
 def _map_tensors(x, fn):
     """``x`` with every tensor inside (dicts, lists, tuples, namedtuples) replaced by ``fn(tensor)``."""
-    if isinstance(x, torch.Tensor):
-        return fn(x)
-    if isinstance(x, dict):
-        return {k: _map_tensors(v, fn) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_map_tensors(v, fn) for v in x]
-    if isinstance(x, tuple):
-        parts = [_map_tensors(v, fn) for v in x]
-        return type(x)(*parts) if hasattr(type(x), "_fields") else tuple(parts)
-    return x
+    return _map_objects(x, lambda v: fn(v) if isinstance(v, torch.Tensor) else v)
 
 
 def _replace(x, path: tuple, value):
@@ -618,18 +621,6 @@ def _rebuild_batch(buffer: torch.Tensor, layout: list, state: dict) -> "Batch":
     batch = Batch.__new__(Batch)
     batch.__dict__.update({key: _map_objects(value, unslot) for key, value in state.items()})
     return batch
-
-
-def _map_objects(x, fn):
-    """``x`` with every leaf (anything but a dict, list or tuple) replaced by ``fn(leaf)``."""
-    if isinstance(x, dict):
-        return {k: _map_objects(v, fn) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_map_objects(v, fn) for v in x]
-    if isinstance(x, tuple):
-        parts = [_map_objects(v, fn) for v in x]
-        return type(x)(*parts) if hasattr(type(x), "_fields") else tuple(parts)
-    return fn(x)
 
 
 class Batch:
