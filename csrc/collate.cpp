@@ -396,17 +396,11 @@ FillPattern pad_pattern(const Leaf& leaf, at::ScalarType dtype, int64_t unit) {
   c10::Scalar cast;
   bool ok = true;
   try {
-    cast = to_element(leaf.pad_value, dtype).value;
+    const Element e = to_element(leaf.pad_value, dtype);
+    cast = e.value;
+    ok = represents(leaf.pad_value, dtype, e);
   } catch (const std::exception&) {  // c10::Error, or std::runtime_error on overflow
     ok = false;
-  }
-  if (ok && !at::isFloatingType(dtype) && !at::isComplexType(dtype)) {
-    const c10::Scalar& v = leaf.pad_value;
-    try {
-      ok = v.isFloatingPoint() ? cast.toDouble() == v.toDouble() : cast.toLong() == v.toLong();
-    } catch (const std::exception&) {  // -3 into uint64 reads back as 2**64 - 3, past int64
-      ok = false;
-    }
   }
   if (!ok) {
     value_error("pad value " + std::string(py::str(py::cast(leaf.pad_value))) + " of field '" + leaf.path +

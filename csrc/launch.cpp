@@ -140,26 +140,29 @@ Element to_element(const c10::Scalar& value, c10::ScalarType dtype) {
   }
 }
 
+bool represents(const c10::Scalar& value, c10::ScalarType dtype, const Element& e) {
+  if (!c10::isIntegralType(dtype, /*includeBool=*/true)) return true;
+  const c10::Scalar& back = e.value;
+  try {
+    return value.isFloatingPoint() ? static_cast<double>(back.toLong()) == value.toDouble()
+                                   : !value.isComplex() && back.toLong() == value.toLong();
+  } catch (const std::exception&) {  // -3 into uint64 reads back as 2**64 - 3, past int64 (runtime_error)
+    return false;
+  }
+}
+
 FillPattern::FillPattern(const c10::Scalar& value, c10::ScalarType dtype, int64_t unit_)
     : unit(unit_) {
   const Element one = to_element(value, dtype);
-  if (c10::isIntegralType(dtype, /*includeBool=*/true)) {
-    // A silent wrap (-100 as uint8 is 156) would put a valid-looking token id in the padding.
+  // A silent wrap (-100 as uint8 is 156) would put a valid-looking token id in the padding.
+  if (!represents(value, dtype, one)) {
+    // Printing a Scalar reads it as int64, which 2**64 - 3 (from uint64) is not.
     const c10::Scalar& back = one.value;
-    bool same = false;
-    try {
-      same = value.isFloatingPoint() ? static_cast<double>(back.toLong()) == value.toDouble()
-                                     : !value.isComplex() && back.toLong() == value.toLong();
-    } catch (const std::exception&) {  // -3 into uint64 reads back as 2**64 - 3, past int64 (runtime_error)
-    }
-    if (!same) {
-      // Printing a Scalar reads it as int64, which 2**64 - 3 (from uint64) is not.
-      const std::string became = back.isIntegral(false) && dtype == at::kUInt64
-                                     ? std::to_string(back.to<uint64_t>())
-                                     : c10::str(back);
-      TORCH_CHECK_VALUE(false, "pad: pad_value ", value, " cannot be represented in ", dtype,
-                        " (it would become ", became, ")");
-    }
+    const std::string became = back.isIntegral(false) && dtype == at::kUInt64
+                                   ? std::to_string(back.to<uint64_t>())
+                                   : c10::str(back);
+    TORCH_CHECK_VALUE(false, "pad: pad_value ", value, " cannot be represented in ", dtype,
+                      " (it would become ", became, ")");
   }
   const int64_t elem = one.size;
   TORCH_INTERNAL_ASSERT(unit % elem == 0 && unit <= 16);

@@ -105,6 +105,10 @@ struct Element {
 };
 Element to_element(const c10::Scalar& value, c10::ScalarType dtype);
 
+// Whether `e` (value converted to dtype) still equals value: always for floating and complex
+// dtypes; for integers and bool, false where the conversion wrapped or truncated it.
+bool represents(const c10::Scalar& value, c10::ScalarType dtype, const Element& e);
+
 // The pad value converted to the tensor's dtype and repeated to fill `unit` bytes.
 struct FillPattern {
   std::array<uint8_t, 16> bytes{};

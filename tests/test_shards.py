@@ -103,13 +103,18 @@ def test_streamed_equals_in_memory(tmp_path, kind, num_items):
     assert_same(pc.Predictions.read(str(path)), expected)
 
 
+def assert_streamed_like_in_memory(tmp_path, kind, n, settings, **feed_kwargs):
+    """A Recorder writing shards as it goes ends with what one kept in memory holds, read back or not."""
+    rec = feed(pc.Recorder(num_items=n, **settings), kind, n, write=tmp_path, **feed_kwargs)
+    expected = feed(pc.Recorder(num_items=n, **settings), kind, n, **feed_kwargs).result()
+    assert_same(rec.result(), expected)
+    assert_same(pc.Predictions.read(tmp_path), expected)
+
+
 @pytest.mark.parametrize("kind", ["float", "tokens"])
 @pytest.mark.parametrize("how", ["mean", "stack", "none"])
 def test_streamed_views(tmp_path, kind, how):
-    rec = feed(pc.Recorder(num_items=60, views=how), kind, 60, views=3, write=tmp_path)
-    expected = feed(pc.Recorder(num_items=60, views=how), kind, 60, views=3).result()
-    assert_same(rec.result(), expected)
-    assert_same(pc.Predictions.read(tmp_path), expected)
+    assert_streamed_like_in_memory(tmp_path, kind, 60, {"views": how}, views=3)
 
 
 def test_streamed_vote_and_reduce(tmp_path):
@@ -128,10 +133,7 @@ def test_streamed_vote_and_reduce(tmp_path):
 @pytest.mark.parametrize("kind", ["float", "tokens"])
 def test_repeats_across_shards_follow_the_policy(tmp_path, policy, kind):
     """Items recorded again after they were written: merged as one Recorder in memory merges them."""
-    rec = feed(pc.Recorder(num_items=80, on_duplicate=policy), kind, 80, repeats=30, write=tmp_path)
-    expected = feed(pc.Recorder(num_items=80, on_duplicate=policy), kind, 80, repeats=30).result()
-    assert_same(rec.result(), expected)
-    assert_same(pc.Predictions.read(tmp_path), expected)
+    assert_streamed_like_in_memory(tmp_path, kind, 80, {"on_duplicate": policy}, repeats=30)
 
 
 def test_repeat_of_a_written_item_under_error_raises(tmp_path):
