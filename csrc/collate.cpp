@@ -6,7 +6,7 @@
 // The plan is plain Python tuples (codes shared with collate.py):
 //   walk node  (MAP, path, expected, size, keys, children) | (SEQ, path, expected, is_list, size,
 //              positions, children) | (LEAF, leaf_id) | (INDEX, what) | (VIEW,)
-//   leaf       (path, kind, expected, object_type, pad_value, force_sequence)
+//   leaf       (path, kind, expected, object_type, pad_value, sequence)
 // Error messages match collate.py's pure-Python path word for word.
 #include "collate.h"
 
@@ -86,7 +86,7 @@ struct Leaf {
   std::string expected;
   py::object object_type;
   c10::Scalar pad_value;
-  bool force_sequence;
+  bool sequence;  // padded or packed, with lengths; else stacked (Collator(stack=...))
 };
 
 struct Options {
@@ -244,9 +244,11 @@ at::ScalarType num_dtype(Num k, at::ScalarType float_dtype) {
 // ---------------------------------------------------------------------------------------------
 // Walking the samples
 
+// Every value is held by an owned reference: Python code run during the walk (a Mapping's
+// __getitem__, an ABC check) or another thread while the copies run without the GIL may replace
+// a field of a sample, and what was read must outlive that.
 struct Walk {
-  std::vector<std::vector<PyObject*>> items;  // [leaf][sample], borrowed
-  std::vector<py::object> keep;               // values a non-dict mapping returned as new refs
+  std::vector<std::vector<py::object>> items;  // [leaf][sample], owned
   std::vector<int64_t> index, view;
 
   void node(const Node& n, PyObject* obj, int64_t b);
@@ -274,7 +276,7 @@ int64_t Walk::identity(const Node& n, PyObject* obj, int64_t b) {
 void Walk::node(const Node& n, PyObject* obj, int64_t b) {
   switch (n.kind) {
     case kLeaf:
-      items[n.leaf][b] = obj;
+      items[n.leaf][b] = py::reinterpret_borrow<py::object>(obj);
       return;
     case kIndex:
       index[b] = identity(n, obj, b);
@@ -290,32 +292,37 @@ void Walk::node(const Node& n, PyObject* obj, int64_t b) {
         value_error(subject(n.path, b) + " has " + std::to_string(size) + " elements, expected " +
                     std::to_string(n.size) + " like sample 0");
       }
-      PyObject** el = PySequence_Fast_ITEMS(obj);
-      for (size_t i = 0; i < n.children.size(); ++i) node(n.children[i], el[n.positions[i]], b);
+      for (size_t i = 0; i < n.children.size(); ++i) {
+        // Read afresh for each child: walking the one before may have run Python code that
+        // resized the container.
+        if (PySequence_Fast_GET_SIZE(obj) != n.size) {
+          value_error(subject(n.path, b) + " changed size while it was collated");
+        }
+        const py::object child = py::reinterpret_borrow<py::object>(PySequence_Fast_ITEMS(obj)[n.positions[i]]);
+        node(n.children[i], child.ptr(), b);
+      }
       return;
     }
     case kMap: {
       const bool is_dict = PyDict_Check(obj);
       if (!is_dict && !isinstance(obj, mapping_abc())) mismatch(n.path, b, obj, "a " + n.expected);
       for (size_t i = 0; i < n.children.size(); ++i) {
-        PyObject* v = nullptr;
+        py::object v;
         if (is_dict) {
-          v = PyDict_GetItemWithError(obj, n.keys[i].ptr());
-          if (v == nullptr && PyErr_Occurred()) throw py::error_already_set();
+          v = py::reinterpret_borrow<py::object>(PyDict_GetItemWithError(obj, n.keys[i].ptr()));
+          if (!v && PyErr_Occurred()) throw py::error_already_set();
         } else {
-          v = PyObject_GetItem(obj, n.keys[i].ptr());
-          if (v == nullptr) {
+          v = py::reinterpret_steal<py::object>(PyObject_GetItem(obj, n.keys[i].ptr()));
+          if (!v) {
             if (!PyErr_ExceptionMatches(PyExc_KeyError)) throw py::error_already_set();
             PyErr_Clear();
-          } else {
-            keep.push_back(py::reinterpret_steal<py::object>(v));
           }
         }
-        if (v == nullptr) {
+        if (!v) {
           value_error("field '" + child_path(n.path, n.keys[i]) + "' is missing from sample " +
                       std::to_string(b) + " (sample 0 has it)");
         }
-        node(n.children[i], v, b);
+        node(n.children[i], v.ptr(), b);
       }
       const Py_ssize_t size = is_dict ? PyDict_GET_SIZE(obj) : PyObject_Size(obj);
       if (size < 0) throw py::error_already_set();
@@ -366,16 +373,26 @@ struct Layout {
   }
 };
 
-Layout make_layout(std::vector<int64_t> lengths, bool length_dim, bool force, const Options& opt) {
+// Whether a field is a sequence is the plan's (types, ranks, arguments), never the lengths':
+// a batch whose items happen to have one length is laid out like any other.
+Layout make_layout(std::vector<int64_t> lengths, bool length_dim, bool sequence, const Leaf& leaf,
+                   const Options& opt) {
   Layout l;
   l.batch = opt.batch;
   l.length_dim = length_dim;
   l.lengths = std::move(lengths);
   const auto [lo, hi] = std::minmax_element(l.lengths.begin(), l.lengths.end());
-  l.sequence = length_dim && (force || *lo != *hi);
+  l.sequence = length_dim && sequence;
   l.max_len = *hi;
+  if (length_dim && !l.sequence && *lo != *hi) {
+    const int64_t b = std::find_if(l.lengths.begin(), l.lengths.end(), [&](int64_t n) { return n != l.lengths[0]; }) -
+                      l.lengths.begin();
+    value_error(subject(leaf.path, b) + " has length " + std::to_string(l.lengths[b]) + ", but sample 0 has length " +
+                std::to_string(l.lengths[0]) + ": fields named by stack= are stacked, so their items must have one shape");
+  }
   if (l.sequence) {
     l.left = opt.left;
+    // Collator bounds the multiple (2**20), so this cannot overflow.
     if (opt.multiple > 1) l.max_len = (l.max_len + opt.multiple - 1) / opt.multiple * opt.multiple;
     l.packed = opt.packed;
     if (l.packed) {
@@ -445,13 +462,13 @@ at::Tensor array_tensor(const Leaf& leaf, PyObject* obj, int64_t b) {
   }
 }
 
-LeafOut tensor_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const Options& opt) {
+LeafOut tensor_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const Options& opt) {
   const int64_t B = opt.batch;
   // Owned references: the copies run without the GIL, when another thread could drop the samples.
   std::vector<at::Tensor> items;
   items.reserve(B);
   for (int64_t b = 0; b < B; ++b) {
-    PyObject* obj = objs[b];
+    PyObject* obj = objs[b].ptr();
     if (leaf.kind == kTensor) {
       if (!THPVariable_Check(obj)) mismatch(leaf.path, b, obj, leaf.expected);
       items.push_back(THPVariable_Unpack(obj));
@@ -479,10 +496,16 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const 
     if (x.device() != t0.device()) {
       value_error(subject(leaf.path, b) + " is on " + x.device().str() + ", but sample 0 is on " + t0.device().str());
     }
-    dtype = at::promoteTypes(dtype, x.scalar_type());
+    try {
+      dtype = at::promoteTypes(dtype, x.scalar_type());
+    } catch (const c10::Error&) {
+      type_error(subject(leaf.path, b) + " has dtype " + std::string(py::str(py::cast(x.scalar_type()))) +
+                 ", which torch cannot promote with " + std::string(py::str(py::cast(dtype))) +
+                 " (the dtype of the samples before it): give every sample one dtype");
+    }
     lengths[b] = length_dim ? s[0] : 1;
   }
-  Layout l = make_layout(std::move(lengths), length_dim, leaf.force_sequence, opt);
+  Layout l = make_layout(std::move(lengths), length_dim, leaf.sequence, leaf, opt);
   const bool host = t0.is_cpu();
   at::Tensor out = host ? empty_out(l.shape(trailing), dtype, opt)
                         : at::empty(l.shape(trailing), at::TensorOptions().dtype(dtype).device(t0.device()));
@@ -526,19 +549,19 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const 
 // ---------------------------------------------------------------------------------------------
 // Numbers
 
-LeafOut number_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const Options& opt) {
+LeafOut number_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const Options& opt) {
   const int64_t B = opt.batch;
   Num kind = Num::Bool;
   for (int64_t b = 0; b < B; ++b) {
-    const Num k = num_kind(objs[b]);
-    if (k == Num::Bad) mismatch(leaf.path, b, objs[b], leaf.expected);
+    const Num k = num_kind(objs[b].ptr());
+    if (k == Num::Bad) mismatch(leaf.path, b, objs[b].ptr(), leaf.expected);
     kind = std::max(kind, k);
   }
   const at::ScalarType dtype = num_dtype(kind, at::kDouble);
-  Layout l = make_layout(std::vector<int64_t>(B, 1), /*length_dim=*/false, false, opt);
+  Layout l = make_layout(std::vector<int64_t>(B, 1), /*length_dim=*/false, false, leaf, opt);
   at::Tensor out = empty_out({B}, dtype, opt);
   for (int64_t b = 0; b < B; ++b) {
-    PyObject* o = objs[b];
+    PyObject* o = objs[b].ptr();
     switch (kind) {
       case Num::Bool:
         out.mutable_data_ptr<bool>()[b] = bool_value(o);
@@ -554,7 +577,13 @@ LeafOut number_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const 
         break;
       }
       default:
-        out.mutable_data_ptr<double>()[b] = num_kind(o) == Num::Bool ? bool_value(o) : float_value(o);
+        try {
+          out.mutable_data_ptr<double>()[b] = num_kind(o) == Num::Bool ? bool_value(o) : float_value(o);
+        } catch (py::error_already_set& e) {
+          if (!e.matches(PyExc_OverflowError)) throw;
+          value_error(subject(leaf.path, b) + " is an int too large for float64, the dtype of this "
+                      "field because some sample holds a float there");
+        }
     }
   }
   return {py::cast(out), std::move(l)};
@@ -652,7 +681,7 @@ struct ListWriter {
 
 // Writes every item into `out`; returns the wider kind needed, or `kind` when done.
 template <typename T>
-Num write_lists(const Leaf& leaf, const std::vector<PyObject*>& objs, const std::vector<int64_t>& trailing,
+Num write_lists(const Leaf& leaf, const std::vector<py::object>& objs, const std::vector<int64_t>& trailing,
                 const Layout& l, Num kind, at::Tensor& out) {
   const int64_t inner = c10::multiply_integers(trailing);
   T* base = out.mutable_data_ptr<T>();
@@ -661,7 +690,7 @@ Num write_lists(const Leaf& leaf, const std::vector<PyObject*>& objs, const std:
     T* dst = base + l.first_row(b) * inner;
     w.sample = b;
     w.at.clear();
-    if (!w.write(objs[b], 0, dst)) return w.wider;
+    if (!w.write(objs[b].ptr(), 0, dst)) return w.wider;
   }
   // The pad value is checked against the final dtype, once every element is known to fit it.
   if (l.has_padding()) {
@@ -672,20 +701,20 @@ Num write_lists(const Leaf& leaf, const std::vector<PyObject*>& objs, const std:
   return kind;
 }
 
-LeafOut list_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const Options& opt) {
+LeafOut list_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const Options& opt) {
   const int64_t B = opt.batch;
   std::vector<int64_t> lengths(B);
   int64_t first = -1;
   for (int64_t b = 0; b < B; ++b) {
-    if (!PyList_Check(objs[b])) mismatch(leaf.path, b, objs[b], leaf.expected);
-    lengths[b] = PyList_GET_SIZE(objs[b]);
+    if (!PyList_Check(objs[b].ptr())) mismatch(leaf.path, b, objs[b].ptr(), leaf.expected);
+    lengths[b] = PyList_GET_SIZE(objs[b].ptr());
     if (first < 0 && lengths[b] > 0) first = b;
   }
   // Nested dims and a first guess of the dtype, from the first element of the first non-empty item.
   std::vector<int64_t> trailing;
   Num kind = Num::Float;  // no element at all: torch.tensor([]) is of the default float dtype
   if (first >= 0) {
-    PyObject* el = PyList_GET_ITEM(objs[first], 0);
+    PyObject* el = PyList_GET_ITEM(objs[first].ptr(), 0);
     while (PyList_Check(el) && PyList_GET_SIZE(el) > 0) {
       trailing.push_back(PyList_GET_SIZE(el));
       el = PyList_GET_ITEM(el, 0);
@@ -696,7 +725,7 @@ LeafOut list_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const Op
       kind = std::min(num_kind(el), Num::Float);
     }
   }
-  Layout l = make_layout(std::move(lengths), /*length_dim=*/true, /*force=*/true, opt);
+  Layout l = make_layout(std::move(lengths), /*length_dim=*/true, leaf.sequence, leaf, opt);
   const std::vector<int64_t> shape = l.shape(trailing);
   while (true) {
     at::Tensor out = empty_out(shape, num_dtype(kind, opt.float_dtype), opt);
@@ -718,19 +747,19 @@ LeafOut list_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const Op
 // ---------------------------------------------------------------------------------------------
 // Other objects stay a list
 
-LeafOut object_leaf(const Leaf& leaf, const std::vector<PyObject*>& objs, const Options& opt) {
+LeafOut object_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const Options& opt) {
   const int64_t B = opt.batch;
   PyObject* type = leaf.object_type.ptr();
   const bool any = type == reinterpret_cast<PyObject*>(Py_TYPE(Py_None));
   py::list out(B);
   for (int64_t b = 0; b < B; ++b) {
-    PyObject* o = objs[b];
+    PyObject* o = objs[b].ptr();
     if (!any && o != Py_None && reinterpret_cast<PyObject*>(Py_TYPE(o)) != type) {
       mismatch(leaf.path, b, o, leaf.expected);
     }
     out[b] = py::reinterpret_borrow<py::object>(o);
   }
-  return {std::move(out), make_layout(std::vector<int64_t>(B, 1), false, false, opt)};
+  return {std::move(out), make_layout(std::vector<int64_t>(B, 1), false, false, leaf, opt)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -771,10 +800,13 @@ py::tuple collate(const py::list& samples, const py::tuple& walk_plan, const py:
                       py::reinterpret_borrow<py::object>(t[3]), scalar_of(t[4]), t[5].cast<bool>()});
   }
   Walk w;
-  w.items.assign(leaves.size(), std::vector<PyObject*>(opt.batch, nullptr));
+  w.items.assign(leaves.size(), std::vector<py::object>(opt.batch));
   w.index.assign(opt.batch, 0);
   w.view.assign(opt.batch, 0);
-  for (int64_t b = 0; b < opt.batch; ++b) w.node(root, samples[b].ptr(), b);
+  for (int64_t b = 0; b < opt.batch; ++b) {
+    const py::object sample = samples[b];
+    w.node(root, sample.ptr(), b);
+  }
 
   std::vector<LeafOut> outs;
   outs.reserve(leaves.size());

@@ -2,7 +2,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -141,8 +143,12 @@ Element to_element(const c10::Scalar& value, c10::ScalarType dtype) {
 }
 
 bool represents(const c10::Scalar& value, c10::ScalarType dtype, const Element& e) {
-  if (!c10::isIntegralType(dtype, /*includeBool=*/true)) return true;
   const c10::Scalar& back = e.value;
+  if (c10::isComplexType(dtype) || value.isComplex()) return true;
+  if (!c10::isIntegralType(dtype, /*includeBool=*/true)) {
+    // 1e5 in float16 would pad with inf: only a value that is itself infinite may become one.
+    return !std::isfinite(value.toDouble()) || std::isfinite(back.toDouble());
+  }
   try {
     return value.isFloatingPoint() ? static_cast<double>(back.toLong()) == value.toDouble()
                                    : !value.isComplex() && back.toLong() == value.toLong();
@@ -198,6 +204,12 @@ PadArgs pad_args(const at::Tensor& values, const at::Tensor& offsets, int64_t ma
   a.offsets = index_arg("pad", "offsets", offsets, a.batch + 1, values.device());
   check_offsets("pad", a.offsets, a.total, max_len);
   a.values = values.contiguous();
+  // numpy and torch.frombuffer allow data below its element's alignment (complex128 at an 8-byte
+  // address); the pad pattern is written in whole elements, so such values are copied first,
+  // as bytes (torch's own typed kernels may not handle them).
+  if (reinterpret_cast<uintptr_t>(a.values.const_data_ptr()) % a.values.element_size() != 0) {
+    a.values = a.values.view(at::kByte).clone().view(values.scalar_type());
+  }
   a.out_shape = {a.batch, max_len};
   for (int64_t d = 1; d < values.dim(); ++d) a.out_shape.push_back(values.size(d));
   return a;
@@ -219,6 +231,34 @@ UnpadArgs unpad_args(const at::Tensor& padded, const at::Tensor& offsets, int64_
   return a;
 }
 
+namespace {
+// The bytes a strided tensor can reach, [first, last): torch has no negative strides.
+std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  const auto first = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {first, first + static_cast<uintptr_t>((last + 1) * static_cast<int64_t>(t.element_size()))};
+}
+
+// Conservative, as it must be for a write: spans that meet refuse the call even where the
+// elements interleave without touching.
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || a.device() != b.device()) return false;
+  const auto [a0, a1] = byte_span(a);
+  const auto [b0, b1] = byte_span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+void check_no_overlap(const char* op, const at::Tensor& dst, std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(dst) != at::MemOverlap::Yes, op,
+                    ": dst has elements that share memory (an expanded tensor?); pass dst.clone()");
+  for (const auto& [name, t] : inputs) {
+    TORCH_CHECK_VALUE(!may_overlap(dst, *t), op, ": dst and ", name, " share memory, so writing dst would "
+                      "change what is read from ", name, "; pass ", name, ".clone()");
+  }
+}
+}  // namespace
+
 ScatterArgs unpad_scatter_args(const at::Tensor& dst, const at::Tensor& padded,
                                const at::Tensor& lengths, const at::Tensor& dst_offsets) {
   const char* op = "unpad_scatter_";
@@ -234,6 +274,7 @@ ScatterArgs unpad_scatter_args(const at::Tensor& dst, const at::Tensor& padded,
                    "one dtype, got ", dst.scalar_type(), " and ", padded.scalar_type());
   TORCH_CHECK_VALUE(dst.device() == padded.device(), op, ": dst and padded must be on one "
                     "device, got ", dst.device(), " and ", padded.device());
+  check_no_overlap(op, dst, {{"padded", &padded}, {"lengths", &lengths}, {"dst_offsets", &dst_offsets}});
   ScatterArgs a;
   a.batch = padded.size(0);
   a.max_len = padded.size(1);

@@ -105,8 +105,9 @@ struct Element {
 };
 Element to_element(const c10::Scalar& value, c10::ScalarType dtype);
 
-// Whether `e` (value converted to dtype) still equals value: always for floating and complex
-// dtypes; for integers and bool, false where the conversion wrapped or truncated it.
+// Whether `e` (value converted to dtype) still stands for value: for floating dtypes, false where a
+// finite value overflowed to inf; for integers and bool, false where the conversion wrapped or
+// truncated it; always for complex.
 bool represents(const c10::Scalar& value, c10::ScalarType dtype, const Element& e);
 
 // The pad value converted to the tensor's dtype and repeated to fill `unit` bytes.

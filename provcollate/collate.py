@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import math
 import operator
 import warnings
 from typing import Callable
@@ -46,6 +47,7 @@ _EXPECTED = {
     _LIST: "a list of numbers",
 }
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_MAX_MULTIPLE = 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +106,8 @@ class _Plan:
 
     ``walk`` is the tree the fused pass follows through every raw sample (identity included);
     ``template`` rebuilds ``batch.data`` from the collated fields; ``leaves`` describes each field:
-    ``(path, kind, expected, object_type, pad_value, force_sequence)``.
+    ``(path, kind, expected, object_type, pad_value, sequence)``; a sequence field is padded (or packed)
+    with lengths, any other field is stacked.
     """
 
     def __init__(self, collator: "Collator", first) -> None:
@@ -112,6 +115,7 @@ class _Plan:
         self.leaves: list[tuple] = []
         self.paths: list[tuple] = []  # each field's keys/positions inside batch.data
         self.ndims: list[int] = []
+        self.names: dict[str, int] = {}  # field path -> leaf id
         if isinstance(first, Sample):
             if collator.index is not None:
                 raise ValueError(
@@ -185,29 +189,45 @@ class _Plan:
             expected = "anything" if x is None else f"a {type(x).__name__} (or None)"
         else:
             expected = _EXPECTED[kind]
-        self.leaves.append((name, kind, expected, type(x), c.pad_values.get(name, c.pad_value), False))
+        if name in self.names:
+            first = self.paths[self.names[name]]
+            raise ValueError(
+                f"Collator: two fields of sample 0 have the path {name!r} (keys {list(first)} and {list(path)}); "
+                "fields are named by their path joined with '.', so rename one of them"
+            )
+        ndim = x.dim() if kind == _TENSOR else (x.ndim if kind == _ARRAY else (1 if kind == _LIST else 0))
+        # A sequence (padded or packed, with lengths) by type and rank alone, never by the lengths
+        # one batch happens to hold: equal lengths padded are the same data as stacked.
+        sequence = ndim >= 1 and name not in c.stack
+        self.names[name] = leaf_id
+        self.leaves.append((name, kind, expected, type(x), c.pad_values.get(name, c.pad_value), sequence))
         self.paths.append(path)
-        self.ndims.append(x.dim() if kind == _TENSOR else (x.ndim if kind == _ARRAY else (1 if kind == _LIST else 0)))
+        self.ndims.append(ndim)
         return (_LEAF, leaf_id), (_LEAF, leaf_id)
 
     def _named_fields(self) -> int:
-        """Marks the fields named by ``primary`` and ``pad_values`` as sequences; returns the primary's id."""
+        """Checks the fields named by ``primary``, ``pad_values`` and ``stack``; returns the primary's id:
+        the named one, else the first sequence field of sample 0 (-1 without one)."""
         c = self.collator
-        names = {leaf[0]: i for i, leaf in enumerate(self.leaves)}
-        named = [("pad_values", name) for name in c.pad_values]
+        names = self.names
+        named = [("pad_values", name) for name in c.pad_values] + [("stack", name) for name in c.stack]
         if c.primary is not None:
             named.append(("primary", c.primary))
         for arg, name in named:
             if name not in names:
-                raise ValueError(f"Collator: {arg} names field {name!r}, which sample 0 does not have; its fields are {list(names)}")
+                fields = ", ".join("the sample itself ('')" if n == "" else repr(n) for n in names)
+                raise ValueError(f"Collator: {arg} names field {name!r}, which sample 0 does not have; its fields are {fields}")
             i = names[name]
             if self.ndims[i] < 1:
                 raise ValueError(
                     f"Collator: {arg} names field {name!r}, which has no length dimension to pad "
                     f"(sample 0 holds a {self.leaves[i][3].__name__} there)"
                 )
-            self.leaves[i] = self.leaves[i][:5] + (True,)
-        return names[c.primary] if c.primary is not None else -1
+            if arg != "stack" and name in c.stack:
+                raise ValueError(f"Collator: {arg} names field {name!r}, which stack= also names: a stacked field is never padded")
+        if c.primary is not None:
+            return names[c.primary]
+        return next((i for i, leaf in enumerate(self.leaves) if leaf[5]), -1)
 
     def assemble(self, values: list):
         """``batch.data``: the structure of sample 0's data with each field's collated value in place."""
@@ -323,7 +343,10 @@ def _pad_for(path: str, value, dtype: torch.dtype):
     by Python's == (0 pads a bool field). The same rule as csrc/collate.cpp's pad_pattern."""
     try:
         cast = torch.full((), value, dtype=dtype).item()
-        ok = dtype.is_floating_point or dtype.is_complex or cast == value
+        if dtype.is_floating_point:  # only an infinite value may become inf (1e5 in float16 would)
+            ok = math.isinf(value) or not math.isinf(cast)
+        else:
+            ok = dtype.is_complex or cast == value
     except RuntimeError:
         ok = False
     if not ok:
@@ -340,10 +363,14 @@ class _Field:
         self.value, self.lengths, self.offsets, self.max_len = value, lengths, offsets, max_len
 
 
-def _place(leaf, tensors: list, lengths: list, length_dim: bool, force: bool, opts: dict) -> _Field:
-    """Stack equal items, or pad (or pack) a sequence field, as the fused pass lays it out."""
-    sequence = length_dim and (force or min(lengths) != max(lengths))
+def _place(leaf, tensors: list, lengths: list, length_dim: bool, opts: dict) -> _Field:
+    """Pad (or pack) a sequence field, or stack the others, as the fused pass lays them out."""
+    sequence = length_dim and leaf[5]
     if not sequence:
+        b = next((b for b, n in enumerate(lengths) if n != lengths[0]), None)
+        if length_dim and b is not None:
+            raise ValueError(f"Collator: {_subject(leaf[0], b)} has length {lengths[b]}, but sample 0 has length "
+                             f"{lengths[0]}: fields named by stack= are stacked, so their items must have one shape")
         return _Field(torch.stack(tensors))
     max_len = max(lengths)
     m = opts["multiple"]
@@ -399,9 +426,13 @@ def _tensor_field(leaf, objs: list, opts: dict) -> _Field:
             )
         if x.device != t0.device:
             raise ValueError(f"Collator: {_subject(path, b)} is on {x.device}, but sample 0 is on {t0.device}")
-        dtype = torch.promote_types(dtype, x.dtype)
+        try:
+            dtype = torch.promote_types(dtype, x.dtype)
+        except RuntimeError:
+            raise TypeError(f"Collator: {_subject(path, b)} has dtype {x.dtype}, which torch cannot promote with {dtype} "
+                            "(the dtype of the samples before it): give every sample one dtype") from None
     lengths = [x.shape[0] if length_dim else 1 for x in ts]
-    return _place(leaf, [x.to(dtype) for x in ts], lengths, length_dim, leaf[5], opts)
+    return _place(leaf, [x.to(dtype) for x in ts], lengths, length_dim, opts)
 
 
 def _number_field(leaf, objs: list, opts: dict) -> _Field:
@@ -415,7 +446,14 @@ def _number_field(leaf, objs: list, opts: dict) -> _Field:
         return _Field(torch.tensor([bool(x) for x in objs], dtype=torch.bool))
     if kind == _INT:
         return _Field(torch.tensor([_int64(x, _subject(leaf[0], b) + " is") for b, x in enumerate(objs)], dtype=torch.int64))
-    return _Field(torch.tensor([float(x) for x in objs], dtype=torch.float64))
+    values = []
+    for b, x in enumerate(objs):
+        try:
+            values.append(float(x))
+        except OverflowError:
+            raise ValueError(f"Collator: {_subject(leaf[0], b)} is an int too large for float64, the dtype of this "
+                             "field because some sample holds a float there") from None
+    return _Field(torch.tensor(values, dtype=torch.float64))
 
 
 def _flatten(leaf, x: list, b: int, trailing: list, depth: int, at: list, out: list) -> int:
@@ -432,6 +470,8 @@ def _flatten(leaf, x: list, b: int, trailing: list, depth: int, at: list, out: l
                                 f"{''.join(f'[{j}]' for j in at + [i])}; lists must hold only numbers (bool, int, float)")
             if k == _INT:
                 v = _int64(v, f"{_subject(leaf[0], b)} holds at {''.join(f'[{j}]' for j in at + [i])}")
+            else:  # Python's own bool and float, as the fused pass reads numpy scalars
+                v = bool(v) if k == _BOOL else float(v)
             out.append(v)
             kind = max(kind, k)
         return kind
@@ -470,7 +510,7 @@ def _list_field(leaf, objs: list, opts: dict) -> _Field:
         kind = _FLOAT  # no element at all: torch.tensor([]) is of the default float dtype
     dtype = {_BOOL: torch.bool, _INT: torch.int64, _FLOAT: opts["float_dtype"]}[kind]
     tensors = [torch.tensor(items, dtype=dtype).view(len(x), *trailing) for items, x in zip(flat, objs)]
-    return _place(leaf, tensors, [len(x) for x in objs], True, True, opts)  # lists are always sequences
+    return _place(leaf, tensors, [len(x) for x in objs], True, opts)
 
 
 def _object_field(leaf, objs: list, opts: dict) -> _Field:
@@ -644,6 +684,8 @@ class Batch:
     def __init__(self, *, index, view, data, lengths=None, field_lengths=None, mask=None, max_len=None,
                  offsets=None, field_offsets=None, padding_side="right", host_index=None, host_lengths=None,
                  packed_fields=None, host_view=None) -> None:
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"Batch: padding_side must be 'right' or 'left', got {padding_side!r}")
         self.index = index
         self.view = view
         self.data = data
@@ -762,18 +804,26 @@ class Collator:
     index at position/key ``index`` (``Collator(index=2)`` for datasets returning ``(x, y, idx)``;
     that field is dropped from ``batch.data``). Their data may nest tuples, lists and dicts of:
 
-    * tensors and numpy arrays: a leading dim that varies across the batch is padded to
-      ``[B, T, ...]`` (``pad_value``, per-field ``pad_values``, ``padding_side``,
-      ``pad_to_multiple_of``); equal shapes are stacked. Dims after the first must agree.
-    * lists of numbers, nested to any depth (as tokenizers return them): always sequence fields,
-      padded like tensors, of dtype bool, int64 or the default float dtype (torch.tensor's rule).
+    * tensors and numpy arrays with a leading dim: padded along it to ``[B, T, ...]``
+      (``pad_value``, per-field ``pad_values``, ``padding_side``, ``pad_to_multiple_of``);
+      dims after the first must agree. 0-d ones are stacked to ``[B]``.
+    * lists of numbers, nested to any depth (as tokenizers return them): padded like tensors, of dtype bool, int64 or the default float dtype (torch.tensor's rule).
     * numbers: a tensor [B] of dtype bool, int64 or float64 (default_collate's rule).
     * strings and other objects: a list of the samples' values.
 
-    Fields are named by their path in the data: ``"input_ids"``, ``"0"``, ``"inputs.ids"``. A field
-    is a sequence field (padded, with lengths) when its leading dim varies in the batch, when it is a
-    list of numbers, or when it is named by ``primary`` or ``pad_values``. ``batch.lengths`` and
-    ``batch.mask`` describe the primary field: ``primary``, or the first sequence field found.
+    Fields are named by their path in the data: ``"input_ids"``, ``"0"``, ``"inputs.ids"``; two
+    fields with one path (``{"a.b": x, "a": {"b": y}}``, keys ``0`` and ``"0"``) raise ValueError.
+
+    Which fields are sequences is decided by the samples' types and ranks and these arguments,
+    never by the lengths one batch holds, so every batch of a loader has the same schema (the last,
+    short batch and a batch of one included): every tensor or array with a leading dim and every
+    list of numbers is a *sequence field*, padded along its first dim (or packed), with its lengths
+    in ``batch.field_lengths``; items of equal length padded are the same data as stacked (seed
+    scenario 1's feature rows ``[10]`` come out ``[B, 10]``). Fields named by ``stack`` are stacked
+    instead (their items must agree in shape; use it for fixed-size inputs such as images when
+    ``packed`` or ``pad_to_multiple_of`` is on). ``batch.lengths``, ``batch.mask`` and
+    ``batch.max_len`` describe the *primary* field: ``primary``, or else the first sequence field of
+    sample 0; they are None only when there is no sequence field at all.
 
     Args:
         pad_value: fill of padded positions.
@@ -786,13 +836,14 @@ class Collator:
         primary: path of the primary sequence field.
         pin_memory: write every output straight into pinned memory (needs an accelerator). With
             DataLoader workers use ``DataLoader(pin_memory=True)`` instead, which pins in the main process.
+        stack: field paths to stack rather than pad: no lengths, never packed or rounded up.
 
     Every output is new memory (no tensor of the samples is shared) and carries no autograd history.
     Bad input raises TypeError/ValueError naming the field path and the sample's position in the batch.
     """
 
     def __init__(self, pad_value=0, pad_values=None, padding_side: str = "right", pad_to_multiple_of=None,
-                 packed: bool = False, index=None, primary=None, pin_memory: bool = False) -> None:
+                 packed: bool = False, index=None, primary=None, pin_memory: bool = False, stack=None) -> None:
         _check_number("pad_value", pad_value)
         if pad_values is None:
             pad_values = {}
@@ -805,9 +856,19 @@ class Collator:
         if padding_side not in ("right", "left"):
             raise ValueError(f"Collator: padding_side must be 'right' or 'left', got {padding_side!r}")
         if pad_to_multiple_of is not None and (
-            isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1
+            isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int)
         ):
-            raise ValueError(f"Collator: pad_to_multiple_of must be None or an int >= 1, got {pad_to_multiple_of!r}")
+            raise TypeError(f"Collator: pad_to_multiple_of must be None or an int, got {type(pad_to_multiple_of).__name__}")
+        if pad_to_multiple_of is not None and not 1 <= pad_to_multiple_of <= _MAX_MULTIPLE:
+            raise ValueError(
+                f"Collator: pad_to_multiple_of must be in [1, {_MAX_MULTIPLE}] (2**20: every padded field is "
+                f"at least that long), got {pad_to_multiple_of}"
+            )
+        if stack is None:
+            stack = ()
+        if isinstance(stack, str) or not isinstance(stack, collections.abc.Iterable):
+            raise TypeError(f"Collator: stack must be a list of field paths, got {type(stack).__name__}")
+        self.stack = tuple(_field_name("stack", key) for key in stack)
         for name, flag in (("packed", packed), ("pin_memory", pin_memory)):
             if not isinstance(flag, bool):
                 raise TypeError(f"Collator: {name} must be a bool, got {type(flag).__name__}")
@@ -857,7 +918,7 @@ class Collator:
 
     def __repr__(self) -> str:
         args = [f"pad_value={self.pad_value!r}"]
-        for name in ("pad_values", "pad_to_multiple_of", "index", "primary"):
+        for name in ("pad_values", "pad_to_multiple_of", "index", "primary", "stack"):
             if getattr(self, name):
                 args.append(f"{name}={getattr(self, name)!r}")
         if self.padding_side != "right":

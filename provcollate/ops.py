@@ -18,6 +18,7 @@ sets that threshold in bytes instead (0 streams every output). The Collator foll
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -26,28 +27,49 @@ from . import reference
 
 __all__ = ["pad", "unpad", "unpad_scatter_", "HAS_EXTENSION"]
 
-try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.provcollate.*)
 
-    HAS_EXTENSION = True
-    # Bound once: looking an op up through torch.ops on every call costs microseconds.
-    _pad = torch.ops.provcollate.pad.default
-    _unpad = torch.ops.provcollate.unpad.default
-    _unpad_scatter_ = torch.ops.provcollate.unpad_scatter_.default
-except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+def _extension_wanted() -> bool:
+    """``PROVCOLLATE_EXTENSION=0`` runs the whole package on the pure-PyTorch paths."""
+    flag = os.environ.get("PROVCOLLATE_EXTENSION", "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"provcollate: PROVCOLLATE_EXTENSION must be '0' or '1', got {flag!r}")
+    return flag != "0"
+
+
+if not _extension_wanted():
     HAS_EXTENSION = False
     warnings.warn(
-        f"provcollate: the compiled extension could not be loaded ({exc}); running on the "
-        "pure-PyTorch reference (provcollate.reference), which is correct but slower. "
-        "Rebuild with `pip install --no-build-isolation -e .`.",
+        "provcollate: PROVCOLLATE_EXTENSION=0, so everything runs on the pure-PyTorch paths "
+        "(provcollate.reference and the Python collate), without the compiled extension.",
         RuntimeWarning,
         stacklevel=2,
     )
+else:
+    try:
+        from . import _C  # noqa: F401  (loading it registers torch.ops.provcollate.*)
+
+        HAS_EXTENSION = True
+        # Bound once: looking an op up through torch.ops on every call costs microseconds.
+        _pad = torch.ops.provcollate.pad.default
+        _unpad = torch.ops.provcollate.unpad.default
+        _unpad_scatter_ = torch.ops.provcollate.unpad_scatter_.default
+    except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
+        HAS_EXTENSION = False
+        warnings.warn(
+            f"provcollate: the compiled extension could not be loaded ({exc}); running on the "
+            "pure-PyTorch reference (provcollate.reference), which is correct but slower. "
+            "Rebuild with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def _check_int(op: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    # Bounded here so that both paths raise the same: the dispatcher would fail converting it.
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"{op}: {name} must fit in int64, got {value}")
 
 
 def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, left: bool = False) -> torch.Tensor:

@@ -42,9 +42,9 @@ import torch
 from . import ops
 from .dataset import _check_int
 
-try:
+if ops.HAS_EXTENSION:
     from ._C import record_rows as _record_rows
-except ImportError:  # no compiled extension (ops.py warns): add() takes the general path only
+else:  # no compiled extension, or PROVCOLLATE_EXTENSION=0 (ops.py warns): add() takes the general path only
     _record_rows = None
 
 __all__ = ["Recorder", "Predictions"]

@@ -6,6 +6,8 @@ like the compiled ops do (it reads offsets on the host, wherever they live).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["pad", "unpad", "unpad_scatter_", "valid_mask"]
@@ -51,6 +53,8 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, 
         raise ValueError("pad: values must have a leading length dimension [total, ...], got a 0-d tensor")
     lengths = _lengths("pad", offsets, values.shape[0], max_len).to(values.device)
     fill = torch.full((), pad_value, dtype=values.dtype)
+    if values.dtype.is_floating_point and math.isfinite(pad_value) and not math.isfinite(fill.item()):
+        raise ValueError(f"pad: pad_value {pad_value} cannot be represented in {values.dtype} (it would become inf)")
     if not (values.dtype.is_floating_point or values.dtype.is_complex) and fill.item() != pad_value:
         raise ValueError(f"pad: pad_value {pad_value} cannot be represented in {values.dtype} (it would become {fill.item()})")
     out = values.new_full((lengths.numel(), max_len, *values.shape[1:]), pad_value)
@@ -69,6 +73,24 @@ def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: int, left: bool = 
     return padded[valid_mask(lengths, padded.shape[1], left)]
 
 
+def _byte_span(t: torch.Tensor) -> tuple:
+    first = t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return first, first + (last + 1) * t.element_size()
+
+
+def _check_no_overlap(op: str, dst: torch.Tensor, **inputs: torch.Tensor) -> None:
+    """Refuses a write into ``dst`` that could change what is read: spans that meet count."""
+    if torch._debug_has_internal_overlap(dst) == 1:
+        raise ValueError(f"{op}: dst has elements that share memory (an expanded tensor?); pass dst.clone()")
+    for name, t in inputs.items():
+        if dst.numel() == 0 or t.numel() == 0 or dst.device != t.device:
+            continue
+        (a0, a1), (b0, b1) = _byte_span(dst), _byte_span(t)
+        if a0 < b1 and b0 < a1:
+            raise ValueError(f"{op}: dst and {name} share memory, so writing dst would change what is read from {name}; pass {name}.clone()")
+
+
 def unpad_scatter_(dst: torch.Tensor, padded: torch.Tensor, lengths: torch.Tensor, dst_offsets: torch.Tensor, left: bool = False) -> torch.Tensor:
     """Reference of :func:`provcollate.ops.unpad_scatter_`: index assignment of the masked rows."""
     op = "unpad_scatter_"
@@ -78,6 +100,7 @@ def unpad_scatter_(dst: torch.Tensor, padded: torch.Tensor, lengths: torch.Tenso
         raise ValueError(f"{op}: trailing dims of dst {tuple(dst.shape[1:])} must equal those of padded {tuple(padded.shape[2:])}")
     if dst.dtype != padded.dtype:
         raise TypeError(f"{op}: dst and padded must have one dtype, got {dst.dtype} and {padded.dtype}")
+    _check_no_overlap(op, dst, padded=padded, lengths=lengths, dst_offsets=dst_offsets)
     batch, max_len = padded.shape[:2]
     for name, t in (("lengths", lengths), ("dst_offsets", dst_offsets)):
         if t.dtype not in (torch.int32, torch.int64):

@@ -13,7 +13,8 @@ read): ``index`` int64, ``view`` int64 (when some view is not 0), ``count`` int6
 outputs), then one column per output holding each entry's bytes in native byte order:
 ``fixed_size_binary`` (its row) per example, ``large_binary`` (its ``length`` rows) per token.
 The schema metadata key ``provcollate.shard`` records dtypes, row shapes and the Recorder's
-settings. Byte columns are written and read at close to disk speed, several times faster than
+settings. Every data page carries a CRC checksum that reading verifies, so a flipped bit or a
+truncated file raises ValueError naming the file instead of coming back as data. Byte columns are written and read at close to disk speed, several times faster than
 Arrow's nested lists; ``Predictions.read(dir).to_parquet(file)`` gives one typed table.
 
 Reading merges shards in (rank, seq) order, one row group (about 64 MiB) at a time, into storage
@@ -22,6 +23,7 @@ lowest rank, and within a rank the earliest write; ``"last"`` the highest rank's
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -71,17 +73,34 @@ def _shards(directory: str) -> List[Tuple[int, int, str]]:
     return sorted(found)
 
 
+@contextlib.contextmanager
+def _reading(file: str, owner: str):
+    """Whatever a damaged, truncated or foreign file makes pyarrow, the OS or json raise comes out
+    as one ValueError naming the file."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{owner}: {file} is damaged or is not a shard written by Recorder.write "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+
 def _meta(file: str, owner: str) -> Dict[str, Any]:
     import pyarrow.parquet as pq
 
-    raw = (pq.read_schema(file).metadata or {}).get(_META_KEY)
-    if raw is None:
-        raise ValueError(f"{owner}: {file} has no provcollate shard metadata; it was not written by Recorder.write")
-    meta = json.loads(raw)
-    if meta.get("format") != _FORMAT:
-        raise ValueError(f"{owner}: {file} has shard format {meta.get('format')!r}; this provcollate reads format {_FORMAT}")
-    if meta["byteorder"] != sys.byteorder:
-        raise ValueError(f"{owner}: {file} was written on a {meta['byteorder']}-endian machine; this one is {sys.byteorder}-endian")
+    with _reading(file, owner):
+        raw = (pq.read_schema(file).metadata or {}).get(_META_KEY)
+        if raw is None:
+            raise ValueError(f"{owner}: {file} has no provcollate shard metadata; it was not written by Recorder.write")
+        meta = json.loads(raw)
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else meta
+            raise ValueError(f"{owner}: {file} has shard format {found!r}; this provcollate reads format {_FORMAT}")
+        if meta["byteorder"] != sys.byteorder:
+            raise ValueError(f"{owner}: {file} was written on a {meta['byteorder']}-endian machine; this one is {sys.byteorder}-endian")
+        for key in ("outputs", "single") + _SETTINGS:
+            meta[key]  # noqa: B018  (a KeyError here names the missing key)
     return meta
 
 
@@ -133,6 +152,7 @@ def _write_shard(file: str, block: _entries.Entries, meta: Dict[str, Any]) -> No
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp, row_group_size=rows_per_group, compression="none", use_dictionary=False,
+                       write_page_checksum=True,
                        write_statistics=["index"], column_encoding={c: "DELTA_BINARY_PACKED" for c in _INTS if c in arrays})
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -182,17 +202,21 @@ def _blocks(file: str, meta: Dict[str, Any], owner: str, values: bool = True) ->
     """The entries of one shard, a row group at a time; bookkeeping columns only unless ``values``."""
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(file)
-    names = set(pf.schema_arrow.names)
+    with _reading(file, owner):
+        # Every page's CRC is checked: a flipped bit raises instead of being returned as data.
+        pf = pq.ParquetFile(file, page_checksum_verification=True)
+        names = set(pf.schema_arrow.names)
+        num_row_groups = pf.num_row_groups
     wanted = None if values else [c for c in ("index", "view", "count", "length") if c in names]
-    for g in range(pf.num_row_groups):
-        table = pf.read_row_group(g, columns=wanted)
-        # Copies (8 bytes an entry): Arrow's own buffers are read-only, and these become index tensors.
-        index = np.array(table.column("index").to_numpy())
-        view = np.array(table.column("view").to_numpy()) if "view" in names else None
-        count = np.array(table.column("count").to_numpy()) if "count" in names else None
-        lengths = np.array(table.column("length").to_numpy()) if "length" in names else None
-        columns = {o["name"]: _column(table, o, len(index), lengths, file, owner) for o in meta["outputs"]} if values else {}
+    for g in range(num_row_groups):
+        with _reading(file, owner):
+            table = pf.read_row_group(g, columns=wanted)
+            # Copies (8 bytes an entry): Arrow's own buffers are read-only, and these become index tensors.
+            index = np.array(table.column("index").to_numpy())
+            view = np.array(table.column("view").to_numpy()) if "view" in names else None
+            count = np.array(table.column("count").to_numpy()) if "count" in names else None
+            lengths = np.array(table.column("length").to_numpy()) if "length" in names else None
+            columns = {o["name"]: _column(table, o, len(index), lengths, file, owner) for o in meta["outputs"]} if values else {}
         yield _entries.Entries(index, view, count, lengths, columns)
 
 

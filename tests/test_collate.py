@@ -191,7 +191,9 @@ def test_seed_synthetic(impl):
         assert_same_data(batch.data, (inputs, labels))
         assert_same_data(batch.index, original_indices)
         assert torch.equal(batch.view, torch.zeros_like(original_indices))
-        assert batch.lengths is None and batch.mask is None and batch.max_len is None and batch.field_lengths == {}
+        # Feature rows [10] are a field with a leading dim: stacked data, all-True mask (issue 11).
+        assert batch.lengths.tolist() == [10] * len(samples) and bool(batch.mask.all()) and batch.max_len == 10
+        assert list(batch.field_lengths) == ["0"]
         assert len(batch) == len(samples)
 
 
@@ -446,14 +448,17 @@ def test_nested_structures_and_kinds(impl):
     assert d["score"].dtype == torch.float64 and d["score"].tolist() == [0.5, 1.0, 0.5, 1.0]
     assert d["meta"] == ["m0", "m1", None, "m3"]
     assert torch.equal(d["boxes"][0], torch.arange(4.0)[:, None].expand(4, 2)) and d["boxes"][1].shape == (4, 1)
-    assert batch.field_lengths.keys() == {"text.ids", "text.ids2d", "audio", "flags"}
+    assert batch.field_lengths.keys() == {"text.ids", "text.ids2d", "audio", "flags", "boxes.0", "boxes.1"}
     assert torch.equal(batch.lengths, torch.tensor([1, 2, 3, 4]))  # the first sequence field: text.ids
 
 
 def test_primary_and_forced_sequences(impl):
     samples = indexed([{"a": torch.ones(3), "b": torch.ones(2, 4) * i} for i in range(3)])
     plain = pc.Collator()(samples)
-    assert plain.lengths is None and plain.field_lengths == {}  # equal shapes are stacked
+    # Equal shapes padded are the same data as stacked, and still carry lengths (issue 11).
+    assert plain.field_lengths.keys() == {"a", "b"} and plain.lengths.tolist() == [3, 3, 3]
+    assert torch.equal(plain["a"], torch.ones(3, 3)) and torch.equal(plain["b"], torch.stack([s.data["b"] for s in samples]))
+    assert pc.Collator(stack=["a", "b"])(samples).lengths is None
     forced = pc.Collator(primary="b", pad_values={"a": 5}, pad_to_multiple_of=4)(samples)
     assert forced.field_lengths.keys() == {"a", "b"} and forced.lengths.tolist() == [2, 2, 2]
     assert forced["a"].shape == (3, 4) and (forced["a"][:, 3] == 5).all()
@@ -632,7 +637,7 @@ def test_bad_calls_and_arguments(impl):
         pc.Collator(index="idx")([{"x": 1}])
     with pytest.raises(TypeError, match="index=2 needs samples that are tuples, lists or dicts, got sample 0 of type Tensor"):
         pc.Collator(index=2)([torch.ones(3)])
-    with pytest.raises(ValueError, match="pad_values names field 'lables', which sample 0 does not have; its fields are \\['labels'\\]"):
+    with pytest.raises(ValueError, match="pad_values names field 'lables', which sample 0 does not have; its fields are 'labels'"):
         pc.Collator(pad_values={"lables": -100})(indexed([{"labels": [1]}]))
     with pytest.raises(ValueError, match="primary names field 'y', which has no length dimension to pad \\(sample 0 holds a int there\\)"):
         pc.Collator(primary="y")(indexed([{"y": 1}]))
@@ -645,7 +650,7 @@ def test_bad_calls_and_arguments(impl):
         ({"pad_values": {"a": None}}, TypeError, "pad_values\\['a'\\] must be a number"),
         ({"pad_values": {1.5: 0}}, TypeError, "pad_values must name a field by its path"),
         ({"padding_side": "up"}, ValueError, "padding_side must be 'right' or 'left', got 'up'"),
-        ({"pad_to_multiple_of": 0}, ValueError, "pad_to_multiple_of must be None or an int >= 1, got 0"),
+        ({"pad_to_multiple_of": 0}, ValueError, "pad_to_multiple_of must be in \\[1, 1048576\\] \\(2\\*\\*20: every padded field is at least that long\\), got 0"),
         ({"packed": 1}, TypeError, "packed must be a bool, got int"),
         ({"index": 1.0}, TypeError, "index must be None, an int position or a str key, got float"),
         ({"primary": ["a"]}, TypeError, "primary must name a field by its path"),
@@ -721,10 +726,8 @@ def oracle(datas, pad_value, side, multiple, packed):
                 dtype = torch.int64
             inner = next((len(v[0]) for v in vals if v and isinstance(v[0], list)), None)
             items = [torch.tensor(v, dtype=dtype).reshape(len(v), *(() if inner is None else (inner,))) for v in vals]
-            forced = True
         else:
             items = [torch.as_tensor(v) for v in vals]
-            forced = False
         dtype = items[0].dtype
         for t in items:
             dtype = torch.promote_types(dtype, t.dtype)
@@ -732,10 +735,7 @@ def oracle(datas, pad_value, side, multiple, packed):
         if items[0].dim() == 0:
             fields[name] = (torch.stack(items), None)
             continue
-        lengths = [len(t) for t in items]
-        if not forced and len(set(lengths)) == 1:
-            fields[name] = (torch.stack(items), None)
-            continue
+        lengths = [len(t) for t in items]  # every field with a leading dim, equal lengths or not
         if packed:
             fields[name] = (torch.cat(items), lengths)
             continue
