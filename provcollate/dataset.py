@@ -129,8 +129,18 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return self.views * len(self.dataset)
 
+    def __repr__(self) -> str:
+        seed = "" if self.seed is None else f", seed={self.seed}"
+        return f"Indexed({type(self.dataset).__name__} of {len(self.dataset)} items, views={self.views}{seed})"
+
     def __getitem__(self, i: int) -> Sample:
         n = len(self)
+        if isinstance(i, (list, tuple)):
+            raise TypeError(
+                f"Indexed: index must be an int, got {type(i).__name__} (a whole batch of indices): a "
+                "sampler that yields batches, such as pc.LengthBucketSampler, goes to "
+                "DataLoader(..., batch_sampler=sampler), not sampler="
+            )
         i = _check_int("Indexed", "index", i)
         if not -n <= i < n:
             raise IndexError(f"Indexed: index {i} out of range for a dataset of {n} items")
@@ -192,6 +202,10 @@ class IndexedIterable(IterableDataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def __repr__(self) -> str:
+        key = "position" if self.key is None else getattr(self.key, "__name__", repr(self.key))
+        return f"Indexed({type(self.dataset).__name__}, key={key})"
 
     def __iter__(self) -> Iterator[Sample]:
         if self.key is None:

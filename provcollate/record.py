@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .dataset import _check_int
+from .dataset import Sample, _check_int
 
 if ops.HAS_EXTENSION:
     from ._C import record_rows as _record_rows
@@ -465,6 +465,12 @@ class Recorder:
     def _entries(self, batch, lengths, view, padding_side):
         """(index tensor or None, index, views or None, lengths or None, left): host int64 arrays, checked."""
         owner = "Recorder.add"
+        if isinstance(batch, Sample) or (isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Sample)):
+            raise TypeError(
+                f"{owner}: batch must be a pc.Collator batch or an index tensor [B], got "
+                f"{'a Sample of collated fields' if isinstance(batch, Sample) else type(batch).__name__ + ' of Samples'}: "
+                "the DataLoader used its default collate; pass DataLoader(..., collate_fn=pc.Collator(...))"
+            )
         if isinstance(batch, (torch.Tensor, np.ndarray, list, tuple, range)):
             index_t, index = _index_arrays(owner, "index", batch)
             lens = None
@@ -1007,6 +1013,10 @@ class _Jagged:
         return values, torch.from_numpy(offsets)
 
 
+def _not_recorded(key) -> KeyError:
+    return KeyError(f"Predictions: item {key!r} was not recorded; preds.missing() lists the items never recorded")
+
+
 class Predictions:
     """Recorded outputs in dataset order: ``preds[i]`` is item ``i``'s prediction.
 
@@ -1145,16 +1155,20 @@ class Predictions:
             if not (isinstance(key, tuple) and len(key) == 2):
                 raise TypeError(f"Predictions: each view is its own entry (views='none'), index with preds[i, v], got preds[{key!r}]")
             i, v = _key_int(key[0]), _key_int(key[1])
-        if i < 0 or v < 0 or (self._view is not None and v >= self._width):
-            raise KeyError(key)
+        if i < 0:
+            raise KeyError(
+                f"Predictions: keys are dataset indices (>= 0), not positions, got preds[{key!r}]; "
+                "iterate preds.items() or use preds.index for positions")
+        if v < 0 or (self._view is not None and v >= self._width):
+            raise KeyError(f"Predictions: view must be in [0, {self._width}), got preds[{key!r}]")
         if self._index is None:
             if i >= self._size:
-                raise KeyError(key)
+                raise _not_recorded(key)
             return i
         k = i * self._width + v if self._view is not None else i
         e = int(np.searchsorted(self._keys, k))
         if e == len(self._keys) or self._keys[e] != k:
-            raise KeyError(key)
+            raise _not_recorded(key)
         return e
 
     def _entry(self, e: int):
@@ -1216,7 +1230,8 @@ class Predictions:
             f"{n}: {'per-token' if isinstance(c, _Jagged) else 'per-example'} "
             f"{str((c.chunks[0] if isinstance(c, _Jagged) else c).dtype).replace('torch.', '')}"
             for n, c in self._columns.items())
-        return f"Predictions({len(self)} entries, num_items={self.num_items}, outputs {{{cols}}})"
+        missing = "" if self.num_items is None else f", missing={len(self.missing())}"
+        return f"Predictions({len(self)} entries, num_items={self.num_items}{missing}, outputs {{{cols}}})"
 
     # ---------------------------------------------------------------------------- export
 

@@ -186,6 +186,13 @@ class LengthBucketSampler(Sampler[List[int]]):
         """Number of batches over all ranks, in every epoch."""
         return len(self._starts)
 
+    def __repr__(self) -> str:
+        budget = f"batch_size={self.batch_size}" if self.batch_size is not None else f"max_tokens={self.max_tokens}"
+        return (
+            f"LengthBucketSampler({self.lengths.numel()} examples, {budget}, {self.num_batches} batches, "
+            f"shuffle={self.shuffle}, rank {self.rank} of {self.num_replicas}, epoch={self.epoch})"
+        )
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle :meth:`__iter__` yields (no effect without shuffle)."""
         self.epoch = _check_int("LengthBucketSampler", "epoch", epoch)
