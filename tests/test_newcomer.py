@@ -1,0 +1,116 @@
+"""A newcomer's first hour (issue 14): install behaviour, errors that teach, reprs."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import provcollate as pc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("provcollate_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_setup_without_torch_stops_at_once_naming_no_build_isolation():
+    # What pip's build isolation looks like to setup.py: no torch to import.
+    code = "import sys; sys.modules['torch'] = None; sys.argv = ['setup.py', 'bdist_wheel']; " \
+           "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__name__': '__main__'})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "--no-build-isolation" in proc.stderr
+    assert "python -m build --no-isolation" in proc.stderr
+
+
+def test_pyproject_does_not_require_torch_to_build():
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    requires = next(line for line in text.splitlines() if line.startswith("requires"))
+    assert "torch" not in requires
+    assert 'version = { attr = "provcollate.__version__" }' in text
+
+
+def test_cuda_build_without_gpu_or_arch_list_gets_a_default(monkeypatch, capsys):
+    setup = _setup_module()
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    setup._default_cuda_archs()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == setup._DEFAULT_CUDA_ARCHS
+    assert "TORCH_CUDA_ARCH_LIST" in capsys.readouterr().err
+    # A list the user set is left alone.
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    setup._default_cuda_archs()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+
+
+def test_build_info_mismatch_warning_names_both_versions_and_the_fix(tmp_path):
+    info = tmp_path / "_build_info.json"
+    info.write_text(json.dumps({"torch": "2.14.1+cu128", "cuda": "12.8"}))
+    with pytest.warns(RuntimeWarning, match=r"built against torch 2\.14\.1\+cu128 but torch 2\.13\.0 is running") as rec:
+        pc._check_build_torch(str(info), "2.13.0")
+    assert "--no-build-isolation" in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pc._check_build_torch(str(info), "2.14.1+cu128")  # same torch: silent
+        pc._check_build_torch(str(tmp_path / "absent.json"), "2.13.0")  # no record: silent
+
+
+def test_package_ships_py_typed_and_license():
+    assert os.path.exists(os.path.join(ROOT, "provcollate", "py.typed"))
+    assert "BSD 3-Clause" in open(os.path.join(ROOT, "LICENSE")).read()
+    assert "py.typed" in open(os.path.join(ROOT, "pyproject.toml")).read()
+
+
+def test_default_collate_batch_to_recorder_says_to_use_the_collator():
+    ds = pc.Indexed([torch.ones(3)] * 4)
+    batch = next(iter(DataLoader(ds, batch_size=2)))
+    rec = pc.Recorder(num_items=4)
+    with pytest.raises(TypeError, match=r"pc\.Collator batch or an index tensor.*collate_fn=pc\.Collator"):
+        rec.add(batch, torch.zeros(2))
+    with pytest.raises(TypeError, match="list of Samples"):
+        rec.add([ds[0], ds[1]], torch.zeros(2))
+    rec.add(torch.tensor([0, 2]), torch.zeros(2))  # nothing recorded was changed by the failures
+    assert rec.result().index.tolist() == [0, 2]
+
+
+def test_unrecorded_and_negative_keys_point_to_missing():
+    rec = pc.Recorder(num_items=10)
+    rec.add(torch.tensor([0, 2]), torch.arange(2.0))
+    preds = rec.result()
+    with pytest.raises(KeyError, match=r"item 7 was not recorded; preds\.missing\(\)"):
+        preds[7]
+    with pytest.raises(KeyError, match=r"dataset indices \(>= 0\), not positions, got preds\[-1\]"):
+        preds[-1]
+    assert preds[2].item() == 1.0
+
+
+def test_batch_sampler_passed_as_sampler_says_batch_sampler():
+    ds = pc.Indexed([torch.ones(n) for n in (3, 1, 2, 5)])
+    sampler = pc.LengthBucketSampler([3, 1, 2, 5], batch_size=2)
+    loader = DataLoader(ds, sampler=sampler, collate_fn=pc.Collator())
+    with pytest.raises(TypeError, match=r"batch_sampler=sampler\), not sampler="):
+        next(iter(loader))
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=pc.Collator())
+    assert sorted(int(i) for b in loader for i in b.index) == [0, 1, 2, 3]
+
+
+def test_reprs():
+    assert repr(pc.Indexed(list(range(5)), views=2, seed=3)) == "Indexed(list of 5 items, views=2, seed=3)"
+    assert repr(pc.Indexed(list(range(5)))) == "Indexed(list of 5 items, views=1)"
+    sampler = pc.LengthBucketSampler([3, 1, 2, 5, 4], batch_size=2)
+    assert repr(sampler) == "LengthBucketSampler(5 examples, batch_size=2, 3 batches, shuffle=False, rank 0 of 1, epoch=0)"
+    rec = pc.Recorder(num_items=4)
+    rec.add(torch.tensor([0, 2]), torch.zeros(2))
+    assert "missing=2" in repr(rec.result())
+    rec = pc.Recorder()
+    rec.add(torch.tensor([0, 2]), torch.zeros(2))
+    assert "missing" not in repr(rec.result())
