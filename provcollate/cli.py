@@ -1,0 +1,78 @@
+"""The command line for the files a run leaves: ``python -m provcollate inspect|export``.
+
+``inspect DIR`` prints the summary of a shard directory written by :meth:`Recorder.write`
+(items, missing, repeats, shards, schema, size); ``export DIR OUT.parquet`` merges its shards
+into one typed Parquet table (:meth:`Predictions.to_parquet`). Both need the ``[io]`` extra.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from . import shards
+from .record import Predictions, _Jagged
+
+__all__ = ["main", "summary"]
+
+
+def summary(path: str) -> str:
+    """A few lines describing the shard directory ``path``: what ``inspect`` prints.
+
+    ``items`` counts the merged entries, ``missing`` the items of ``range(num_items)`` never
+    recorded (when the Recorder knew ``num_items``), ``repeats`` the shard rows beyond one per
+    entry (records of the same item by several ranks or writes, merged by ``on_duplicate``).
+    Raises ValueError if ``path`` is not a directory of shards.
+    """
+    if not os.path.isdir(path):
+        raise ValueError(f"provcollate inspect: path must be a directory of shards, got {path!r}")
+    files = [f for _, _, f in shards._shards(path)]
+    if not files:
+        raise ValueError(f"provcollate inspect: no shards (part-r*-*.parquet) in {path!r}")
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    size = sum(os.path.getsize(f) for f in files)
+    preds = Predictions.read(path)
+    ranks = sorted({r for r, _, _ in shards._shards(path)})
+    lines = [
+        f"directory: {os.path.abspath(path)}",
+        f"items:     {len(preds)}" + ("" if preds.num_items is None else f" of num_items={preds.num_items}"),
+        f"missing:   {'unknown (no num_items)' if preds.num_items is None else len(preds.missing())}",
+        f"repeats:   {rows - len(preds)} (shard rows {rows})",
+        f"shards:    {len(files)} from {len(ranks)} rank(s)",
+        f"size:      {size} bytes",
+        "schema:",
+    ]
+    for name in preds.names:
+        col = preds._columns[name]
+        kind = "per-token" if isinstance(col, _Jagged) else "per-example"
+        ref = col.chunks[0] if isinstance(col, _Jagged) else col
+        lines.append(f"  {name}: {kind} {str(ref.dtype).replace('torch.', '')} row shape {list(ref.shape[1:])}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m provcollate", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_inspect = sub.add_parser("inspect", help="summarise a shard directory")
+    p_inspect.add_argument("path", help="directory written by Recorder.write")
+    p_export = sub.add_parser("export", help="merge a shard directory into one Parquet file")
+    p_export.add_argument("path", help="directory written by Recorder.write")
+    p_export.add_argument("out", help="the Parquet file to write")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "inspect":
+            print(summary(args.path))
+        else:
+            if not os.path.isdir(args.path):
+                raise ValueError(f"provcollate export: path must be a directory of shards, got {args.path!r}")
+            preds = Predictions.read(args.path)
+            preds.to_parquet(args.out)
+            print(f"wrote {len(preds)} entries to {args.out}")
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,59 @@
+"""``python -m provcollate inspect|export`` on a shard directory."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import provcollate as pc
+from provcollate import cli
+
+pytest.importorskip("pyarrow")
+
+
+def _run(tmp_path):
+    """Two writes (shards) of a Recorder of 6 items; items 1 and 4 never recorded, item 0 twice."""
+    out = tmp_path / "out"
+    rec = pc.Recorder(num_items=6, on_duplicate="last")
+    rec.add(torch.tensor([0, 2]), {"score": torch.tensor([1.0, 2.0]), "tok": torch.arange(8.0).view(2, 2, 2)},
+            per_token={"tok"}, lengths=[2, 1])
+    rec.write(out)
+    rec.add(torch.tensor([3, 5, 0]), {"score": torch.tensor([3.0, 5.0, 9.0]), "tok": torch.ones(3, 1, 2)},
+            per_token={"tok"}, lengths=[1, 1, 1])
+    rec.write(out)
+    return out, rec.result()
+
+
+def test_inspect_summarises_the_shards(tmp_path):
+    out, _ = _run(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "provcollate", "inspect", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "items:     4 of num_items=6" in text
+    assert "missing:   2" in text
+    assert "repeats:   1 (shard rows 5)" in text
+    assert "shards:    2 from 1 rank(s)" in text
+    assert "score: per-example float32 row shape []" in text
+    assert "tok: per-token float32 row shape [2]" in text
+
+
+def test_export_merges_into_one_table_equal_to_the_run(tmp_path):
+    out, expected = _run(tmp_path)
+    target = tmp_path / "preds.parquet"
+    assert cli.main(["export", str(out), str(target)]) == 0
+    got = pc.Predictions.read(str(target))
+    assert got.index.tolist() == expected.index.tolist() == [0, 2, 3, 5]
+    assert torch.equal(got.tensor("score"), expected.tensor("score"))
+    assert got[0]["score"].item() == 9.0  # on_duplicate="last"
+    for a, b in zip(got.jagged("tok"), expected.jagged("tok")):
+        assert torch.equal(a, b)
+
+
+def test_errors_name_the_path(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path / "nope")]) == 1
+    assert "must be a directory of shards" in capsys.readouterr().err
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    assert "no shards" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([])
