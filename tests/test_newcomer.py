@@ -114,3 +114,16 @@ def test_reprs():
     rec = pc.Recorder()
     rec.add(torch.tensor([0, 2]), torch.zeros(2))
     assert "missing" not in repr(rec.result())
+
+
+def test_readme_quickstart_runs_as_a_script():
+    # The Quickstart's body sits under `if __name__ == "__main__":` (spawn-safe); run it as a script would.
+    import re
+
+    text = open(os.path.join(ROOT, "README.md")).read()
+    quick = text.split("## Quickstart", 1)[1]
+    block = re.search(r"```python\n(.*?)```", quick, re.S).group(1)
+    assert 'if __name__ == "__main__":' in block
+    scope = {"__name__": "__main__"}
+    exec(compile(block, "README.md Quickstart", "exec"), scope)
+    assert len(scope["df"]) == 100
