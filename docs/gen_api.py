@@ -9,6 +9,7 @@ import argparse
 import inspect
 import os
 import sys
+import typing
 
 import provcollate as pc
 
@@ -18,11 +19,32 @@ ORDER = ["Indexed", "Sample", "IndexedIterable", "Collator", "Batch", "LengthBuc
          "Recorder", "Predictions", "ops", "reference", "HAS_EXTENSION"]
 
 
+class _Written:
+    """An annotation shown exactly as the source wrote it (no quotes, no ForwardRef(...))."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _as_written(annotation):
+    if isinstance(annotation, str):
+        return _Written(annotation)
+    if isinstance(annotation, typing.ForwardRef):
+        return _Written(annotation.__forward_arg__)
+    return annotation
+
+
 def _signature(obj) -> str:
+    """``obj``'s signature with every annotation as written: ``-> Batch``, not ``-> "'Batch'"``."""
     try:
-        return str(inspect.signature(obj))
+        sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return "(...)"
+    params = [p.replace(annotation=_as_written(p.annotation)) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=params, return_annotation=_as_written(sig.return_annotation)))
 
 
 def _doc(obj) -> str:

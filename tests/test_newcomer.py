@@ -127,3 +127,13 @@ def test_readme_quickstart_runs_as_a_script():
     scope = {"__name__": "__main__"}
     exec(compile(block, "README.md Quickstart", "exec"), scope)
     assert len(scope["df"]) == 100
+
+
+def test_api_reference_renders_types_as_written():
+    spec = importlib.util.spec_from_file_location("gen_api", os.path.join(ROOT, "docs", "gen_api.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    text = gen.render()
+    assert "provcollate.Sample(index: int, view: int, data: Any)" in text
+    assert "Collator.__call__(self, samples) -> Batch`" in text
+    assert "ForwardRef" not in text and "\"'" not in text
