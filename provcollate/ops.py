@@ -77,6 +77,12 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, 
 
     Item ``b`` is ``values[offsets[b]:offsets[b+1]]``; it fills the first (``left=False``) or last
     (``left=True``) positions of row ``b``, the rest is ``pad_value``. Differentiable in ``values``.
+
+    An item longer than ``max_len`` is an error, not a truncation: with offsets on the CPU (or
+    ``PROVCOLLATE_CHECK=1`` on a GPU) it raises ValueError naming the item; unchecked GPU offsets
+    are never read back, so there such an item's row is unspecified (the kernel stays in bounds).
+    FBGEMM's ``jagged_to_padded_dense`` truncates instead; to truncate here, cut the items (or
+    their lengths) to ``max_len`` before building the offsets.
     """
     _check_int("pad", "max_len", max_len)
     if not HAS_EXTENSION:
@@ -89,6 +95,9 @@ def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: int, left: bool = 
 
     ``total`` must equal ``offsets[-1]``; pass it from the host (e.g. ``batch.lengths.sum()``
     computed where the lengths were made) so nothing waits on the device. Differentiable.
+
+    As in :func:`pad`, an item whose length (from ``offsets``) exceeds ``padded.shape[1]`` raises
+    ValueError where offsets are validated, where FBGEMM's ``dense_to_jagged`` would read past it.
     """
     _check_int("unpad", "total", total)
     if not HAS_EXTENSION:

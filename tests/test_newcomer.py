@@ -137,3 +137,12 @@ def test_api_reference_renders_types_as_written():
     assert "provcollate.Sample(index: int, view: int, data: Any)" in text
     assert "Collator.__call__(self, samples) -> Batch`" in text
     assert "ForwardRef" not in text and "\"'" not in text
+
+
+def test_items_longer_than_max_len_raise_as_the_ops_docstrings_say():
+    values, offsets = torch.arange(5.0), torch.tensor([0, 3, 5])
+    assert "not a truncation" in pc.ops.pad.__doc__ and "FBGEMM" in pc.ops.pad.__doc__
+    with pytest.raises(ValueError, match="item 0 has length 3 .* more than max_len = 2"):
+        pc.ops.pad(values, offsets, 2)
+    with pytest.raises(ValueError, match="item 0 has length 3"):
+        pc.ops.unpad(torch.zeros(2, 2), offsets, 5)
