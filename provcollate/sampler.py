@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import _progress
 from .dataset import Sample, _check_int, _is_iterable_only, derive_seed
 
 __all__ = ["LengthBucketSampler", "lengths_of"]
@@ -246,7 +247,7 @@ class _LengthOfItem(Dataset):
             raise TypeError(f"lengths_of: field {self.field!r} of item {i} must be a sequence, got {type(data).__name__}") from None
 
 
-def lengths_of(dataset, field=None, num_workers: int = 0) -> torch.Tensor:
+def lengths_of(dataset, field=None, num_workers: int = 0, progress: bool = False) -> torch.Tensor:
     """Length of one field of every example, as an int64 tensor ``[len(dataset)]``, computed once.
 
     ``dataset`` is map-style: a plain dataset, or a :class:`~provcollate.Indexed` one (its
@@ -256,11 +257,15 @@ def lengths_of(dataset, field=None, num_workers: int = 0) -> torch.Tensor:
     into each example (``"input_ids"``, ``0``), or None when the example is the sequence itself.
     A length is ``value.shape[0]`` for tensors and arrays, ``len(value)`` for other sequences.
     ``num_workers > 0`` loads the examples in DataLoader worker processes. The result indexes
-    like ``dataset``, ready for :class:`LengthBucketSampler`.
+    like ``dataset``, ready for :class:`LengthBucketSampler`. ``progress=True`` shows a tqdm bar
+    (tqdm must be installed); the count and longest length are logged on the ``provcollate``
+    logger at INFO.
     """
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or _is_iterable_only(dataset):
         raise TypeError(f"lengths_of: dataset must be map-style (define __getitem__ and __len__), got {type(dataset).__name__}")
     num_workers = _check_int("lengths_of", "num_workers", num_workers, minimum=0)
     loader = DataLoader(_LengthOfItem(dataset, field), batch_size=1024, num_workers=num_workers, collate_fn=torch.tensor)
-    parts = list(loader)
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    parts = list(_progress.bar("lengths_of", progress, loader, len(loader), "lengths_of", "batch"))
+    lengths = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    _progress.logger.info("lengths_of: %d items, longest %d", len(lengths), int(lengths.max()) if len(lengths) else 0)
+    return lengths

@@ -146,3 +146,15 @@ def test_items_longer_than_max_len_raise_as_the_ops_docstrings_say():
         pc.ops.pad(values, offsets, 2)
     with pytest.raises(ValueError, match="item 0 has length 3"):
         pc.ops.unpad(torch.zeros(2, 2), offsets, 5)
+
+
+def test_lengths_of_progress_bar_and_log(capsys, caplog):
+    pytest.importorskip("tqdm")
+    data = [[0] * n for n in (3, 1, 4, 1, 5)]
+    with caplog.at_level("INFO", logger="provcollate"):
+        got = pc.lengths_of(data, progress=True)
+    assert got.tolist() == [3, 1, 4, 1, 5]
+    assert "lengths_of" in capsys.readouterr().err  # tqdm writes its bar to stderr
+    assert "lengths_of: 5 items, longest 5" in caplog.text
+    with pytest.raises(TypeError, match="progress must be a bool, got str"):
+        pc.lengths_of(data, progress="yes")
