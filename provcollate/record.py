@@ -39,7 +39,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import ops
+from . import _progress, ops
 from .dataset import Sample, _check_int
 
 if ops.HAS_EXTENSION:
@@ -1272,15 +1272,19 @@ class Predictions:
     def read(cls, path, on_duplicate: Optional[str] = None) -> "Predictions":
         """The Predictions in a Parquet file written by :meth:`to_parquet`, or in a directory of
         shards written by :meth:`Recorder.write` on any number of ranks, merged in dataset order
-        under the shards' ``on_duplicate`` (or this one), a row group at a time."""
+        under the shards' ``on_duplicate`` (or this one), a row group at a time. What was read
+        (entries, source) is logged on the ``provcollate`` logger at INFO."""
         import os
         if os.path.isdir(path):
             from . import shards
-            return shards.read(path, on_duplicate)
-        if on_duplicate is not None:
-            raise ValueError(f"Predictions.read: on_duplicate= applies to a directory of shards, got the file {path!r}")
-        from . import io
-        return io.read_parquet(path)
+            preds = shards.read(path, on_duplicate)
+        else:
+            if on_duplicate is not None:
+                raise ValueError(f"Predictions.read: on_duplicate= applies to a directory of shards, got the file {path!r}")
+            from . import io
+            preds = io.read_parquet(path)
+        _progress.logger.info("Predictions.read: %d entries from %s", len(preds), path)
+        return preds
 
 
 def _key_int(value) -> int:

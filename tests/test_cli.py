@@ -57,3 +57,10 @@ def test_errors_name_the_path(tmp_path, capsys):
     assert "no shards" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+def test_predictions_read_logs_what_it_read(tmp_path, caplog):
+    out, _ = _run(tmp_path)
+    with caplog.at_level("INFO", logger="provcollate"):
+        pc.Predictions.read(str(out))
+    assert f"Predictions.read: 4 entries from {out}" in caplog.text
