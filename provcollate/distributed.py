@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _entries
+from . import _entries, _progress
 from .dataset import _check_int
 from .record import Predictions, Recorder, _to_device
 
@@ -172,4 +172,6 @@ def gather(rec: Recorder, dst: Optional[int] = None, group=None) -> Optional[Pre
         _entries.absorb(merged, block, f"{owner}: rank {ranks[r]}")
         bufs[r] = None  # each rank's buffer is freed once merged
     _entries.check_view_lengths(merged, owner)
-    return merged.result()
+    preds = merged.result()
+    _progress.logger.info("%s: %d entries from %d ranks, %d bytes per rank", owner, len(preds), world, nbytes)
+    return preds

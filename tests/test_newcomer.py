@@ -158,3 +158,18 @@ def test_lengths_of_progress_bar_and_log(capsys, caplog):
     assert "lengths_of: 5 items, longest 5" in caplog.text
     with pytest.raises(TypeError, match="progress must be a bool, got str"):
         pc.lengths_of(data, progress="yes")
+
+
+def test_gather_logs_what_it_merged(tmp_path, caplog):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        rec = pc.Recorder(num_items=4)
+        rec.add(torch.tensor([3, 1]), torch.tensor([3.0, 1.0]))
+        with caplog.at_level("INFO", logger="provcollate"):
+            preds = rec.gather()
+    finally:
+        dist.destroy_process_group()
+    assert preds.index.tolist() == [1, 3] and preds[3].item() == 3.0
+    assert "Recorder.gather: 2 entries from 1 ranks" in caplog.text
