@@ -574,8 +574,13 @@ class Recorder:
             spec = self._specs[k]
             if spec.per_token != tok or spec.dtype != t.dtype or spec.shape != t.shape[1 + tok:]:
                 got = _Spec(tok, t.dtype, t.shape[1 + tok:])
+                hint = ""
+                if spec.per_token != tok:
+                    arg = spec.per_token if single else (f"{{{k!r}}}" if spec.per_token else "a set without it")
+                    hint = (f"; the first add recorded it {'per token' if spec.per_token else 'per example'}: "
+                            f"pass per_token={arg} as there")
                 raise (TypeError if t.dtype != spec.dtype else ValueError)(
-                    f"{owner}: output {k!r} must be {spec.describe()} as in the first add, got {got.describe()}")
+                    f"{owner}: output {k!r} must be {spec.describe()} as in the first add, got {got.describe()}{hint}")
         return named, None, single
 
     def _reduced(self, key: str, t: torch.Tensor, tok: bool, single: bool):

@@ -173,3 +173,16 @@ def test_gather_logs_what_it_merged(tmp_path, caplog):
         dist.destroy_process_group()
     assert preds.index.tolist() == [1, 3] and preds[3].item() == 3.0
     assert "Recorder.gather: 2 entries from 1 ranks" in caplog.text
+
+
+def test_per_token_mismatch_suggests_per_token():
+    rec = pc.Recorder(num_items=4)
+    rec.add(torch.tensor([0]), torch.zeros(1, 3, 2), per_token=True, lengths=[3])
+    with pytest.raises(ValueError, match=r"first add recorded it per token: pass per_token=True"):
+        rec.add(torch.tensor([1]), torch.zeros(1, 3, 2), lengths=None)
+    rec = pc.Recorder(num_items=4)
+    rec.add(torch.tensor([0]), {"tok": torch.zeros(1, 2)})
+    with pytest.raises(ValueError, match=r"first add recorded it per example: pass per_token=a set without it"):
+        rec.add(torch.tensor([1]), {"tok": torch.zeros(1, 3, 2)}, per_token={"tok"}, lengths=[3])
+    rec.add(torch.tensor([1]), {"tok": torch.ones(1, 2)})  # the failures changed nothing
+    assert rec.result().index.tolist() == [0, 1]
