@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import _entries
+from . import _entries, _progress
 from .record import Predictions, Recorder, _first_last, _host_long
 
 __all__ = ["write", "read", "resume", "done", "result"]
@@ -294,6 +294,7 @@ class _Stream:
                 "max_index": int(block.index.max()), "max_view": 0 if block.view is None else int(block.view.max()),
                 **{key: getattr(rec, key) for key in _SETTINGS}}
         _write_shard(file, block, meta)
+        _progress.logger.info("Recorder.write: %d entries, %d bytes to %s", len(block), os.path.getsize(file), file)
         del block
         self.seq += 1
         self.owned.append(file)

@@ -64,3 +64,12 @@ def test_predictions_read_logs_what_it_read(tmp_path, caplog):
     with caplog.at_level("INFO", logger="provcollate"):
         pc.Predictions.read(str(out))
     assert f"Predictions.read: 4 entries from {out}" in caplog.text
+
+
+def test_recorder_write_logs_each_shard(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="provcollate"):
+        out, _ = _run(tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Recorder.write:")]
+    assert len(lines) == 2
+    assert lines[0].startswith("Recorder.write: 2 entries, ") and "part-r00000-000000.parquet" in lines[0]
+    assert lines[1].startswith("Recorder.write: 3 entries, ")
