@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test build bench deps clean
+.PHONY: demo test build bench deps clean gpu-check
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ build: deps
 
 test: build
 	$(PY) -m pytest -q tests
+	@echo "make test: again on the pure-PyTorch paths (PROVCOLLATE_EXTENSION=0): same outputs, same errors"
+	PROVCOLLATE_EXTENSION=0 $(PY) -m pytest -q -W "ignore:provcollate. PROVCOLLATE_EXTENSION=0:RuntimeWarning" \
+		tests/test_collate.py tests/test_ops.py tests/test_record.py tests/test_hardening.py tests/test_fuzz.py
 
 demo: build
 	$(PY) examples/seed_scenarios.py --items 5000
@@ -33,3 +36,9 @@ bench: build
 
 clean:
 	rm -rf build $(VENV) provcollate/*.so *.egg-info
+
+# The GPU proof kit: on a GPU machine with no venv (its own python3 and torch); DRY_RUN=1 runs
+# the same plumbing on a CPU machine with this venv's python.
+DRY_RUN ?= 0
+gpu-check:
+	DRY_RUN=$(DRY_RUN) GPU_PYTHON=$(if $(filter 1,$(DRY_RUN)),$(PY),python3) bash gpu/check.sh
