@@ -52,7 +52,7 @@ else
     step "pytest -m cuda" "$py" -m pytest -q -m cuda -p no:cacheprovider tests
     step "smoke (cuda, no host sync)" "$py" gpu/smoke.py cuda
     step "compute-sanitizer memcheck" compute-sanitizer --tool memcheck --error-exitcode 1 "$py" gpu/smoke.py cuda
-    step "compute-sanitizer racecheck" compute-sanitizer --tool racecheck --error-exitcode 1 "$py" gpu/smoke.py cuda
+    step "compute-sanitizer racecheck" compute-sanitizer --tool racecheck --error-exitcode 1 "$py" gpu/smoke.py cuda --kernels-only
     step "bench (cuda events)" "$py" gpu/bench.py cuda "$work/bench.md"
 fi
 
