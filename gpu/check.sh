@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU proof kit (`make gpu-check`): build in place against the machine's python3 and torch for
 # sm_90, run the CUDA tests, a smoke script (each kernel + the no-sync path) plain and under
-# compute-sanitizer, and the device benchmark; write a log and a results page, print a table last.
+# compute-sanitizer, a small BertModel end to end, and the device benchmark; write a log and a results page, print a table last.
 # DRY_RUN=1 runs the same plumbing on a CPU machine, skips what needs a device and says so, and
 # writes its page only to $OUT (or a temporary folder), never to benchmarks/results/.
 set -uo pipefail
@@ -45,6 +45,7 @@ if [ "$dry" = 1 ]; then
     skip "compute-sanitizer memcheck" "dry run, no device"
     skip "compute-sanitizer racecheck" "dry run, no device"
     step "smoke (cpu)" "$py" gpu/smoke.py cpu
+    step "bert end to end (cpu)" "$py" gpu/bert_e2e.py cpu
     step "bench (cpu, tiny)" "$py" gpu/bench.py cpu "$work/bench.md"
 else
     step build env PROVCOLLATE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
@@ -53,6 +54,7 @@ else
     step "smoke (cuda, no host sync)" "$py" gpu/smoke.py cuda
     step "compute-sanitizer memcheck" compute-sanitizer --tool memcheck --error-exitcode 1 "$py" gpu/smoke.py cuda
     step "compute-sanitizer racecheck" compute-sanitizer --tool racecheck --error-exitcode 1 "$py" gpu/smoke.py cuda --kernels-only
+    step "bert end to end (cuda)" "$py" gpu/bert_e2e.py cuda
     step "bench (cuda events)" "$py" gpu/bench.py cuda "$work/bench.md"
 fi
 

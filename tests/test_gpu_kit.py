@@ -17,6 +17,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert page.startswith("# GPU proof kit: DRY RUN"), page
     for step in ("build", "pytest -m cuda", "compute-sanitizer memcheck"):
         assert f"| {step} | skipped:" in page
+    assert "| bert end to end (cpu) | pass |" in page
     assert "| smoke (cpu) | pass |" in page and "| bench (cpu, tiny) | pass |" in page
     assert "| pad | " in page and "| copy bound | " in page
     assert (tmp_path / "gpu-check.log").exists()
