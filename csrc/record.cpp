@@ -45,6 +45,10 @@ constexpr int64_t kHandBack = -1;
 // One output's source rows and where they go.
 struct Output {
   at::Tensor src;  // contiguous, owns the bytes while the GIL is released
+  // Owned too: without the GIL another thread may replace the Recorder's storage, and the copies
+  // must still land in memory that is alive.
+  at::Tensor dst_owner;
+  py::object starts_owner;
   bool per_token = false;
   int64_t row = 0;      // bytes of one row (one position of one item)
   int64_t max_len = 0;  // T, per token
@@ -105,6 +109,7 @@ std::optional<Output> parse_output(const py::handle& source, const py::handle& t
     const at::Tensor& dense = THPVariable_Unpack(target.ptr());
     if (!fits(dense, raw, dims) || dense.size(0) != cap) return std::nullopt;
     o.dst = static_cast<char*>(dense.data_ptr());
+    o.dst_owner = dense;
     o.dst_rows = cap;
     return o;
   }
@@ -116,11 +121,13 @@ std::optional<Output> parse_output(const py::handle& source, const py::handle& t
     const at::Tensor& chunk = THPVariable_Unpack(t[0].ptr());
     if (!fits(chunk, raw, dims)) return std::nullopt;
     o.dst = static_cast<char*>(chunk.data_ptr());
+    o.dst_owner = chunk;
     o.dst_rows = chunk.size(0);
   }
   o.used = t[1].cast<int64_t>();
   o.base = t[2].cast<int64_t>();
-  o.starts = reinterpret_cast<int64_t*>(host_array(t[3], cap, {8}));
+  o.starts_owner = t[3];
+  o.starts = reinterpret_cast<int64_t*>(host_array(o.starts_owner, cap, {8}));
   if (o.starts == nullptr || o.used < 0 || o.used > o.dst_rows) return std::nullopt;
   return o;
 }
@@ -233,8 +240,9 @@ int64_t record_rows(const at::Tensor& index_arg, const std::optional<at::Tensor>
   const py::array count_array = py::reinterpret_borrow<py::array>(count_arg);
   if (count_array.ndim() != 2 || count_array.shape(1) != 1) return kHandBack;  // one view only
   const int64_t cap = count_array.shape(0);
-  char* count = host_array(count_arg, cap, {1, 4});
-  auto* token_len = reinterpret_cast<int64_t*>(host_array(token_len_arg, cap, {8}));
+  char* count = host_array(count_array, cap, {1, 4});
+  const py::object token_len_array = py::reinterpret_borrow<py::object>(token_len_arg);  // held past the GIL
+  auto* token_len = reinterpret_cast<int64_t*>(host_array(token_len_array, cap, {8}));
   if (count == nullptr || token_len == nullptr) return kHandBack;
   std::vector<Output> outputs;
   outputs.reserve(sources.size());

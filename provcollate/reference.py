@@ -41,6 +41,22 @@ def valid_mask(lengths: torch.Tensor, max_len: int, left: bool = False) -> torch
     return t < lengths[:, None]
 
 
+# torch's indexing lacks the wide unsigned dtypes; their bits move as the signed ones of one size.
+_SAME_BITS = {torch.uint16: torch.int16, torch.uint32: torch.int32, torch.uint64: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_SAME_BITS[t.dtype]) if t.dtype in _SAME_BITS else t
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it made as bytes when its data sits below its element's alignment
+    (numpy and torch.frombuffer allow that; torch's typed kernels can crash on it)."""
+    if t.numel() and t.data_ptr() % t.element_size():
+        return t.contiguous().view(torch.uint8).clone().view(t.dtype)
+    return t
+
+
 def _check_size(op: str, name: str, value: int) -> None:
     if value < 0:
         raise ValueError(f"{op}: {name} must be >= 0, got {value}")
@@ -52,13 +68,14 @@ def pad(values: torch.Tensor, offsets: torch.Tensor, max_len: int, pad_value=0, 
     if values.dim() < 1:
         raise ValueError("pad: values must have a leading length dimension [total, ...], got a 0-d tensor")
     lengths = _lengths("pad", offsets, values.shape[0], max_len).to(values.device)
+    values = _aligned(values)
     fill = torch.full((), pad_value, dtype=values.dtype)
     if values.dtype.is_floating_point and math.isfinite(pad_value) and not math.isfinite(fill.item()):
         raise ValueError(f"pad: pad_value {pad_value} cannot be represented in {values.dtype} (it would become inf)")
     if not (values.dtype.is_floating_point or values.dtype.is_complex) and fill.item() != pad_value:
         raise ValueError(f"pad: pad_value {pad_value} cannot be represented in {values.dtype} (it would become {fill.item()})")
     out = values.new_full((lengths.numel(), max_len, *values.shape[1:]), pad_value)
-    out[valid_mask(lengths, max_len, left)] = values
+    _bits(out)[valid_mask(lengths, max_len, left)] = _bits(values)
     return out
 
 
@@ -67,10 +84,14 @@ def unpad(padded: torch.Tensor, offsets: torch.Tensor, total: int, left: bool = 
     _check_size("unpad", "total", total)
     if padded.dim() < 2:
         raise ValueError(f"unpad: padded must be [B, max_len, ...], got shape {tuple(padded.shape)}")
+    if offsets.dtype not in (torch.int32, torch.int64):  # checked in the compiled op's order
+        raise TypeError(f"unpad: offsets must be an int32 or int64 tensor, got {offsets.dtype}")
     if offsets.numel() != padded.shape[0] + 1:
         raise ValueError(f"unpad: offsets must have {padded.shape[0] + 1} elements, got {offsets.numel()}")
     lengths = _lengths("unpad", offsets, total, padded.shape[1]).to(padded.device)
-    return padded[valid_mask(lengths, padded.shape[1], left)]
+    padded = _aligned(padded)
+    rows = _bits(padded)[valid_mask(lengths, padded.shape[1], left)]
+    return rows.view(padded.dtype) if padded.dtype in _SAME_BITS else rows
 
 
 def _byte_span(t: torch.Tensor) -> tuple:
@@ -120,5 +141,5 @@ def unpad_scatter_(dst: torch.Tensor, padded: torch.Tensor, lengths: torch.Tenso
             raise ValueError(f"{op}: rows [{dst_offsets[b].item()}, {end[b].item()}) of item {b} must lie inside dst's {dst.shape[0]} rows")
     starts = torch.cumsum(lengths, 0) - lengths
     rows = torch.repeat_interleave(dst_offsets - starts, lengths) + torch.arange(int(lengths.sum()), device=dst.device)
-    dst[rows] = padded[valid_mask(lengths, max_len, left)]
+    _bits(dst)[rows] = _bits(padded)[valid_mask(lengths, max_len, left)]
     return dst

@@ -376,6 +376,8 @@ def test_packed_round_trip(impl, side, multiple):
 
 
 def test_padded_on_the_batch_device(impl):
+    if not pc.HAS_EXTENSION:
+        pytest.skip("reference.pad reads the offsets on the host, and meta tensors hold no values")
     packed = pc.Collator(packed=True)(indexed(ragged_samples(1)))
     on_meta = packed.to("meta")
     padded = on_meta.padded()
@@ -840,7 +842,8 @@ torch.save({{"data": batch.data, "lengths": batch.lengths, "mask": batch.mask, "
 """
     with open(tmp_path / "in.pkl", "wb") as f:
         pickle.dump(samples, f)
-    subprocess.run([sys.executable, "-c", script], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "PROVCOLLATE_EXTENSION"}
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env)
     got = torch.load(tmp_path / "out.pt")
     expected = pc.Collator(pad_values={"ids": -1})(samples)
     assert_same_data(got["data"], expected.data)

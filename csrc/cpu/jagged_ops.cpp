@@ -90,10 +90,11 @@ at::Tensor pad_cpu(const at::Tensor& values, const at::Tensor& offsets, int64_t 
   const PadArgs a = pad_args(values, offsets, max_len);
   at::Tensor out = at::empty(a.out_shape, values.options());
   const int64_t row = row_bytes(a.values, 1);
-  if (out.numel() == 0) return out;
   const char* src = static_cast<const char*>(a.values.const_data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
+  // Built (and the pad value checked) even for an empty output: the same inputs are refused alike.
   const FillPattern fill(pad_value, values.scalar_type(), copy_unit(row, {src, dst}));
+  if (out.numel() == 0) return out;
   const int64_t* off = a.offsets.const_data_ptr<int64_t>();
   if (emulation() != Emulation::off) {
     dispatch_word(fill.unit, [&](auto zero) {

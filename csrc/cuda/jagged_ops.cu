@@ -76,10 +76,11 @@ at::Tensor pad_cuda(const at::Tensor& values, const at::Tensor& offsets, int64_t
   const PadArgs a = pad_args(values, offsets, max_len);
   at::Tensor out = at::empty(a.out_shape, values.options());
   const int64_t row = row_bytes(a.values, 1);
-  if (out.numel() == 0) return out;
   const void* src = a.values.const_data_ptr();
   void* dst = out.data_ptr();
+  // Built (and the pad value checked) even for an empty output: the same inputs are refused alike.
   const FillPattern fill(pad_value, values.scalar_type(), copy_unit(row, {src, dst}));
+  if (out.numel() == 0) return out;
   launch_over_padded(a.batch, max_len, row, fill.unit, [&](auto word, auto index, int64_t blocks,
                                                             cudaStream_t stream, int64_t n) {
     using word_t = decltype(word);
