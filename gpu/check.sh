@@ -25,12 +25,13 @@ table=$work/table
 : >"$table"
 failed=0
 
-# step NAME CMD...: run CMD into the log with a 8-minute budget shared by all steps; record the outcome.
+# step NAME CMD...: run CMD into the log, at most 300 s and within the 8-minute budget all steps share.
 step() {
     local name=$1; shift
-    local t0=$SECONDS
+    local t0=$SECONDS left=$((460 - SECONDS))
+    if [ "$left" -le 10 ]; then skip "$name" "out of the 8-minute budget"; failed=1; return; fi
     echo "=== $name: $*" >>"$log"
-    if timeout 300 "$@" >>"$log" 2>&1; then
+    if timeout "$(( left < 300 ? left : 300 ))" "$@" >>"$log" 2>&1; then
         echo "| $name | pass | $((SECONDS - t0)) s |" >>"$table"
     else
         echo "| $name | FAIL | $((SECONDS - t0)) s |" >>"$table"
