@@ -125,8 +125,8 @@ class LengthBucketSampler(Sampler[List[int]]):
 
     ``len(sampler)`` is this rank's number of batches, exactly. Picklable.
 
-    Bucketed batches often hold examples of one length, which a Collator would stack rather than
-    pad: name the field, ``Collator(primary="input_ids")``, so every batch has lengths and a mask.
+    Bucketed batches often hold examples of one length; the Collator still gives each of them
+    lengths and a mask (a batch's schema never depends on its lengths).
     """
 
     def __init__(
