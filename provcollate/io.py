@@ -34,7 +34,8 @@ def _pyarrow():
     try:
         import pyarrow as pa
     except ImportError as exc:  # pragma: no cover - pyarrow is a dev requirement
-        raise ImportError("provcollate: Arrow and Parquet export need pyarrow (pip install pyarrow)") from exc
+        raise ImportError("provcollate: Arrow and Parquet export need pyarrow: install provcollate's [io] extra "
+                          "(pip install --no-build-isolation \".[io]\", or pip install pyarrow pandas)") from exc
     return pa
 
 
@@ -187,7 +188,11 @@ def _dataset_columns(dataset, index: np.ndarray) -> Dict[str, List[Any]]:
 
 def to_pandas(preds: Predictions, dataset=None):
     """``preds`` as a ``pandas.DataFrame``; see :meth:`provcollate.Predictions.to_pandas`."""
-    import pandas as pd
+    try:
+        import pandas as pd
+    except ImportError as exc:
+        raise ImportError("provcollate: to_pandas needs pandas: install provcollate's [io] extra "
+                          "(pip install --no-build-isolation \".[io]\", or pip install pyarrow pandas)") from exc
 
     data: Dict[str, Any] = {"index": preds._host_index()}
     if preds._view is not None:

@@ -343,3 +343,23 @@ def test_damaged_shards_raise_value_error_naming_the_file(tmp_path, damage):
         pc.Predictions.read(tmp_path)
     with pytest.raises(ValueError, match=f"Recorder: .*{file.name}|{file.name}"):
         pc.Recorder(num_items=64, resume=tmp_path)
+
+
+def test_missing_io_packages_name_the_io_extra():
+    r = run_python("""
+        import sys
+        sys.modules["pandas"] = None
+        sys.modules["pyarrow"] = None
+        import torch, provcollate as pc
+        rec = pc.Recorder(num_items=2)
+        rec.add(torch.tensor([0, 1]), torch.ones(2, 3))
+        for call in (rec.result().to_pandas, rec.result().to_arrow):
+            try:
+                call()
+            except ImportError as e:
+                assert "[io] extra" in str(e), e
+            else:
+                raise AssertionError("no ImportError")
+        print("ok")
+    """)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
