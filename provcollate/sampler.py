@@ -11,7 +11,7 @@ from typing import Iterator, List
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from . import _progress
 from .dataset import Sample, _check_int, _is_iterable_only, derive_seed
@@ -36,6 +36,21 @@ def _as_lengths(lengths) -> torch.Tensor:
         i = int((t < 0).nonzero()[0])
         raise ValueError(f"{owner}: lengths must be >= 0, got lengths[{i}] = {t[i].item()}")
     return t
+
+
+def _positions(sampler, n: int) -> torch.Tensor:
+    """The dataset positions ``sampler`` yields (all of ``range(n)`` without one), each at most once."""
+    if sampler is None:
+        return torch.arange(n)
+    owner = "LengthBucketSampler"
+    if not hasattr(sampler, "__iter__"):
+        raise TypeError(f"{owner}: sampler must be None or a Sampler (an iterable of dataset positions), got {type(sampler).__name__}")
+    positions = torch.as_tensor(list(sampler), dtype=torch.long)
+    if positions.dim() != 1 or (positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < n)):
+        raise ValueError(f"{owner}: sampler must yield positions in [0, {n}) (one per example of lengths), got {positions.tolist()[:8]}")
+    if positions.unique().numel() != positions.numel():
+        raise ValueError(f"{owner}: sampler must yield each position at most once, got {positions.numel() - positions.unique().numel()} repeats")
+    return positions
 
 
 def _world(num_replicas, rank) -> tuple:
@@ -123,6 +138,12 @@ class LengthBucketSampler(Sampler[List[int]]):
     of ``num_replicas``, so that every rank gets the same number, still each example exactly
     once; it needs at least that many examples.
 
+    ``sampler`` (a Sampler of dataset positions) restricts the batches to the positions it
+    yields; a ``DistributedSampler`` among them (what Lightning injects) is taken as this rank's
+    shard, so ``num_replicas``/``rank`` are not applied again. Lightning's ``Trainer`` rebuilds the
+    sampler that way, with every other argument kept, in ``fit``, ``validate`` and ``predict``
+    (single process or DDP, with or without ``use_distributed_sampler``).
+
     ``len(sampler)`` is this rank's number of batches, exactly. Picklable.
 
     Bucketed batches often hold examples of one length; the Collator still gives each of them
@@ -140,9 +161,22 @@ class LengthBucketSampler(Sampler[List[int]]):
         num_replicas: int | None = None,
         rank: int | None = None,
         even_batches: bool = False,
+        sampler=None,
     ) -> None:
         owner = "LengthBucketSampler"
+        # Lightning rebuilds a batch sampler from these (replacing ``sampler`` and, to predict,
+        # ``drop_last``) instead of calling cls(sampler, batch_size=..., drop_last=...), which loses the lengths.
+        setattr(self, "__pl_saved_args", ())
+        setattr(self, "__pl_saved_kwargs", dict(
+            lengths=lengths, batch_size=batch_size, max_tokens=max_tokens, shuffle=shuffle, seed=seed, drop_last=drop_last,
+            num_replicas=num_replicas, rank=rank, even_batches=even_batches, sampler=sampler,
+        ))
+        setattr(self, "__pl_saved_default_kwargs", {})
+        setattr(self, "__pl_saved_arg_names", ())
         self.lengths = _as_lengths(lengths)
+        self.positions = _positions(sampler, self.lengths.numel())
+        if isinstance(sampler, DistributedSampler):
+            num_replicas, rank = 1, 0  # the sampler already holds this rank's shard
         if (batch_size is None) == (max_tokens is None):
             raise ValueError(f"{owner}: give exactly one of batch_size and max_tokens, got batch_size={batch_size!r}, max_tokens={max_tokens!r}")
         for name, flag in (("shuffle", shuffle), ("drop_last", drop_last), ("even_batches", even_batches)):
@@ -159,18 +193,19 @@ class LengthBucketSampler(Sampler[List[int]]):
         self.num_replicas, self.rank = _world(num_replicas, rank)
         self.epoch = 0
 
-        n = self.lengths.numel()
-        self._sorted = torch.argsort(self.lengths, stable=True)
+        lengths = self.lengths[self.positions]
+        n = lengths.numel()
+        self._sorted = torch.argsort(lengths, stable=True)
         if self.batch_size is not None:
             self.num_examples = n - n % self.batch_size if drop_last else n
             starts = list(range(0, self.num_examples, self.batch_size))
             ends = [min(s + self.batch_size, self.num_examples) for s in starts]
         else:
             self.num_examples = n
-            if n and self.lengths[self._sorted[-1]].item() > self.max_tokens:
-                longest = int(self._sorted[-1])
+            if n and lengths[self._sorted[-1]].item() > self.max_tokens:
+                longest = int(self.positions[self._sorted[-1]])
                 raise ValueError(f"{owner}: example {longest} has length {self.lengths[longest].item()}, more than max_tokens = {self.max_tokens}")
-            ends = _token_budget_ends(self.lengths[self._sorted], self.max_tokens)
+            ends = _token_budget_ends(lengths[self._sorted], self.max_tokens)
             starts = [0, *ends[:-1]] if ends else []
         if even_batches:
             target = len(starts) + (-len(starts) % self.num_replicas)
@@ -206,13 +241,14 @@ class LengthBucketSampler(Sampler[List[int]]):
         if not self.shuffle:
             return self._sorted[: self.num_examples], torch.arange(self.num_batches)
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        kept = torch.randperm(self.lengths.numel(), generator=g)[: self.num_examples]
-        order = kept[torch.argsort(self.lengths[kept], stable=True)]
+        lengths = self.lengths[self.positions]
+        kept = torch.randperm(lengths.numel(), generator=g)[: self.num_examples]
+        order = kept[torch.argsort(lengths[kept], stable=True)]
         return order, torch.randperm(self.num_batches, generator=g)
 
     def __iter__(self) -> Iterator[List[int]]:
         order, batch_order = self._order()
-        order = order.tolist()
+        order = self.positions[order].tolist()
         for b in batch_order[self.rank :: self.num_replicas].tolist():
             yield order[self._starts[b] : self._ends[b]]
 
