@@ -666,6 +666,11 @@ def _rebuild_batch(buffer: torch.Tensor, layout: list, state: dict) -> "Batch":
 class Batch:
     """A collated batch that knows which dataset item each of its rows is.
 
+    ``len(batch)`` is the number of rows B. A batch whose data is a dict is a read-only mapping
+    of its fields: ``batch["input_ids"]``, ``keys()``, ``values()``, ``items()``, ``get()``,
+    ``"labels" in batch`` and ``model(**batch)``; a tuple-data batch unpacks like its data
+    (``x, y = batch``). Iteration yields fields, never rows (see :meth:`__iter__`).
+
     Attributes:
         index: LongTensor [B], the dataset index of each row.
         view: LongTensor [B], the view id of each row (zeros without views).
@@ -709,7 +714,46 @@ class Batch:
         """``batch["input_ids"]`` or ``batch[0]``: an item of ``batch.data``."""
         return self.data[key]
 
-    __iter__ = None  # not a sequence of rows: iterate over batch.data or batch.index explicitly
+    def _fields(self, method: str) -> dict:
+        if not isinstance(self.data, dict):
+            raise TypeError(f"Batch.{method}: needs a batch whose data is a dict of fields, got data of type {type(self.data).__name__}")
+        return self.data
+
+    def keys(self):
+        """The field names of a dict-data batch: what ``model(**batch)`` and ``dict(batch)`` pass on."""
+        return self._fields("keys").keys()
+
+    def values(self):
+        """The collated fields of a dict-data batch, in ``keys()`` order."""
+        return self._fields("values").values()
+
+    def items(self):
+        """``(name, field)`` pairs of a dict-data batch."""
+        return self._fields("items").items()
+
+    def get(self, key, default=None):
+        """``batch.data[key]`` of a dict-data batch, or ``default`` when it has no such field."""
+        return self._fields("get").get(key, default)
+
+    def __contains__(self, key) -> bool:
+        """``"labels" in batch``: whether a dict-data batch has that field (False for other data)."""
+        return isinstance(self.data, dict) and key in self.data
+
+    def __iter__(self):
+        """The batch's fields, never its rows: a tuple's elements (``x, y = batch``), a dict's values
+        (in ``keys()`` order), otherwise the data itself as the one field (``x, = batch``).
+
+        A Batch is deliberately not a ``collections.abc.Mapping``: transformers' Trainer and
+        accelerate rebuild Mappings as ``type(m)({...})``, which would drop the identity; they move
+        a Batch with :meth:`to` instead. Iterating fields (not keys) lets Lightning infer the batch
+        size from the first field, as it does for a tuple or a dict. Rows come from ``len(batch)``
+        and ``batch.index``.
+        """
+        if isinstance(self.data, tuple):
+            return iter(self.data)
+        if isinstance(self.data, dict):
+            return iter(self.data.values())
+        return iter((self.data,))
 
     def _map(self, fn) -> "Batch":
         opt = lambda t: fn(t) if t is not None else None
