@@ -400,8 +400,9 @@ def test_batch_api(impl):
     assert torch.equal(batch[0], torch.tensor([[0, 0, 0], [0, 1, 0], [0, 1, 2]]))
     assert isinstance(batch[1], Point) and batch[1].x.dtype == torch.float64 and batch[1].y.dtype == torch.int64
     assert batch[2] == ["", "t", "tt"]
-    with pytest.raises(TypeError):
-        iter(batch)
+    # Iteration gives the batch's fields, never its rows (issue 13): x, y, z = batch.
+    ids, point, tags = batch
+    assert ids is batch[0] and point is batch[1] and tags is batch[2]
     moved = batch.to("meta")
     assert moved.index.device.type == "meta" and moved[0].device.type == "meta" and moved.mask.device.type == "meta"
     assert moved.host_index.device.type == "cpu" and moved.host_index.tolist() == [10, 11, 12]
