@@ -98,3 +98,24 @@ def test_predict_rejects_bad_arguments(tmp_path):
         predict(trainer, dataset(3), max_tokens=10)
     with pytest.raises(ValueError, match=r"predict: output must be one of the model's outputs \['loss', 'logits'\], got 'hidden'"):
         predict(trainer, dataset(3), output="hidden")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_example_trains_and_predicts(processes):
+    """examples/transformers_predict.py: Trainer.train with pc.Collator, then bucketed per-token predict, checked item by item."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "examples" / "transformers_predict.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [] if processes == 1 else ["-m", "torch.distributed.run", f"--nproc-per-node={processes}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    run = subprocess.run([sys.executable, *launcher, script], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert f"transformers ({processes} process(es)): trained, 37 items predicted, every prediction checked" in run.stdout
