@@ -1,5 +1,11 @@
 """transformers Trainer with pc.Collator (train / evaluate / predict) and integrations.transformers.predict,
 checked against the model run on each example alone (tiny models from configs, nothing downloaded)."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -103,12 +109,6 @@ def test_predict_rejects_bad_arguments(tmp_path):
 @pytest.mark.parametrize("processes", [1, 2])
 def test_example_trains_and_predicts(processes):
     """examples/transformers_predict.py: Trainer.train with pc.Collator, then bucketed per-token predict, checked item by item."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     script = str(root / "examples" / "transformers_predict.py")
     with socket.socket() as s:
