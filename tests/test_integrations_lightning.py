@@ -85,3 +85,27 @@ def test_prediction_writer_two_gloo_processes(strategy):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"lightning predict ({strategy}, 2 process(es)): 45 items, every prediction checked" in run.stdout
+
+
+def test_prediction_writer_with_the_standalone_pytorch_lightning_trainer():
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class Embedder(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 4)
+
+        def predict_step(self, batch, batch_idx):
+            return self.embed(batch["input_ids"])
+
+    dataset = [{"input_ids": torch.arange(n) + n} for n in (3, 1, 4, 1, 5)]
+    sampler = pc.LengthBucketSampler(pc.lengths_of(dataset, "input_ids"), batch_size=2, shuffle=True)
+    loader = DataLoader(pc.Indexed(dataset), batch_sampler=sampler, collate_fn=pc.Collator())
+    writer = PredictionWriter(per_token=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, callbacks=[writer], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    model = Embedder()
+    trainer.predict(model, loader, return_predictions=False)
+    with torch.no_grad():
+        for i, item in enumerate(dataset):
+            torch.testing.assert_close(writer.predictions[i], model.embed(item["input_ids"]))

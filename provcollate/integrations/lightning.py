@@ -1,23 +1,32 @@
 """PyTorch Lightning: record ``Trainer.predict`` outputs under each example's identity.
 
-``PredictionWriter`` is a ``BasePredictionWriter`` of ``lightning.pytorch`` (or of the standalone
-``pytorch_lightning`` package when ``lightning`` is not installed: a Trainer only accepts callbacks
-of its own package). With a :class:`provcollate.Collator` as the DataLoader's ``collate_fn``,
+``PredictionWriter`` is a ``BasePredictionWriter`` of ``lightning.pytorch`` and of the standalone
+``pytorch_lightning``, whichever of them are installed (a Trainer only accepts callbacks of its
+own package, so it subclasses both, and either Trainer takes it). With a :class:`provcollate.Collator` as the DataLoader's ``collate_fn``,
 every batch reaching the writer is a :class:`provcollate.Batch` that Lightning moved with
 ``batch.to()``, so its identity is intact.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch.distributed as dist
 
 import provcollate as pc
 
-try:
-    from lightning.pytorch.callbacks import BasePredictionWriter
-except ImportError:
-    from pytorch_lightning.callbacks import BasePredictionWriter
+
+def _writer_bases() -> tuple:
+    bases = []
+    for package in ("lightning.pytorch.callbacks", "pytorch_lightning.callbacks"):
+        try:
+            bases.append(importlib.import_module(package).BasePredictionWriter)
+        except ImportError:
+            continue
+    if not bases:
+        raise ImportError("provcollate.integrations.lightning needs PyTorch Lightning: pip install lightning (or pytorch-lightning)")
+    return tuple(bases)
+
 
 __all__ = ["PredictionWriter"]
 
@@ -33,7 +42,7 @@ def _num_items(trainer) -> int:
     return len(dataset.dataset) if isinstance(dataset, pc.Indexed) else len(dataset)
 
 
-class PredictionWriter(BasePredictionWriter):
+class PredictionWriter(*_writer_bases()):
     """Records every ``predict_step`` output under its batch's dataset indices; leaves ``self.predictions``.
 
     Args:
