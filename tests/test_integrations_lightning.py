@@ -87,7 +87,8 @@ def test_prediction_writer_two_gloo_processes(strategy):
     assert f"lightning predict ({strategy}, 2 process(es)): 45 items, every prediction checked" in run.stdout
 
 
-def test_prediction_writer_with_the_standalone_pytorch_lightning_trainer():
+@pytest.mark.parametrize("streamed", [False, True])
+def test_prediction_writer_with_the_standalone_pytorch_lightning_trainer(tmp_path, streamed):
     pl = pytest.importorskip("pytorch_lightning")
 
     class Embedder(pl.LightningModule):
@@ -101,11 +102,13 @@ def test_prediction_writer_with_the_standalone_pytorch_lightning_trainer():
     dataset = [{"input_ids": torch.arange(n) + n} for n in (3, 1, 4, 1, 5)]
     sampler = pc.LengthBucketSampler(pc.lengths_of(dataset, "input_ids"), batch_size=2, shuffle=True)
     loader = DataLoader(pc.Indexed(dataset), batch_sampler=sampler, collate_fn=pc.Collator())
-    writer = PredictionWriter(per_token=True)
+    writer = PredictionWriter(per_token=True, **(dict(output_dir=tmp_path, every=2) if streamed else {}))
     trainer = pl.Trainer(accelerator="cpu", devices=1, callbacks=[writer], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     model = Embedder()
     trainer.predict(model, loader, return_predictions=False)
+    assert writer.predictions.index.tolist() == list(range(5))
+    assert len(list(tmp_path.glob("*.parquet"))) >= (2 if streamed else 0)  # shards every 2 rows, then the rest
     with torch.no_grad():
         for i, item in enumerate(dataset):
             torch.testing.assert_close(writer.predictions[i], model.embed(item["input_ids"]))
