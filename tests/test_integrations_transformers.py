@@ -140,3 +140,13 @@ def test_predict_real_text_minilm(tmp_path, monkeypatch):
             alone = bert(input_ids=torch.tensor([item["input_ids"]])).last_hidden_state[0]
             assert preds[i].shape == alone.shape
             torch.testing.assert_close(preds[i], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_predict_follows_the_trainers_bf16(tmp_path):
+    torch.manual_seed(3)
+    model = transformers.BertForSequenceClassification(config()).eval()
+    items = dataset(9)
+    preds = predict(trainer_for(model, tmp_path, bf16=True), items)
+    assert preds[0].dtype == torch.bfloat16  # ran under the Trainer's autocast
+    for i, item in enumerate(items):
+        torch.testing.assert_close(preds[i].float(), alone(model, item), rtol=0.05, atol=0.05)
