@@ -150,3 +150,15 @@ def test_predict_follows_the_trainers_bf16(tmp_path):
     assert preds[0].dtype == torch.bfloat16  # ran under the Trainer's autocast
     for i, item in enumerate(items):
         torch.testing.assert_close(preds[i].float(), alone(model, item), rtol=0.05, atol=0.05)
+
+
+def test_predict_records_a_model_returning_a_tensor(tmp_path):
+    class Sum(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return (input_ids * attention_mask).sum(1, keepdim=True).float()
+
+    items = dataset(7)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=3)
+    trainer = transformers.Trainer(model=Sum(), args=args, data_collator=pc.Collator(pad_values={"attention_mask": 0}))
+    preds = predict(trainer, [{k: d[k] for k in ("input_ids", "attention_mask")} for d in items])
+    assert [preds[i].item() for i in range(7)] == [float(sum(d["input_ids"])) for d in items]

@@ -1,6 +1,8 @@
 """Adapters for the libraries people already run inference with.
 
 Each submodule imports its library when it is imported itself, so ``import provcollate`` never
-needs them: ``provcollate.integrations.lightning`` (PyTorch Lightning). They use provcollate's
+needs them: ``provcollate.integrations.lightning`` (PyTorch Lightning's ``PredictionWriter``) and
+``provcollate.integrations.transformers`` (``predict`` for a transformers ``Trainer``); the
+accelerate recipe is in the README and examples/accelerate_predict.py. They use provcollate's
 public API only.
 """

@@ -48,7 +48,8 @@ def predict(trainer, dataset, *, per_token=False, output_dir=None, output: str =
             length (no -100 padding), as :meth:`provcollate.Recorder.add`.
         output_dir: stream Parquet shards there (``Recorder.write``, each process its own) and
             return them read back; ``every`` rows between shards (None: one shard per process).
-        output: the model output's key to record (``"logits"``, ``"last_hidden_state"``, ...).
+        output: the model output's key to record (``"logits"``, ``"last_hidden_state"``, ...);
+            a model that returns a plain tensor has that recorded.
         collator: the :class:`provcollate.Collator` (None: the Trainer's ``data_collator`` when it
             is one, else ``Collator()``).
         lengths: one length per item: enables :class:`provcollate.LengthBucketSampler` batches.
@@ -81,9 +82,13 @@ def predict(trainer, dataset, *, per_token=False, output_dir=None, output: str =
             batch = batch.to(device, non_blocking=True)
             with accelerator.autocast():
                 outputs = model(**batch)
-            if output not in outputs:
+            if isinstance(outputs, torch.Tensor):
+                rows = outputs
+            elif output in outputs:
+                rows = outputs[output]
+            else:
                 raise ValueError(f"predict: output must be one of the model's outputs {list(outputs.keys())}, got {output!r}")
-            recorder.add(batch, outputs[output], per_token=per_token)
+            recorder.add(batch, rows, per_token=per_token)
             if output_dir is not None and every is not None and not streaming:
                 recorder.write(output_dir, every=every)
                 streaming = True
