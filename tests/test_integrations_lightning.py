@@ -48,6 +48,10 @@ def test_lightning_rebuilds_length_bucket_sampler(budget):
         assert part and all(lengths[b].tolist() == sorted(lengths[b].tolist()) for b in part)  # each a length bucket
         shards += [i for b in part for i in b]
     assert sorted(shards) == list(range(23))  # every item exactly once over the 2 ranks
+    for rank in range(2):  # use_distributed_sampler=False: Lightning passes the plain sampler, the rank's own sharding stays
+        own = pc.LengthBucketSampler(lengths, shuffle=True, seed=3, num_replicas=2, rank=rank, **budget)
+        loader = DataLoader(list(range(23)), batch_sampler=own)
+        assert batches(_update_dataloader(loader, loader.sampler, mode=RunningStage.PREDICTING)) == list(own)
 
 
 def test_sampler_argument_restricts_positions():
