@@ -37,8 +37,10 @@ bench: build
 clean:
 	rm -rf build $(VENV) provcollate/*.so *.egg-info
 
-# The GPU proof kit: on a GPU machine with no venv (its own python3 and torch); DRY_RUN=1 runs
-# the same plumbing on a CPU machine with this venv's python.
+# The GPU proof kit (gpu/check.sh): on a GPU machine with no venv, its own python3 and torch
+# (GPU_PYTHON=... names another); DRY_RUN=1 runs the same plumbing on a CPU machine with this
+# venv's python, and gathers build/gpu-deps, which the GPU run needs carried along.
 DRY_RUN ?= 0
+GPU_PYTHON ?= $(if $(filter 1,$(DRY_RUN)),$(PY),python3)
 gpu-check:
-	DRY_RUN=$(DRY_RUN) GPU_PYTHON=$(if $(filter 1,$(DRY_RUN)),$(PY),python3) bash gpu/check.sh
+	DRY_RUN=$(DRY_RUN) GPU_PYTHON=$(GPU_PYTHON) bash gpu/check.sh

@@ -137,6 +137,12 @@ def pad_candidates() -> Dict[str, Builder]:
             return None, FBGEMM_MISSING
         return (lambda: torch.ops.fbgemm.jagged_to_padded_dense(c.values, [c.offsets], [c.max_len], 0.0)), None
 
+    def aten_jagged(c):
+        # The CUDA kernel behind nested jagged to_padded_tensor, called directly (torch >= 2.3).
+        if not hasattr(torch.ops.aten, "_jagged_to_padded_dense_forward"):
+            return None, "torch.ops.aten._jagged_to_padded_dense_forward: not in this torch"
+        return (lambda: torch.ops.aten._jagged_to_padded_dense_forward(c.values, [c.offsets], [c.max_len], 0.0)), None
+
     def mask_assign(c):
         def fn():
             out = c.values.new_full((c.batch, c.max_len, c.dim), 0)
@@ -150,6 +156,7 @@ def pad_candidates() -> Dict[str, Builder]:
         "nested jagged: from_jagged + to_padded_tensor": nested_jagged,
         "nested strided: to_padded_tensor": nested_strided,
         "fbgemm jagged_to_padded_dense": fbgemm,
+        "aten._jagged_to_padded_dense_forward": aten_jagged,
         "new_full + out[mask] = values": mask_assign,
     }
 
@@ -183,6 +190,11 @@ def unpad_candidates() -> Dict[str, Builder]:
             return None, FBGEMM_MISSING
         return (lambda: torch.ops.fbgemm.dense_to_jagged(c.padded, [c.offsets], c.total)[0]), None
 
+    def aten_jagged(c):
+        if not hasattr(torch.ops.aten, "_padded_dense_to_jagged_forward"):
+            return None, "torch.ops.aten._padded_dense_to_jagged_forward: not in this torch"
+        return (lambda: torch.ops.aten._padded_dense_to_jagged_forward(c.padded, [c.offsets], c.total)), None
+
     def nested_narrow(c):
         starts = torch.zeros_like(c.lengths)
 
@@ -197,6 +209,7 @@ def unpad_candidates() -> Dict[str, Builder]:
         "flash-attn unpad_input: nonzero + gather": flash_attn,
         "nonzero + index_select": index_select,
         "fbgemm dense_to_jagged": fbgemm,
+        "aten._padded_dense_to_jagged_forward": aten_jagged,
         "nested: narrow(jagged) + contiguous": nested_narrow,
     }
 
@@ -209,10 +222,10 @@ def scatter_candidates() -> Dict[str, Builder]:
 
     def layout(c):
         gen = torch.Generator().manual_seed(c.batch * 7919 + c.max_len)
-        perm = torch.randperm(c.batch, generator=gen)
+        perm = torch.randperm(c.batch, generator=gen).to(c.lengths.device)
         dst_offsets = torch.empty_like(c.lengths)
         dst_offsets[perm] = torch.cumsum(c.lengths[perm], 0) - c.lengths[perm]
-        rows = (dst_offsets[:, None] + torch.arange(c.max_len))[c.mask]
+        rows = (dst_offsets[:, None] + torch.arange(c.max_len, device=c.lengths.device))[c.mask]
         return torch.empty_like(c.values), dst_offsets, rows
 
     def provcollate(c):
