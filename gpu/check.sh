@@ -98,8 +98,19 @@ fi
 if ! ninja --version >/dev/null 2>&1 && [ -x "$deps/bin/ninja" ] && "$deps/bin/ninja" --version >/dev/null 2>&1; then
     export PATH="$deps/bin:$PATH"
 fi
-cuda_home=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")")}
-sanitizer=$(command -v compute-sanitizer || echo "$cuda_home/bin/compute-sanitizer")
+# torch takes CUDA_HOME from nvcc's path when unset; an nvcc that is a link or a wrapper in
+# /usr/local/bin would make it /usr/local, where libcudart is not: take a toolkit that has it.
+if [ -z "${CUDA_HOME:-}" ]; then
+    nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+    for candidate in "$(dirname "$(dirname "$(readlink -f "$nvcc")")")" /usr/local/cuda; do
+        if [ -x "$candidate/bin/nvcc" ] && ls "$candidate"/lib64/libcudart.so* >/dev/null 2>&1; then
+            CUDA_HOME=$candidate
+            break
+        fi
+    done
+fi
+[ -n "${CUDA_HOME:-}" ] && export CUDA_HOME
+sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 
 tests=(tests/test_cuda_ops.py tests/test_ops.py tests/test_record.py tests/test_collate.py)
 if "$py" -c 'import hypothesis' >/dev/null 2>&1; then

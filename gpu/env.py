@@ -43,6 +43,7 @@ def main() -> None:
         "device": (f"{torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))}), "
                    f"{torch.cuda.device_count()} visible" if torch.cuda.is_available() else "none visible to torch"),
         "CPU cores": str(os.cpu_count()),
+        "CUDA_HOME": os.environ.get("CUDA_HOME", "unset"),
         "nvcc": f"{nvcc}: {_first_line([nvcc, '--version'])}" if nvcc else "not found",
         "compute-sanitizer": f"{sanitizer}: {_first_line([sanitizer, '--version'])}" if sanitizer else "not found",
         "ninja": f"{ninja} {_first_line([ninja, '--version'])}" if ninja else "not found (the build compiles one file at a time)",
