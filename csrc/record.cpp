@@ -1,18 +1,16 @@
-// Recorder.add in one compiled pass: the batch is checked against the Recorder's host
-// bookkeeping, its slots are claimed and its rows copied into host storage, with the GIL
-// released. It takes only the batches that need none of the general path's work in
-// provcollate/record.py (growth, repeats, views, reductions, outputs or storage on a GPU) and
-// hands every other one back untouched, for that path to do the work or raise the error: the
-// messages live in one place.
+// Recorder.add in one compiled pass: the batch is checked against the Store's host bookkeeping
+// (provcollate/_store.py), its slots are claimed and its rows copied into host storage, with the
+// GIL released. It takes only the batches that need none of the general path's work (growth,
+// repeats, views, reductions, outputs or storage on a GPU) and hands every other one back
+// untouched, for that path to do the work or raise the error: the messages live in one place.
 //
-// Arguments (built by Recorder._add_fast):
-//   index [B] int64, views [B] int64 or None (all zero here), lengths [B] int64 or None
-//   count [cap, 1] uint8/int32 numpy: times each slot was recorded; token_len [cap, 1] int64
-//   sources: one tensor per output, [B, ...] per example or [B, T, ...] per token
-//   targets: per example the dense storage [cap, ...]; per token a tuple (last chunk [rows, ...]
-//            or None, its first free row, its global first row, starts [cap, 1] int64 numpy)
-// Returns the rows each per-token output took (0 without any), -1 to hand the batch back, or
-// -2 - rows when a per-token output's last chunk has no room for its rows: nothing changed.
+// Python meets C++ through two named records:
+//   Targets: where each output goes (the dense rows [cap, ...] per example; per token each
+//            slot's first row `starts` [cap, 1] and, set before each pass, the last chunk with
+//            its first free row and global first row), and the slot table's `count` [cap, 1]
+//            and `token_len` [cap, 1]. Made once per storage layout (FastPath.plan).
+//   Outcome: `recorded` (the batch is in), `rows` (the rows each per-token output took) and
+//            `needs_rows` (> 0: a last chunk has no room for that many rows; nothing changed).
 #include "record.h"
 
 #include <ATen/ATen.h>
@@ -40,7 +38,27 @@ namespace py = pybind11;
 namespace provcollate {
 namespace {
 
-constexpr int64_t kHandBack = -1;
+constexpr int64_t kHandBack = -1;  // internal: the batch goes back to the general path
+
+struct Outcome {
+  bool recorded = false;
+  int64_t rows = 0;
+  int64_t needs_rows = 0;
+};
+
+// One per-token output's last chunk, as FastPath sets it before a pass.
+struct Chunk {
+  py::object chunk;  // a tensor, or None before the first chunk
+  int64_t used = 0;
+  int64_t base = 0;
+};
+
+struct Targets {
+  std::vector<py::object> storage;  // per output: dense rows (tensor) or starts (numpy)
+  py::object count;
+  py::object token_len;
+  std::vector<Chunk> chunks;  // per per-token output, in output order
+};
 
 // One output's source rows and where they go.
 struct Output {
@@ -90,8 +108,8 @@ bool fits(const at::Tensor& dst, const at::Tensor& src, int64_t dims) {
          dst.sizes().slice(1) == src.sizes().slice(dims);
 }
 
-std::optional<Output> parse_output(const py::handle& source, const py::handle& target, int64_t B,
-                                   int64_t cap) {
+std::optional<Output> parse_output(const py::handle& source, const py::handle& storage, const Chunk* chunk,
+                                   int64_t B, int64_t cap) {
   if (!THPVariable_Check(source.ptr())) return std::nullopt;
   const at::Tensor& raw = THPVariable_Unpack(source.ptr());
   if (raw.layout() != at::kStrided || !raw.is_cpu() || raw.is_conj() || raw.is_neg() ||
@@ -99,34 +117,32 @@ std::optional<Output> parse_output(const py::handle& source, const py::handle& t
     return std::nullopt;
   }
   Output o;
-  o.per_token = py::isinstance<py::tuple>(target);
+  o.per_token = chunk != nullptr;
   const int64_t dims = o.per_token ? 2 : 1;
   if (raw.dim() < dims) return std::nullopt;
   o.src = raw.contiguous();
   o.row = static_cast<int64_t>(raw.element_size()) * c10::multiply_integers(raw.sizes().slice(dims));
   if (!o.per_token) {
-    if (!THPVariable_Check(target.ptr())) return std::nullopt;
-    const at::Tensor& dense = THPVariable_Unpack(target.ptr());
+    if (!THPVariable_Check(storage.ptr())) return std::nullopt;
+    const at::Tensor& dense = THPVariable_Unpack(storage.ptr());
     if (!fits(dense, raw, dims) || dense.size(0) != cap) return std::nullopt;
     o.dst = static_cast<char*>(dense.data_ptr());
     o.dst_owner = dense;
     o.dst_rows = cap;
     return o;
   }
-  const py::tuple t = py::reinterpret_borrow<py::tuple>(target);
-  if (t.size() != 4) return std::nullopt;
   o.max_len = raw.size(1);
-  if (!t[0].is_none()) {
-    if (!THPVariable_Check(t[0].ptr())) return std::nullopt;
-    const at::Tensor& chunk = THPVariable_Unpack(t[0].ptr());
-    if (!fits(chunk, raw, dims)) return std::nullopt;
-    o.dst = static_cast<char*>(chunk.data_ptr());
-    o.dst_owner = chunk;
-    o.dst_rows = chunk.size(0);
+  if (!chunk->chunk.is_none()) {
+    if (!THPVariable_Check(chunk->chunk.ptr())) return std::nullopt;
+    const at::Tensor& rows = THPVariable_Unpack(chunk->chunk.ptr());
+    if (!fits(rows, raw, dims)) return std::nullopt;
+    o.dst = static_cast<char*>(rows.data_ptr());
+    o.dst_owner = rows;
+    o.dst_rows = rows.size(0);
   }
-  o.used = t[1].cast<int64_t>();
-  o.base = t[2].cast<int64_t>();
-  o.starts_owner = t[3];
+  o.used = chunk->used;
+  o.base = chunk->base;
+  o.starts_owner = py::reinterpret_borrow<py::object>(storage);
   o.starts = reinterpret_cast<int64_t*>(host_array(o.starts_owner, cap, {8}));
   if (o.starts == nullptr || o.used < 0 || o.used > o.dst_rows) return std::nullopt;
   return o;
@@ -225,51 +241,93 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   return total;
 }
 
-int64_t record_rows(const at::Tensor& index_arg, const std::optional<at::Tensor>& views_arg,
-                    const std::optional<at::Tensor>& lengths_arg, bool left, const py::handle& count_arg,
-                    const py::handle& token_len_arg, const py::list& sources, const py::list& targets) {
-  if (index_arg.dim() != 1 || sources.size() != targets.size() || sources.size() == 0) return kHandBack;
+Outcome record_rows(const at::Tensor& index_arg, const std::optional<at::Tensor>& views_arg,
+                    const std::optional<at::Tensor>& lengths_arg, bool left, const py::list& sources,
+                    const Targets& targets) {
+  Outcome handed_back;
+  if (index_arg.dim() != 1 || sources.size() != targets.storage.size() || sources.size() == 0) return handed_back;
   const int64_t B = index_arg.size(0);
   const at::Tensor index = host_index(index_arg, B);
   const at::Tensor views = views_arg ? host_index(*views_arg, B) : at::Tensor();
   const at::Tensor lengths = lengths_arg ? host_index(*lengths_arg, B) : at::Tensor();
   if (!index.defined() || (views_arg && !views.defined()) || (lengths_arg && !lengths.defined())) {
-    return kHandBack;
+    return handed_back;
   }
-  if (!py::isinstance<py::array>(count_arg)) return kHandBack;
-  const py::array count_array = py::reinterpret_borrow<py::array>(count_arg);
-  if (count_array.ndim() != 2 || count_array.shape(1) != 1) return kHandBack;  // one view only
-  const int64_t cap = count_array.shape(0);
-  char* count = host_array(count_array, cap, {1, 4});
-  const py::object token_len_array = py::reinterpret_borrow<py::object>(token_len_arg);  // held past the GIL
+  // Owned while the GIL is released: another thread may replace the Store's arrays meanwhile.
+  const py::object count_array = targets.count;
+  const py::object token_len_array = targets.token_len;
+  if (!py::isinstance<py::array>(count_array)) return handed_back;
+  const py::array counts = py::reinterpret_borrow<py::array>(count_array);
+  if (counts.ndim() != 2 || counts.shape(1) != 1) return handed_back;  // one view only
+  const int64_t cap = counts.shape(0);
+  char* count = host_array(counts, cap, {1, 4});
   auto* token_len = reinterpret_cast<int64_t*>(host_array(token_len_array, cap, {8}));
-  if (count == nullptr || token_len == nullptr) return kHandBack;
+  if (count == nullptr || token_len == nullptr) return handed_back;
   std::vector<Output> outputs;
   outputs.reserve(sources.size());
+  size_t next_chunk = 0;
   for (size_t k = 0; k < sources.size(); ++k) {
-    std::optional<Output> o = parse_output(sources[k], targets[k], B, cap);
-    if (!o) return kHandBack;
+    const bool per_token = !THPVariable_Check(targets.storage[k].ptr());
+    if (per_token && next_chunk >= targets.chunks.size()) return handed_back;
+    const Chunk* chunk = per_token ? &targets.chunks[next_chunk++] : nullptr;
+    std::optional<Output> o = parse_output(sources[k], targets.storage[k], chunk, B, cap);
+    if (!o) return handed_back;
     outputs.push_back(std::move(*o));
   }
   const int64_t* idx = index.const_data_ptr<int64_t>();
   const int64_t* view = views.defined() ? views.const_data_ptr<int64_t>() : nullptr;
   const int64_t* lens = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
-  const bool wide = count_array.itemsize() == 4;
-  py::gil_scoped_release nogil;
-  if (wide) {
-    return record(idx, view, lens, left, B, cap, reinterpret_cast<int32_t*>(count), token_len, outputs);
+  const bool wide = counts.itemsize() == 4;
+  int64_t rows;
+  {
+    py::gil_scoped_release nogil;
+    rows = wide ? record(idx, view, lens, left, B, cap, reinterpret_cast<int32_t*>(count), token_len, outputs)
+                : record(idx, view, lens, left, B, cap, reinterpret_cast<uint8_t*>(count), token_len, outputs);
   }
-  return record(idx, view, lens, left, B, cap, reinterpret_cast<uint8_t*>(count), token_len, outputs);
+  Outcome outcome;
+  if (rows >= 0) {
+    outcome.recorded = true;
+    outcome.rows = rows;
+  } else if (rows < kHandBack) {
+    outcome.needs_rows = -2 - rows;
+  }
+  return outcome;
 }
 
 }  // namespace
 
 void bind_record(py::module_& m) {
-  m.def("record_rows", &record_rows, py::arg("index"), py::arg("views"), py::arg("lengths"),
-        py::arg("left"), py::arg("count"), py::arg("token_len"), py::arg("sources"),
-        py::arg("targets"),
-        "Recorder.add's fast path (provcollate/record.py): checks, claims and copies one batch "
-        "into host storage; -1 hands it back unchanged, -2 - rows asks for room.");
+  py::class_<Outcome>(m, "RecordOutcome", "What record_rows did: recorded, rows (per-token rows taken), needs_rows.")
+      .def_readonly("recorded", &Outcome::recorded)
+      .def_readonly("rows", &Outcome::rows)
+      .def_readonly("needs_rows", &Outcome::needs_rows)
+      .def("__repr__", [](const Outcome& o) {
+        return "RecordOutcome(recorded=" + std::string(o.recorded ? "True" : "False") + ", rows=" + std::to_string(o.rows) +
+               ", needs_rows=" + std::to_string(o.needs_rows) + ")";
+      });
+  py::class_<Targets>(m, "RecordTargets", "Where record_rows writes: storage per output, count, token_len, last chunks.")
+      .def(py::init([](const py::list& storage, py::object count, py::object token_len) {
+             Targets t;
+             for (const py::handle h : storage) t.storage.push_back(py::reinterpret_borrow<py::object>(h));
+             t.count = std::move(count);
+             t.token_len = std::move(token_len);
+             return t;
+           }),
+           py::arg("storage"), py::arg("count"), py::arg("token_len"))
+      .def("set_chunks", [](Targets& t, const py::list& chunks) {
+             std::vector<Chunk> next;
+             for (const py::handle h : chunks) {
+               const py::tuple c = py::reinterpret_borrow<py::tuple>(h);
+               if (c.size() != 3) throw py::value_error("RecordTargets.set_chunks: (chunk or None, used, base) per per-token output");
+               next.push_back(Chunk{py::reinterpret_borrow<py::object>(c[0]), c[1].cast<int64_t>(), c[2].cast<int64_t>()});
+             }
+             t.chunks = std::move(next);
+           },
+           py::arg("chunks"));
+  m.def("record_rows", &record_rows, py::arg("index"), py::arg("views"), py::arg("lengths"), py::arg("left"),
+        py::arg("sources"), py::arg("targets"),
+        "Recorder.add's fast path (provcollate/_store.py FastPath): checks, claims and copies one batch "
+        "into host storage; the RecordOutcome says whether it did, or how many rows a chunk lacks.");
 }
 
 }  // namespace provcollate

@@ -5,8 +5,8 @@
 
 namespace provcollate {
 
-// Adds `record_rows(index, views, lengths, left, count, token_len, sources, targets)` to the
-// module; provcollate/record.py (Recorder._add_fast) builds its arguments.
+// Adds `record_rows(index, views, lengths, left, sources, targets)` and its named records
+// RecordTargets and RecordOutcome to the module; provcollate/_store.py (FastPath) uses them.
 void bind_record(pybind11::module_& m);
 
 }  // namespace provcollate

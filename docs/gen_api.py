@@ -16,7 +16,7 @@ import provcollate as pc
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
 # The order a reader meets them in the pipeline; anything public not listed here follows.
 ORDER = ["Indexed", "Sample", "IndexedIterable", "Collator", "Batch", "LengthBucketSampler", "lengths_of",
-         "Recorder", "Predictions", "ops", "reference", "HAS_EXTENSION"]
+         "Recorder", "Predictions", "Summary", "ops", "reference", "HAS_EXTENSION"]
 
 
 class _Written:

@@ -11,8 +11,8 @@ import os
 import sys
 from typing import List, Optional
 
-from . import shards
-from .record import Predictions, _Jagged
+from .record import Predictions
+from .shards import shard_files
 
 __all__ = ["main", "summary"]
 
@@ -21,13 +21,15 @@ def summary(path: str) -> str:
     """A few lines describing the shard directory ``path``: what ``inspect`` prints.
 
     ``items`` counts the merged entries, ``missing`` the items of ``range(num_items)`` never
-    recorded (when the Recorder knew ``num_items``), ``repeats`` the shard rows beyond one per
-    entry (records of the same item by several ranks or writes, merged by ``on_duplicate``).
+    recorded (when the Recorder knew ``num_items``), ``repeats`` the records beyond one per
+    entry (the same item recorded again, by several ranks or writes, resolved by ``on_duplicate``;
+    see :meth:`provcollate.Predictions.summary`).
     Raises ValueError if ``path`` is not a directory of shards.
     """
     if not os.path.isdir(path):
         raise ValueError(f"provcollate inspect: path must be a directory of shards, got {path!r}")
-    files = [f for _, _, f in shards._shards(path)]
+    found = shard_files(path)
+    files = [f for _, _, f in found]
     if not files:
         raise ValueError(f"provcollate inspect: no shards (part-r*-*.parquet) in {path!r}")
     import pyarrow.parquet as pq
@@ -35,21 +37,20 @@ def summary(path: str) -> str:
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     size = sum(os.path.getsize(f) for f in files)
     preds = Predictions.read(path)
-    ranks = sorted({r for r, _, _ in shards._shards(path)})
+    s = preds.summary()
     lines = [
         f"directory: {os.path.abspath(path)}",
         f"items:     {len(preds)}" + ("" if preds.num_items is None else f" of num_items={preds.num_items}"),
         f"missing:   {'unknown (no num_items)' if preds.num_items is None else len(preds.missing())}",
-        f"repeats:   {rows - len(preds)} (shard rows {rows})",
-        f"shards:    {len(files)} from {len(ranks)} rank(s)",
+        f"repeats:   {s.repeats} ({s.resolution}); records {s.records}, shard rows {rows}",
+        f"shards:    {len(files)} from {s.ranks} rank(s)",
         f"size:      {size} bytes",
         "schema:",
     ]
     for name in preds.names:
-        col = preds._columns[name]
-        kind = "per-token" if isinstance(col, _Jagged) else "per-example"
-        ref = col.chunks[0] if isinstance(col, _Jagged) else col
-        lines.append(f"  {name}: {kind} {str(ref.dtype).replace('torch.', '')} row shape {list(ref.shape[1:])}")
+        per_token, dtype, shape = preds.column_info(name)
+        kind = "per-token" if per_token else "per-example"
+        lines.append(f"  {name}: {kind} {str(dtype).replace('torch.', '')} row shape {list(shape)}")
     return "\n".join(lines)
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import operator
 import random
 from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ._checks import check_int, is_iterable_only
 
 try:
     import numpy as np
@@ -63,25 +64,6 @@ def seeded_rngs(seed: int) -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
-def _is_iterable_only(dataset) -> bool:
-    if isinstance(dataset, IterableDataset):
-        return True
-    return hasattr(dataset, "__iter__") and not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"))
-
-
-def _check_int(owner: str, name: str, value, minimum: int | None = None, what: str = "an int") -> int:
-    """``value`` as a Python int (numpy ints and 0-d tensors accepted, bools not), at least ``minimum``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be {what}, got bool {value}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{owner}: {name} must be {what}, got {type(value).__name__}") from None
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
-    return value
-
-
 class Indexed(Dataset):
     """Wrap a dataset so that every item carries its identity as a :class:`Sample`.
 
@@ -107,7 +89,7 @@ class Indexed(Dataset):
     """
 
     def __new__(cls, dataset=None, views: int = 1, seed: int | None = None, key: Callable | None = None):
-        if cls is Indexed and dataset is not None and _is_iterable_only(dataset):
+        if cls is Indexed and dataset is not None and is_iterable_only(dataset):
             return IndexedIterable(dataset, views=views, seed=seed, key=key)
         return super().__new__(cls)
 
@@ -123,8 +105,8 @@ class Indexed(Dataset):
                 f"numbered by position, got key={key!r}"
             )
         self.dataset = dataset
-        self.views = _check_int("Indexed", "views", views, minimum=1)
-        self.seed = None if seed is None else _check_int("Indexed", "seed", seed)
+        self.views = check_int("Indexed", "views", views, minimum=1)
+        self.seed = None if seed is None else check_int("Indexed", "seed", seed)
 
     def __len__(self) -> int:
         return self.views * len(self.dataset)
@@ -141,7 +123,7 @@ class Indexed(Dataset):
                 "sampler that yields batches, such as pc.LengthBucketSampler, goes to "
                 "DataLoader(..., batch_sampler=sampler), not sampler="
             )
-        i = _check_int("Indexed", "index", i)
+        i = check_int("Indexed", "index", i)
         if not -n <= i < n:
             raise IndexError(f"Indexed: index {i} out of range for a dataset of {n} items")
         index, view = divmod(i % n, self.views)
@@ -156,8 +138,8 @@ class Indexed(Dataset):
         if self.seed is None:
             raise ValueError("Indexed.replay: needs a seed to rebuild augmented samples, got seed=None; wrap with Indexed(dataset, views=V, seed=S)")
         n = len(self.dataset)
-        index = _check_int("Indexed.replay", "index", index)
-        view = _check_int("Indexed.replay", "view", view)
+        index = check_int("Indexed.replay", "index", index)
+        view = check_int("Indexed.replay", "view", view)
         if not 0 <= index < n:
             raise IndexError(f"Indexed.replay: index must be in [0, {n}), got {index}")
         if not 0 <= view < self.views:
@@ -220,4 +202,4 @@ class IndexedIterable(IterableDataset):
                 yield Sample(i, 0, example)
             return
         for example in self.dataset:
-            yield Sample(_check_int("Indexed", "key(example)", self.key(example)), 0, example)
+            yield Sample(check_int("Indexed", "key(example)", self.key(example)), 0, example)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _entries, _progress
-from .dataset import _check_int
-from .record import Predictions, Recorder, _to_device
+from . import _progress
+from ._checks import check_int
+from ._store import SlotBlock, Store, specs_from_meta, specs_to_meta, to_device
 
 __all__ = ["gather"]
 
@@ -48,12 +48,12 @@ def _comm_device(group, storage: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def _header(rec: Recorder, block: Optional[_entries.Entries]) -> Dict[str, Any]:
-    header: Dict[str, Any] = {"on_duplicate": rec.on_duplicate, "views": rec.views, "num_items": rec.num_items,
-                              "outputs": None, "single": False, "entries": 0, "tokens": 0, "width": 1}
+def _header(store: Store, block: Optional[SlotBlock]) -> Dict[str, Any]:
+    header: Dict[str, Any] = {"on_duplicate": store.on_duplicate, "views": store.views, "num_items": store.num_items,
+                              "outputs": None, "single": False, "entries": 0, "tokens": 0, "width": 1, "records": store.records}
     if block is not None:
-        header.update(outputs=_entries.outputs_meta(rec), single=rec._single, entries=len(block),
-                      tokens=0 if block.lengths is None else int(block.lengths.sum()), width=rec._count.shape[1])
+        header.update(outputs=specs_to_meta(store.specs), single=store.single, entries=len(block),
+                      tokens=0 if block.lengths is None else int(block.lengths.sum()), width=store.table.shape[1])
     return header
 
 
@@ -75,7 +75,7 @@ def _sections(header: Dict[str, Any], outputs: List[Dict[str, Any]], mean: bool)
     return out
 
 
-def _pack(block: _entries.Entries, width: int, sections, nbytes: int, device: torch.device) -> torch.Tensor:
+def _pack(block: SlotBlock, width: int, sections, nbytes: int, device: torch.device) -> torch.Tensor:
     buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
     key = block.index if width == 1 else block.index * width + (0 if block.view is None else block.view)
     host = {"key": key,
@@ -85,12 +85,12 @@ def _pack(block: _entries.Entries, width: int, sections, nbytes: int, device: to
             continue
         src = host[name] if name in host else block.columns[name]
         if isinstance(src, np.ndarray):
-            src = _to_device(np.ascontiguousarray(src, dtype=np.int64), device)
+            src = to_device(np.ascontiguousarray(src, dtype=np.int64), device)
         buf[offset:offset + size].copy_(src.contiguous().reshape(-1).view(torch.uint8))
     return buf
 
 
-def _unpack(buf: torch.Tensor, header: Dict[str, Any], outputs, sections, width: int, mean: bool) -> _entries.Entries:
+def _unpack(buf: torch.Tensor, header: Dict[str, Any], outputs, sections, width: int, mean: bool) -> SlotBlock:
     n, tokens = header["entries"], header["tokens"]
     parts = {name: buf[offset:offset + size] for name, offset, size in sections}
     key = parts["key"].view(torch.int64).cpu().numpy()
@@ -103,7 +103,7 @@ def _unpack(buf: torch.Tensor, header: Dict[str, Any], outputs, sections, width:
         rows = tokens if o["per_token"] else n
         raw = parts[o["name"]]
         columns[o["name"]] = raw.view(dtype).view(rows, *shape) if raw.numel() else torch.empty((rows, *shape), dtype=dtype, device=buf.device)
-    return _entries.Entries(index, view, count, lengths, columns)
+    return SlotBlock(index, view, count, lengths, columns, records=max(n, int(header["records"])))
 
 
 def _check_headers(headers: List[Dict[str, Any]], owner: str) -> Tuple[Optional[List[Dict[str, Any]]], bool]:
@@ -123,36 +123,37 @@ def _check_headers(headers: List[Dict[str, Any]], owner: str) -> Tuple[Optional[
     return outputs, single
 
 
-def gather(rec: Recorder, dst: Optional[int] = None, group=None) -> Optional[Predictions]:
-    """See :meth:`provcollate.Recorder.gather`."""
+def gather(store: Store, dst: Optional[int] = None, group=None, progress: bool = False) -> Optional[Tuple[Store, int]]:
+    """See :meth:`provcollate.Recorder.gather`: (the merged store, the ranks merged) on receivers, else None."""
     owner = "Recorder.gather"
     if dst is not None:
-        dst = _check_int(owner, "dst", dst, what="a global rank (int) or None")
+        dst = check_int(owner, "dst", dst, what="a global rank (int) or None")
+    if not isinstance(progress, bool):
+        raise TypeError(f"{owner}: progress must be a bool, got {type(progress).__name__}")
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError(f"{owner}: group= needs torch.distributed to be initialized, got group={group!r}")
         if dst not in (None, 0):
             raise ValueError(f"{owner}: without torch.distributed there is one process, rank 0; got dst={dst}")
-        return rec.result()
+        return store, 1
     world = dist.get_world_size(group)
     ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
     if dst is not None and dst not in ranks:
         raise ValueError(f"{owner}: dst must be a global rank of the group {ranks}, got {dst}")
 
-    source = rec if rec._stream is None else rec._stream.collected(rec)
-    block = None if source._specs is None else _entries.extract(source)
+    block = None if store.specs is None else store.extract()
     headers: List[Optional[Dict[str, Any]]] = [None] * world
-    dist.all_gather_object(headers, _header(source, block), group=group)
+    dist.all_gather_object(headers, _header(store, block), group=group)
     outputs, single = _check_headers(headers, owner)
     receiving = dst is None or dist.get_rank() == dst
     if outputs is None:  # no rank recorded anything
-        return rec.result() if receiving else None
+        return (store, world) if receiving else None
 
     width = max(h["width"] for h in headers)
-    mean = rec.on_duplicate == "mean"
+    mean = store.on_duplicate == "mean"
     layout = [_sections(h, outputs, mean) for h in headers]
     nbytes = max(_aligned(s[-1][1] + s[-1][2]) for s in layout)
-    device = _comm_device(group, rec.device)
+    device = _comm_device(group, store.device)
     mine = layout[dist.get_rank(group)]
     buf = _pack(block, width, mine, nbytes, device) if block is not None else torch.empty(nbytes, dtype=torch.uint8, device=device)
     del block  # the packed copy is all that is sent: free the extracted rows before receiving
@@ -165,13 +166,19 @@ def gather(rec: Recorder, dst: Optional[int] = None, group=None) -> Optional[Pre
     if not receiving:
         return None
 
-    merged = Recorder(num_items=rec.num_items, device=rec.device, on_duplicate=rec.on_duplicate, views=rec.views)
-    _entries.setup(merged, outputs, single, owner)
-    for r in range(world):
+    merged = Store(store.num_items, store.device, store.on_duplicate, store.views)
+    merged.setup(specs_from_meta(outputs), single, owner)
+    hint = (" (DistributedSampler pads the ranks with repeated items when the world size does not divide the dataset); "
+            "set rec.on_duplicate = 'first' and call gather() again to keep one record of each")
+    for r in _progress.bar(owner, progress, range(world), world, "merging ranks", "rank"):
         block = _unpack(bufs[r], headers[r], outputs, layout[r], width, mean)
-        _entries.absorb(merged, block, f"{owner}: rank {ranks[r]}")
+        try:
+            merged.absorb(block, f"{owner}: rank {ranks[r]}")
+        except ValueError as exc:
+            if store.on_duplicate == "error" and "recorded more than once" in str(exc):
+                raise ValueError(f"{exc}{hint}") from None
+            raise
         bufs[r] = None  # each rank's buffer is freed once merged
-    _entries.check_view_lengths(merged, owner)
-    preds = merged.result()
-    _progress.logger.info("%s: %d entries from %d ranks, %d bytes per rank", owner, len(preds), world, nbytes)
-    return preds
+    merged.table.check_view_lengths(owner, merged.views)
+    _progress.logger.info("%s: %d entries from %d ranks, %d bytes per rank", owner, int(np.count_nonzero(merged.table.flat)), world, nbytes)
+    return merged, world

@@ -1,11 +1,13 @@
-"""Predictions to and from Arrow, Parquet and pandas.
+"""Finished column tables (what :class:`provcollate.Predictions` holds) to and from Arrow,
+Parquet and pandas. This module sees only :class:`provcollate._store.ColumnTable`.
 
-Arrow layout of a :class:`provcollate.Predictions`: an ``index`` column (int64), a ``view``
+Arrow layout: an ``index`` column (int64), a ``view``
 column when views were kept apart, then one column per output. A per-example output with row
 shape ``[d1, d2]`` is ``fixed_size_list<fixed_size_list<dtype, d2>, d1>``; a per-token output
 is a ``list`` (``large_list`` past 2**31 rows) of such rows. The schema metadata key
 ``provcollate`` records each output's torch dtype and row shape, so that reading gives back
-exactly what was written, bfloat16 (stored as its int16 bits) and empty shapes included.
+exactly what was written, bfloat16 (stored as its int16 bits) and empty shapes included, and
+the provenance of the table (records, repeats, ranks and shards merged) for ``summary()``.
 
 pyarrow (and pandas, for :func:`to_pandas`) are imported only when these functions are used.
 """
@@ -17,7 +19,8 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from .record import Predictions, _Jagged
+from ._store import ColumnTable, Jagged
+from .dataset import Indexed, Sample
 
 __all__ = ["to_arrow", "from_arrow", "to_pandas", "write_parquet", "read_parquet"]
 
@@ -28,6 +31,7 @@ _DTYPES = {
     torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
 }
 _RESERVED = ("index", "view")
+_PROVENANCE = ("records", "slots", "incomplete", "ranks", "shards", "views", "on_duplicate")
 
 
 def _pyarrow():
@@ -85,17 +89,21 @@ def _unnested(array, dtype: torch.dtype, shape) -> torch.Tensor:
     return t.reshape(n, *shape).to(dtype)
 
 
-def to_arrow(preds: Predictions):
-    """``preds`` as a ``pyarrow.Table``; see the module docstring for the layout."""
+def _host_index(t: ColumnTable) -> np.ndarray:
+    return np.arange(t.size, dtype=np.int64) if t.index is None else t.index
+
+
+def to_arrow(t: ColumnTable):
+    """``t`` as a ``pyarrow.Table``; see the module docstring for the layout."""
     pa = _pyarrow()
-    columns: Dict[str, Any] = {"index": pa.array(preds._host_index())}
-    if preds._view is not None:
-        columns["view"] = pa.array(preds._view)
+    columns: Dict[str, Any] = {"index": pa.array(_host_index(t))}
+    if t.view is not None:
+        columns["view"] = pa.array(t.view)
     outputs = []
-    for name, col in preds._columns.items():
+    for name, col in t.columns.items():
         if name in _RESERVED:
             raise ValueError(f"Predictions.to_arrow: an output may not be named {name!r} (a column of its own); rename it")
-        if isinstance(col, _Jagged):
+        if isinstance(col, Jagged):
             values, offsets = col.contiguous()
             inner = _nested_array(values)
             large = int(offsets[-1]) >= 2**31
@@ -106,15 +114,16 @@ def to_arrow(preds: Predictions):
         else:
             columns[name] = _nested_array(col)
             dtype, shape = col.dtype, col.shape[1:]
-        outputs.append({"name": name, "per_token": isinstance(col, _Jagged), "dtype": _dtype_name(dtype), "shape": list(shape)})
-    meta = {"format": _FORMAT, "single": preds._single, "num_items": preds.num_items,
-            "stacked_views": preds.stacked_views, "has_view": preds._view is not None, "outputs": outputs}
+        outputs.append({"name": name, "per_token": isinstance(col, Jagged), "dtype": _dtype_name(dtype), "shape": list(shape)})
+    meta = {"format": _FORMAT, "single": t.single, "num_items": t.num_items,
+            "stacked_views": t.stacked_views, "has_view": t.view is not None, "outputs": outputs,
+            "provenance": {k: getattr(t, k) for k in _PROVENANCE}}
     table = pa.table(columns)
     return table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
 
 
-def from_arrow(table) -> Predictions:
-    """The :class:`Predictions` that :func:`to_arrow` turned into ``table``."""
+def from_arrow(table) -> ColumnTable:
+    """The table that :func:`to_arrow` turned into ``table``."""
     raw = (table.schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise ValueError("Predictions.from_arrow: the table has no provcollate metadata; it was not written by Predictions.to_arrow")
@@ -131,21 +140,25 @@ def from_arrow(table) -> Predictions:
             offsets = array.offsets.to_numpy().astype(np.int64)
             offsets = offsets - offsets[0]
             values = _unnested(array.flatten(), dtype, shape)
-            columns[out["name"]] = _Jagged([values], np.zeros(1, np.int64), offsets[:-1].copy(), np.diff(offsets))
+            columns[out["name"]] = Jagged.of(values, offsets)
         else:
             columns[out["name"]] = _unnested(array, dtype, shape)
-    return Predictions._from_parts(index, view, columns, single=meta["single"], num_items=meta["num_items"],
-                                   stacked_views=meta["stacked_views"])
+    provenance = {k: v for k, v in (meta.get("provenance") or {}).items() if k in _PROVENANCE}
+    if "views" not in provenance:
+        provenance["views"] = 1 if view is None or not len(view) else int(view.max()) + 1
+    return ColumnTable(index, view, columns, meta["single"], meta["num_items"], meta["stacked_views"], len(index), **provenance)
 
 
-def write_parquet(preds: Predictions, path) -> None:
-    """Write ``preds`` to one Parquet file at ``path``."""
+def write_parquet(t: ColumnTable, path) -> None:
+    """Write ``t`` to one Parquet file at ``path``."""
+    _pyarrow()
     import pyarrow.parquet as pq
-    pq.write_table(to_arrow(preds), path)
+    pq.write_table(to_arrow(t), path)
 
 
-def read_parquet(path) -> Predictions:
-    """The :class:`Predictions` in the Parquet file at ``path`` (written by :func:`write_parquet`)."""
+def read_parquet(path) -> ColumnTable:
+    """The table in the Parquet file at ``path`` (written by :func:`write_parquet`)."""
+    _pyarrow()
     import pyarrow.parquet as pq
     return from_arrow(pq.read_table(path))
 
@@ -173,8 +186,6 @@ def _fields(row):
 
 def _dataset_columns(dataset, index: np.ndarray) -> Dict[str, List[Any]]:
     """Each recorded item's fields, one column per field (a Python loop: one dataset access per item)."""
-    from .dataset import Indexed, Sample
-
     if isinstance(dataset, Indexed):
         dataset = dataset.dataset
     unique, inverse = np.unique(index, return_inverse=True)
@@ -186,29 +197,29 @@ def _dataset_columns(dataset, index: np.ndarray) -> Dict[str, List[Any]]:
     return {name: [values[j] for j in inverse.tolist()] for name, values in columns.items()}
 
 
-def to_pandas(preds: Predictions, dataset=None):
-    """``preds`` as a ``pandas.DataFrame``; see :meth:`provcollate.Predictions.to_pandas`."""
+def to_pandas(t: ColumnTable, dataset=None):
+    """``t`` as a ``pandas.DataFrame``; see :meth:`provcollate.Predictions.to_pandas`."""
     try:
         import pandas as pd
     except ImportError as exc:
         raise ImportError("provcollate: to_pandas needs pandas: install provcollate's [io] extra "
                           "(pip install --no-build-isolation \".[io]\", or pip install pyarrow pandas)") from exc
 
-    data: Dict[str, Any] = {"index": preds._host_index()}
-    if preds._view is not None:
-        data["view"] = preds._view
-    for name, col in preds._columns.items():
-        if isinstance(col, _Jagged):
+    data: Dict[str, Any] = {"index": _host_index(t)}
+    if t.view is not None:
+        data["view"] = t.view
+    for name, col in t.columns.items():
+        if isinstance(col, Jagged):
             values, offsets = col.contiguous()
             pieces = np.split(_readable(values), offsets[1:-1].numpy())
-            if preds.stacked_views is not None:
+            if t.stacked_views is not None:
                 pieces = [np.moveaxis(p, 1, 0) for p in pieces]
             data[name] = pieces
         else:
             host = _readable(col)
             data[name] = host if host.ndim == 1 else list(host)
     if dataset is not None:
-        for name, values in _dataset_columns(dataset, preds._host_index()).items():
+        for name, values in _dataset_columns(dataset, _host_index(t)).items():
             data[f"{name}_input" if name in data else name] = values
     return pd.DataFrame(data)
 

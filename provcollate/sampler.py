@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from . import _progress
-from .dataset import Sample, _check_int, _is_iterable_only, derive_seed
+from ._checks import check_int, is_iterable_only
+from .dataset import Sample, derive_seed
 
 __all__ = ["LengthBucketSampler", "lengths_of"]
 
@@ -58,7 +59,7 @@ def _world(num_replicas, rank) -> tuple:
     initialized = dist.is_available() and dist.is_initialized()
     if num_replicas is None:
         num_replicas = dist.get_world_size() if initialized else 1
-    num_replicas = _check_int(owner, "num_replicas", num_replicas, minimum=1)
+    num_replicas = check_int(owner, "num_replicas", num_replicas, minimum=1)
     if rank is None:
         if initialized:
             rank = dist.get_rank()
@@ -66,7 +67,7 @@ def _world(num_replicas, rank) -> tuple:
             rank = 0
         else:
             raise ValueError(f"{owner}: rank must be given with num_replicas={num_replicas} when torch.distributed is not initialized, got rank=None")
-    rank = _check_int(owner, "rank", rank)
+    rank = check_int(owner, "rank", rank)
     if not 0 <= rank < num_replicas:
         raise ValueError(f"{owner}: rank must be in [0, {num_replicas}) (num_replicas={num_replicas}), got {rank}")
     return num_replicas, rank
@@ -182,12 +183,12 @@ class LengthBucketSampler(Sampler[List[int]]):
         for name, flag in (("shuffle", shuffle), ("drop_last", drop_last), ("even_batches", even_batches)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{owner}: {name} must be a bool, got {type(flag).__name__}")
-        self.batch_size = None if batch_size is None else _check_int(owner, "batch_size", batch_size, minimum=1)
-        self.max_tokens = None if max_tokens is None else _check_int(owner, "max_tokens", max_tokens, minimum=1)
+        self.batch_size = None if batch_size is None else check_int(owner, "batch_size", batch_size, minimum=1)
+        self.max_tokens = None if max_tokens is None else check_int(owner, "max_tokens", max_tokens, minimum=1)
         if drop_last and self.max_tokens is not None:
             raise ValueError(f"{owner}: drop_last applies to batch_size (it drops examples that would make a partial batch); with max_tokens every batch is sized by its budget, got drop_last=True")
         self.shuffle = shuffle
-        self.seed = _check_int(owner, "seed", seed)
+        self.seed = check_int(owner, "seed", seed)
         self.drop_last = drop_last
         self.even_batches = even_batches
         self.num_replicas, self.rank = _world(num_replicas, rank)
@@ -231,7 +232,7 @@ class LengthBucketSampler(Sampler[List[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose shuffle :meth:`__iter__` yields (no effect without shuffle)."""
-        self.epoch = _check_int("LengthBucketSampler", "epoch", epoch)
+        self.epoch = check_int("LengthBucketSampler", "epoch", epoch)
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_batches, self.num_replicas))
@@ -297,9 +298,9 @@ def lengths_of(dataset, field=None, num_workers: int = 0, progress: bool = False
     (tqdm must be installed); the count and longest length are logged on the ``provcollate``
     logger at INFO.
     """
-    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or _is_iterable_only(dataset):
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or is_iterable_only(dataset):
         raise TypeError(f"lengths_of: dataset must be map-style (define __getitem__ and __len__), got {type(dataset).__name__}")
-    num_workers = _check_int("lengths_of", "num_workers", num_workers, minimum=0)
+    num_workers = check_int("lengths_of", "num_workers", num_workers, minimum=0)
     loader = DataLoader(_LengthOfItem(dataset, field), batch_size=1024, num_workers=num_workers, collate_fn=torch.tensor)
     parts = list(_progress.bar("lengths_of", progress, loader, len(loader), "lengths_of", "batch"))
     lengths = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)

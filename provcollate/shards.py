@@ -33,10 +33,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from . import _entries, _progress
-from .record import Predictions, Recorder, _first_last, _host_long
+from . import _progress
+from ._store import ON_DUPLICATE, SlotBlock, Store, first_last, specs_from_meta, specs_to_meta
 
-__all__ = ["write", "read", "resume", "done", "result"]
+__all__ = ["Stream", "write", "read", "resume", "shard_files"]
 
 _META_KEY = b"provcollate.shard"
 _FORMAT = 1
@@ -44,6 +44,16 @@ _NAME = re.compile(r"^part-r(\d{5,})-(\d{6,})\.parquet$")
 _GROUP_BYTES = 16 << 20  # bytes of one row group: what reading holds besides the result
 _SETTINGS = ("on_duplicate", "views", "num_items")
 _INTS = ("index", "view", "count", "length")  # bookkeeping columns: sorted or small, delta-packed to a few bits
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError("provcollate: Parquet shards (Recorder.write, resume=, Predictions.read) need pyarrow: install "
+                          "provcollate's [io] extra (pip install --no-build-isolation \".[io]\", or pip install pyarrow)") from exc
+    return pa, pq
 
 
 def _rank_world() -> Tuple[int, int]:
@@ -63,7 +73,7 @@ def _directory(owner: str, path) -> str:
     return path
 
 
-def _shards(directory: str) -> List[Tuple[int, int, str]]:
+def shard_files(directory: str) -> List[Tuple[int, int, str]]:
     """(rank, seq, file) of every complete shard in ``directory``, in (rank, seq) order."""
     found = []
     for name in os.listdir(directory):
@@ -77,8 +87,7 @@ def _shards(directory: str) -> List[Tuple[int, int, str]]:
 def _reading(file: str, owner: str):
     """Whatever a damaged, truncated or foreign file makes pyarrow, the OS or json raise comes out
     as one ValueError naming the file."""
-    import pyarrow as pa
-
+    pa, _ = _pyarrow()
     try:
         yield
     except (pa.ArrowException, OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RuntimeError) as exc:
@@ -87,8 +96,7 @@ def _reading(file: str, owner: str):
 
 
 def _meta(file: str, owner: str) -> Dict[str, Any]:
-    import pyarrow.parquet as pq
-
+    _, pq = _pyarrow()
     with _reading(file, owner):
         raw = (pq.read_schema(file).metadata or {}).get(_META_KEY)
         if raw is None:
@@ -121,11 +129,9 @@ def _row_bytes(out: Dict[str, Any]) -> int:
     return getattr(torch, out["dtype"]).itemsize * int(np.prod(out["shape"], dtype=np.int64))
 
 
-def _write_shard(file: str, block: _entries.Entries, meta: Dict[str, Any]) -> None:
+def _write_shard(file: str, block: SlotBlock, meta: Dict[str, Any], progress: bool) -> None:
     """Write ``block`` to ``file`` through a temporary name: the file appears whole or not at all."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    pa, pq = _pyarrow()
     n = len(block)
     arrays = {"index": pa.array(block.index)}
     if block.view is not None and block.view.any():
@@ -150,10 +156,13 @@ def _write_shard(file: str, block: _entries.Entries, meta: Dict[str, Any]) -> No
     rows_per_group = max(1, _GROUP_BYTES * n // max(nbytes, 1))
     directory, name = os.path.split(file)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
+    groups = range(0, max(n, 1), rows_per_group)
     try:
-        pq.write_table(table, tmp, row_group_size=rows_per_group, compression="none", use_dictionary=False,
-                       write_page_checksum=True,
-                       write_statistics=["index"], column_encoding={c: "DELTA_BINARY_PACKED" for c in _INTS if c in arrays})
+        with pq.ParquetWriter(tmp, table.schema, compression="none", use_dictionary=False, write_page_checksum=True,
+                              write_statistics=["index"],
+                              column_encoding={c: "DELTA_BINARY_PACKED" for c in _INTS if c in arrays}) as writer:
+            for start in _progress.bar("Recorder.write", progress, groups, len(groups), "writing shard", "row group"):
+                writer.write_table(table.slice(start, rows_per_group), row_group_size=rows_per_group)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data is on disk before the name says the shard is complete
@@ -198,10 +207,15 @@ def _column(table, out: Dict[str, Any], n: int, lengths: Optional[np.ndarray], f
     return raw.view(dtype).view(rows, *shape)
 
 
-def _blocks(file: str, meta: Dict[str, Any], owner: str, values: bool = True) -> Iterator[_entries.Entries]:
-    """The entries of one shard, a row group at a time; bookkeeping columns only unless ``values``."""
-    import pyarrow.parquet as pq
+def _row_groups(file: str, owner: str) -> int:
+    _, pq = _pyarrow()
+    with _reading(file, owner):
+        return pq.ParquetFile(file).num_row_groups
 
+
+def _blocks(file: str, meta: Dict[str, Any], owner: str, values: bool = True) -> Iterator[SlotBlock]:
+    """The slots of one shard, a row group at a time; bookkeeping columns only unless ``values``."""
+    _, pq = _pyarrow()
     with _reading(file, owner):
         # Every page's CRC is checked: a flipped bit raises instead of being returned as data.
         pf = pq.ParquetFile(file, page_checksum_verification=True)
@@ -217,30 +231,41 @@ def _blocks(file: str, meta: Dict[str, Any], owner: str, values: bool = True) ->
             count = np.array(table.column("count").to_numpy()) if "count" in names else None
             lengths = np.array(table.column("length").to_numpy()) if "length" in names else None
             columns = {o["name"]: _column(table, o, len(index), lengths, file, owner) for o in meta["outputs"]} if values else {}
-        yield _entries.Entries(index, view, count, lengths, columns)
+        yield SlotBlock(index, view, count, lengths, columns)
 
 
-def _grow_to(rec: Recorder, metas: List[Dict[str, Any]]) -> None:
-    """Size ``rec``'s storage once for every shard's largest index and view."""
-    top = max(m["max_index"] for m in metas)
-    vmax = max(m["max_view"] for m in metas)
-    cap, vcap = rec._count.shape
-    if top >= cap or vmax >= vcap:
-        rec._grow(top, vmax)
+def _grow_to(store: Store, metas: List[Dict[str, Any]]) -> None:
+    """Size ``store`` once for every shard's largest index and view."""
+    store.ensure(max(m["max_index"] for m in metas), max(m["max_view"] for m in metas))
+
+
+def _records(meta: Dict[str, Any]) -> int:
+    """The records a shard stands for: its slots plus the repeats resolved before it was written."""
+    return int(meta.get("records", meta["entries"]))
+
+
+def _absorb_file(store: Store, file: str, meta: Dict[str, Any], owner: str, tick=None) -> None:
+    extra = _records(meta) - int(meta["entries"])
+    for block in _blocks(file, meta, owner):
+        store.absorb(block, f"{owner}: {file}")
+        if tick is not None:
+            tick()
+    store.records += extra
 
 
 # --------------------------------------------------------------------------------------------
-# The writing side: one _Stream per Recorder that writes or resumes
+# The writing side: one Stream per Recorder that writes or resumes
 # --------------------------------------------------------------------------------------------
 
-class _Stream:
+class Stream:
     """A Recorder's link to its shard directory.
 
-    ``disk`` marks the slots ``[index, view]`` found in any shard (read at resume, or written
-    since). Under ``"error"`` and ``"first"`` the Recorder keeps counting written slots, so that
+    The store's ``table.disk`` marks the slots found in any shard (read at resume, or written
+    since). Under ``"error"`` and ``"first"`` the store keeps counting written slots, so that
     ``add`` still rejects or ignores them; under ``"last"`` and ``"mean"`` their counts go back to
-    0, so that a later record is a new entry that reading merges with the written one.
-    ``owned`` lists the shards whose entries this Recorder's ``result()`` and ``gather()`` hold.
+    0, so that a later record is a new slot that reading merges with the written one.
+    ``owned`` lists the shards whose slots this Recorder's ``result()`` and ``gather()`` hold;
+    ``flushed`` is the store's record count when the last of them was written.
     """
 
     def __init__(self, path: str, rank: int) -> None:
@@ -248,90 +273,80 @@ class _Stream:
         self.seq = 0
         self.every: Optional[int] = None
         self.since = 0  # rows added since the last shard
-        self.disk = np.zeros((0, 1), bool)
         self.owned: List[str] = []
+        self.flushed = 0
         self.checked = False  # the directory was checked for an earlier run's shards
 
-    def added(self, rec: Recorder, rows: int) -> None:
+    def added(self, store: Store, rows: int) -> None:
         """Called by ``Recorder.add``: writes a shard once ``every`` rows have come in since the last."""
         self.since += rows
         if self.every is not None and self.since >= self.every:
-            self.flush(rec)
+            self.flush(store)
 
-    def _disk_flat(self, rec: Recorder) -> np.ndarray:
-        """``disk`` laid out like the Recorder's slots (its storage only ever grows)."""
-        shape = rec._count.shape
-        if self.disk.shape != shape:
-            disk = np.zeros(shape, bool)
-            disk[:self.disk.shape[0], :self.disk.shape[1]] = self.disk
-            self.disk = disk
-        return self.disk.reshape(-1)
-
-    def _unwritten(self, rec: Recorder) -> np.ndarray:
+    def unwritten(self, store: Store) -> np.ndarray:
         """The slots recorded in memory and not yet in a shard, sorted."""
-        recorded = rec._count_flat > 0
-        if rec.on_duplicate in ("error", "first"):
-            recorded &= ~self._disk_flat(rec)
+        recorded = store.table.flat > 0
+        if store.on_duplicate in ("error", "first"):
+            recorded &= ~store.table.link_disk().reshape(-1)
         return np.flatnonzero(recorded)
 
-    def flush(self, rec: Recorder) -> None:
-        """Write the unwritten entries to a new shard, then drop them from memory."""
-        rec._drain(wait=True)
+    def flush(self, store: Store, progress: bool = False) -> None:
+        """Write the unwritten slots to a new shard, then drop them from memory."""
+        store.staging.drain(wait=True)
         self.since = 0
-        if rec._specs is None:
+        if store.specs is None:
             return
-        flat = self._unwritten(rec)
+        flat = self.unwritten(store)
         if not len(flat):
             return
-        block = _entries.extract(rec, flat)
+        block = store.extract(flat)
         os.makedirs(self.path, exist_ok=True)
         if not self.checked:
             self._check_fresh()
             self.checked = True
         file = os.path.join(self.path, f"part-r{self.rank:05d}-{self.seq:06d}.parquet")
         meta = {"format": _FORMAT, "rank": self.rank, "seq": self.seq, "byteorder": sys.byteorder,
-                "outputs": _entries.outputs_meta(rec), "single": rec._single, "entries": len(block),
+                "outputs": specs_to_meta(store.specs), "single": store.single, "entries": len(block),
+                "records": max(len(block), store.records - self.flushed),
                 "max_index": int(block.index.max()), "max_view": 0 if block.view is None else int(block.view.max()),
-                **{key: getattr(rec, key) for key in _SETTINGS}}
-        _write_shard(file, block, meta)
+                "on_duplicate": store.on_duplicate, "views": store.views, "num_items": store.num_items}
+        _write_shard(file, block, meta, progress)
         _progress.logger.info("Recorder.write: %d entries, %d bytes to %s", len(block), os.path.getsize(file), file)
         del block
         self.seq += 1
         self.owned.append(file)
-        self._disk_flat(rec)[flat] = True
-        if rec.on_duplicate not in ("error", "first"):
-            rec._count_flat[flat] = 0
-        # Fresh storage: pages never written again cost no memory, the written ones are returned.
-        rec._dense = {name: torch.empty_like(t) for name, t in rec._dense.items()}
-        rec._chunks = {name: type(c)(c.shape, c.dtype, c.device) for name, c in rec._chunks.items()}
-        rec._shared = False
+        self.flushed = store.records
+        store.table.link_disk().reshape(-1)[flat] = True
+        if store.on_duplicate not in ("error", "first"):
+            store.table.flat[flat] = 0
+        store.drop_rows()
 
     def _check_fresh(self) -> None:
         """A first write must not mix into an earlier run's shards: those of this rank, or of ranks
         this run does not have (other ranks of this run may be writing already)."""
         world = _rank_world()[1]
-        old = [f for r, _, f in _shards(self.path) if r == self.rank or r >= world]
+        old = [f for r, _, f in shard_files(self.path) if r == self.rank or r >= world]
         if old:
             raise ValueError(f"Recorder.write: {self.path} already holds shards of an earlier run ({os.path.basename(old[0])}, ...); "
                              f"continue it with Recorder(..., resume={self.path!r}) or write to another directory")
 
-    def collected(self, rec: Recorder) -> Recorder:
-        """A Recorder holding everything ``rec`` recorded: its shards read back, then what is in memory."""
+    def collected(self, store: Store) -> Store:
+        """A store holding everything ``store`` recorded: its shards read back, then what is in memory."""
         owner = "Recorder.result"
-        merged = _entries.empty_like(rec, owner)
-        if rec._specs is None:
+        merged = store.empty_like()
+        if store.specs is None:
             return merged
         for file in self.owned:
-            meta = _meta(file, owner)
-            for block in _blocks(file, meta, owner):
-                _entries.absorb(merged, block, f"{owner}: {file}")
-        rec._drain(wait=True)
-        _entries.absorb(merged, _entries.extract(rec, self._unwritten(rec)), f"{owner}: recorded since the last write")
+            _absorb_file(merged, file, _meta(file, owner), owner)
+        store.staging.drain(wait=True)
+        block = store.extract(self.unwritten(store))
+        block.records = max(len(block), store.records - self.flushed)
+        merged.absorb(block, f"{owner}: recorded since the last write")
         return merged
 
 
-def write(rec: Recorder, path, every: Optional[int] = None) -> None:
-    """See :meth:`provcollate.Recorder.write`."""
+def write(store: Store, stream: Optional[Stream], path, every: Optional[int] = None, progress: bool = False) -> Stream:
+    """See :meth:`provcollate.Recorder.write`: returns the Recorder's stream (made by its first write)."""
     owner = "Recorder.write"
     path = _directory(owner, path)
     if every is not None:
@@ -339,25 +354,27 @@ def write(rec: Recorder, path, every: Optional[int] = None) -> None:
             raise TypeError(f"{owner}: every must be an int (rows) or None, got {type(every).__name__}")
         if every < 1:
             raise ValueError(f"{owner}: every must be >= 1 row, got {every}")
-    stream = rec._stream
+    if not isinstance(progress, bool):
+        raise TypeError(f"{owner}: progress must be a bool, got {type(progress).__name__}")
     if stream is None:
-        stream = _Stream(path, _rank_world()[0])
+        stream = Stream(path, _rank_world()[0])
+        stream.flushed = 0
     elif stream.path != path:
         raise ValueError(f"{owner}: this Recorder writes to {stream.path!r} (resumed from or written to before), got {path!r}")
-    stream.flush(rec)
-    rec._stream = stream  # only once the first write went through
+    stream.flush(store, progress)
     if every is not None:
         stream.every = int(every)
+    return stream
 
 
-def resume(rec: Recorder, path) -> None:
+def resume(store: Store, path) -> Stream:
     """See ``resume=`` of :class:`provcollate.Recorder`: load the bookkeeping of every shard in ``path``."""
     owner = "Recorder: resume"
     path = _directory(owner, path)
     rank, world = _rank_world()
-    stream = _Stream(path, rank)
+    stream = Stream(path, rank)
     stream.checked = True
-    found = _shards(path) if os.path.isdir(path) else []
+    found = shard_files(path) if os.path.isdir(path) else []
     if os.path.isdir(path):
         prefix = f".part-r{rank:05d}-"
         for name in os.listdir(path):
@@ -368,48 +385,42 @@ def resume(rec: Recorder, path) -> None:
         metas = [_meta(f, owner) for f in files]
         common = _common(metas, files, owner)
         for key in _SETTINGS:
-            if common[key] != getattr(rec, key):
+            if common[key] != getattr(store, key):
                 raise ValueError(f"Recorder: resume={path!r} holds shards written with {key}={common[key]!r}, "
-                                 f"but this Recorder has {key}={getattr(rec, key)!r}")
-        _entries.setup(rec, common["outputs"], common["single"], owner)
-        _grow_to(rec, metas)
-        disk = stream._disk_flat(rec)
-        vcap = rec._count.shape[1]
-        keep_counts = rec.on_duplicate in ("error", "first")
+                                 f"but this Recorder has {key}={getattr(store, key)!r}")
+        store.setup(specs_from_meta(common["outputs"]), common["single"], owner)
+        _grow_to(store, metas)
+        disk = store.table.link_disk().reshape(-1)
+        keep_counts = store.on_duplicate in ("error", "first")
         for file, meta in zip(files, metas):
             for block in _blocks(file, meta, owner, values=False):
-                slots = block.index if vcap == 1 else block.index * vcap + (0 if block.view is None else block.view)
-                again = disk[slots] | ~_first_last(slots)[0] if rec.on_duplicate == "error" else None
+                slots = store.table.slots(block.index, block.view)
+                again = disk[slots] | ~first_last(slots)[0] if store.on_duplicate == "error" else None
                 if again is not None and again.any():
                     b = int(np.flatnonzero(again)[0])
                     raise ValueError(f"{owner}: item {block.index[b]} is in more than one shard (found again in {file}) "
                                      f"but the shards were written with on_duplicate='error'")
                 disk[slots] = True
                 if keep_counts:
-                    rec._count_flat[slots] = 1
+                    store.table.flat[slots] = 1
                 if block.lengths is not None:
-                    rec._token_len.reshape(-1)[slots] = block.lengths
+                    store.table.token_len.reshape(-1)[slots] = block.lengths
         stream.owned = [f for r, _, f in found if r % world == rank]
         stream.seq = 1 + max((s for r, s, _ in found if r == rank), default=-1)
-    rec._stream = stream
+        owned = set(stream.owned)
+        store.records = sum(_records(m) for f, m in zip(files, metas) if f in owned)
+        stream.flushed = store.records
+    return stream
 
 
-def result(rec: Recorder) -> Predictions:
-    """``Recorder.result()`` of a Recorder that writes shards: they are read back, then merged with memory."""
-    merged = rec._stream.collected(rec)
-    _entries.check_view_lengths(merged, "Recorder.result")
-    return merged.result()
-
-
-def read(path, on_duplicate: Optional[str] = None) -> Predictions:
-    """See :meth:`provcollate.Predictions.read` (a directory of shards)."""
-    import pyarrow as pa
-
+def read(path, on_duplicate: Optional[str] = None, progress: bool = False) -> Tuple[Store, int, int]:
+    """See :meth:`provcollate.Predictions.read` (a directory of shards): (merged store, ranks, shards)."""
+    pa, _ = _pyarrow()
     owner = "Predictions.read"
-    if on_duplicate is not None and on_duplicate not in ("error", "first", "last", "mean"):
+    if on_duplicate is not None and on_duplicate not in ON_DUPLICATE:
         raise ValueError(f"{owner}: on_duplicate must be None (the shards' own) or one of 'error', 'first', 'last', 'mean', got {on_duplicate!r}")
     path = _directory(owner, path)
-    found = _shards(path)
+    found = shard_files(path)
     if not found:
         raise ValueError(f"{owner}: {path!r} holds no shards (files part-r*-*.parquet written by Recorder.write)")
     files = [f for _, _, f in found]
@@ -420,57 +431,17 @@ def read(path, on_duplicate: Optional[str] = None) -> Predictions:
     if policy == "mean" and not all(getattr(torch, o["dtype"]).is_floating_point for o in common["outputs"]):
         raise TypeError(f"{owner}: on_duplicate='mean' averages floating-point outputs; the shards hold "
                         f"{[(o['name'], o['dtype']) for o in common['outputs']]}")
-    rec = Recorder(num_items=common["num_items"], on_duplicate=policy, views=common["views"])
-    _entries.setup(rec, common["outputs"], common["single"], owner)
-    _grow_to(rec, metas)
-    for file, meta in zip(files, metas):
-        for block in _blocks(file, meta, owner):
-            _entries.absorb(rec, block, f"{owner}: {file}")
+    store = Store(common["num_items"], torch.device("cpu"), policy, common["views"])
+    store.setup(specs_from_meta(common["outputs"]), common["single"], owner)
+    _grow_to(store, metas)
+    groups = sum(_row_groups(f, owner) for f in files) if progress is True else None
+    counter = _progress.Counter(owner, progress, groups, "reading shards", "row group")
+    try:
+        for file, meta in zip(files, metas):
+            _absorb_file(store, file, meta, owner, tick=counter.tick)
+    finally:
+        counter.close()
     pa.default_memory_pool().release_unused()  # the row groups' buffers
-    _entries.check_view_lengths(rec, owner)
-    return rec.result()
-
-
-def done(rec: Recorder, index, view=None) -> torch.Tensor:
-    """See :meth:`provcollate.Recorder.done`."""
-    owner = "Recorder.done"
-    scalar = False
-    if hasattr(index, "host_index"):
-        if view is not None:
-            raise TypeError(f"{owner}: view= is only for a plain index; a Batch carries its own, got view={view!r}")
-        host_view = getattr(index, "host_view", None)
-        view = _host_long(owner, "batch.view", index.view if host_view is None else host_view)
-        idx = _host_long(owner, "batch.host_index", index.host_index)
-    elif isinstance(index, (int, np.integer)) and not isinstance(index, bool):
-        idx, scalar = np.array([index], np.int64), True
-    else:
-        idx = _host_long(owner, "index", index)
-    if view is not None:
-        if isinstance(view, (int, np.integer)) and not isinstance(view, bool):
-            view = np.full(len(idx), view, np.int64)
-        else:
-            view = _host_long(owner, "view", view)
-            if len(view) != len(idx):
-                raise ValueError(f"{owner}: view must have one entry per index ({len(idx)}), got {len(view)}")
-        if len(view) and view.min() < 0:
-            raise ValueError(f"{owner}: views must be >= 0, got {view.min()}")
-    if len(idx) and (idx.min() < 0 or (rec.num_items is not None and idx.max() >= rec.num_items)):
-        bad = idx.min() if idx.min() < 0 else idx.max()
-        raise ValueError(f"{owner}: index must lie in range(num_items) = range({rec.num_items}), got {bad}")
-    found = _lookup(rec._count, idx, view)
-    if rec._stream is not None:
-        found |= _lookup(rec._stream.disk, idx, view)
-    out = torch.from_numpy(found)
-    return out[0] if scalar else out
-
-
-def _lookup(table: np.ndarray, idx: np.ndarray, view: Optional[np.ndarray]) -> np.ndarray:
-    """``table[idx, view] != 0`` (in any view when ``view`` is None), False outside the table."""
-    cap, vcap = table.shape
-    inside = idx < cap
-    if view is not None:
-        inside &= view < vcap
-    found = np.zeros(len(idx), bool)
-    rows = idx[inside]
-    found[inside] = (table[rows] != 0).any(1) if view is None else table[rows, view[inside]] != 0
-    return found
+    store.table.check_view_lengths(owner, store.views)
+    _progress.logger.info("%s: %d shards from %d ranks in %s", owner, len(files), len({r for r, _, _ in found}), path)
+    return store, len({r for r, _, _ in found}), len(files)

@@ -32,7 +32,7 @@ def test_inspect_summarises_the_shards(tmp_path):
     text = proc.stdout
     assert "items:     4 of num_items=6" in text
     assert "missing:   2" in text
-    assert "repeats:   1 (shard rows 5)" in text
+    assert "repeats:   1 (kept the latest record (on_duplicate='last')); records 5, shard rows 5" in text
     assert "shards:    2 from 1 rank(s)" in text
     assert "score: per-example float32 row shape []" in text
     assert "tok: per-token float32 row shape [2]" in text

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import provcollate as pc
-from provcollate import record
+from provcollate import _inputs, _store, record
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -42,7 +42,7 @@ def pad_rows(rows, left=False, pad=0, extra=0):
 def snapshot(rec):
     """Everything a Recorder has recorded, as plain Python, to prove that a failed add changed nothing."""
     preds = rec.result()
-    state = {"keys": list(preds), "count": rec._count.copy()}
+    state = {"keys": list(preds), "count": rec._store.table.count.copy()}
     for key, value in preds.items():
         state[key] = {k: v.clone() for k, v in value.items()} if isinstance(value, dict) else value.clone()
     return state
@@ -184,10 +184,10 @@ def test_empty_batches_and_empty_recorder():
 def test_known_num_items_allocates_once():
     rec = pc.Recorder(num_items=1000, on_duplicate="last")
     rec.add([5], torch.ones(1, 4))
-    ptr = rec._dense[record.SINGLE].data_ptr()
+    ptr = rec._store.dense[record.SINGLE].rows.data_ptr()
     for start in range(0, 1000, 50):
         rec.add(torch.arange(start, start + 50).flip(0), torch.randn(50, 4))
-    assert rec._dense[record.SINGLE].data_ptr() == ptr
+    assert rec._store.dense[record.SINGLE].rows.data_ptr() == ptr
 
 
 def test_unknown_num_items_grows_geometrically():
@@ -195,16 +195,16 @@ def test_unknown_num_items_grows_geometrically():
     reallocations, ptr = 0, None
     for start in range(0, 20000, 100):
         rec.add(torch.arange(start, start + 100), torch.full((100, 2), float(start)))
-        if rec._dense[record.SINGLE].data_ptr() != ptr:
-            reallocations, ptr = reallocations + 1, rec._dense[record.SINGLE].data_ptr()
+        if rec._store.dense[record.SINGLE].rows.data_ptr() != ptr:
+            reallocations, ptr = reallocations + 1, rec._store.dense[record.SINGLE].rows.data_ptr()
     assert reallocations <= 2 + math.log2(20000 / 1024)
     preds = rec.result()
     assert len(preds) == 20000 and torch.equal(preds[12345], torch.full((2,), 12300.0))
 
 
 def test_token_chunks_grow_geometrically_and_are_never_copied(monkeypatch):
-    monkeypatch.setattr(record, "_MIN_CHUNK_BYTES", 64)
-    monkeypatch.setattr(record, "_GATHER_ROWS", 37)  # many gather steps, segments across chunks
+    monkeypatch.setattr(_store, "MIN_CHUNK_BYTES", 64)
+    monkeypatch.setattr(_store, "GATHER_ROWS", 37)  # many gather steps, segments across chunks
     gen = torch.Generator().manual_seed(3)
     rec = pc.Recorder()
     rows, seen = {}, {}
@@ -214,9 +214,9 @@ def test_token_chunks_grow_geometrically_and_are_never_copied(monkeypatch):
         items = [torch.randint(0, 1000, (int(n),), generator=gen) for n in lengths]
         rows.update({int(i): r for i, r in zip(chunk, items)})
         rec.add(chunk, pad_rows(items), per_token=True, lengths=lengths)
-        for c in rec._chunks[record.SINGLE].chunks:
+        for c in rec._store.tokens[record.SINGLE].chunks:
             seen.setdefault(id(c), c.data_ptr())
-    chunks = rec._chunks[record.SINGLE].chunks
+    chunks = rec._store.tokens[record.SINGLE].chunks
     assert all(seen[id(c)] == c.data_ptr() for c in chunks)
     total = sum(r.numel() for r in rows.values())
     assert 3 < len(chunks) <= 3 + math.log(total / 8) / math.log(1.25)
@@ -232,7 +232,7 @@ def test_result_copies_nothing_and_later_adds_leave_it_unchanged():
     rec = pc.Recorder(num_items=4, on_duplicate="last")
     rec.add([0, 1, 2, 3], torch.arange(4.0).view(4, 1))
     first = rec.result()
-    assert first.tensor().data_ptr() == rec._dense[record.SINGLE].data_ptr()  # zero-copy
+    assert first.tensor().data_ptr() == rec._store.dense[record.SINGLE].rows.data_ptr()  # zero-copy
     rec.add([2], torch.tensor([[9.0]]))
     assert first[2].item() == 2.0 and rec.result()[2].item() == 9.0
 
@@ -408,8 +408,8 @@ def test_unknown_num_items_rejects_negative_indices():
 
 @pytest.mark.parametrize("kwargs, exc, message", [
     ({"num_items": -1}, ValueError, "num_items must be >= 0, got -1"),
-    ({"num_items": 2.5}, TypeError, "num_items must be an int or None, got float"),
-    ({"num_items": True}, TypeError, "num_items must be an int or None, got bool"),
+    ({"num_items": 2.5}, TypeError, "num_items must be an int, an Indexed dataset or None, got float"),
+    ({"num_items": True}, TypeError, "num_items must be an int, an Indexed dataset or None, got bool"),
     ({"on_duplicate": "keep"}, ValueError, "on_duplicate must be one of 'error', 'first', 'last', 'mean', got 'keep'"),
     ({"views": "max"}, ValueError, "views must be one of 'mean', 'vote', 'stack', 'none', got 'max'"),
     ({"reduce": "topk:0"}, ValueError, "reduce must be None, 'argmax', 'softmax' or 'topk:K' with K >= 1, got 'topk:0'"),
@@ -564,12 +564,12 @@ def test_views_grow_after_the_first_batches():
 # the compiled pass (csrc/record.cpp): taken for common batches, identical to the general path
 # --------------------------------------------------------------------------------------------
 
-needs_compiled = pytest.mark.skipif(record._record_rows is None, reason="needs the compiled extension")
+needs_compiled = pytest.mark.skipif(record.record_rows is None, reason="needs the compiled extension")
 
 
 @needs_compiled
 def test_common_batches_take_the_compiled_pass(monkeypatch):
-    monkeypatch.setattr(record, "_MIN_CHUNK_BYTES", 64)  # a new chunk every few batches
+    monkeypatch.setattr(_store, "MIN_CHUNK_BYTES", 64)  # a new chunk every few batches
     gen = torch.Generator().manual_seed(10)
     lengths = torch.randint(0, 9, (60,), generator=gen)
     rows = [torch.randn(int(n), 2, generator=gen) for n in lengths]
@@ -578,7 +578,7 @@ def test_common_batches_take_the_compiled_pass(monkeypatch):
     order = torch.randperm(60, generator=gen)
     first = order[:4]
     rec.add(first, {"tok": pad_rows([rows[i] for i in first]), "label": label[first]}, per_token={"tok"}, lengths=lengths[first])
-    monkeypatch.setattr(record.Recorder, "_entries", lambda *args: pytest.fail("the general path was taken"))
+    monkeypatch.setattr(_inputs, "batch_slots", lambda *args: pytest.fail("the general path was taken"))
     for k, chunk in enumerate(order[4:].split(7)):
         left = k % 2 == 1
         out = {"tok": pad_rows([rows[i] for i in chunk], left=left, pad=5, extra=k % 3), "label": label[chunk]}
@@ -586,7 +586,7 @@ def test_common_batches_take_the_compiled_pass(monkeypatch):
             rec.add(chunk, out, per_token={"tok"}, lengths=lengths[chunk], padding_side="left" if left else None)
         else:
             rec.add(host_batch(chunk, lengths[chunk], padding_side="left" if left else "right"), out, per_token={"tok"})
-    assert len(rec._chunks["tok"].chunks) > 3
+    assert len(rec._store.tokens["tok"].chunks) > 3
     preds = rec.result()
     for i in range(60):
         assert torch.equal(preds[i]["tok"], rows[i]) and torch.equal(preds[i]["label"], label[i])
@@ -611,7 +611,7 @@ def test_a_batch_failing_late_in_the_compiled_pass_changes_nothing(bad, message)
     with pytest.raises(ValueError, match=r"lengths must be >= 0, got lengths\[1\] = -1"):
         rec.add(torch.tensor([7, 8]), torch.ones(2, 3), per_token=True, lengths=torch.tensor([1, -1]))
     assert_same_state(before, snapshot(rec))
-    assert int(rec._count.sum()) == 2
+    assert int(rec._store.table.count.sum()) == 2
     rec.add(torch.tensor([7, 8]), torch.ones(2, 3), per_token=True, lengths=torch.tensor([3, 2]))
     assert rec.result()[8].tolist() == [1.0, 1.0]
 
@@ -641,7 +641,7 @@ def test_compiled_pass_matches_the_general_path(data):
     batches = data.draw(st.lists(st.lists(st.integers(0, n - 1), max_size=6), max_size=7), label="batches")
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
     fast, slow = pc.Recorder(num_items=n if known else None, on_duplicate=policy), pc.Recorder(num_items=n if known else None, on_duplicate=policy)
-    slow._fast = False
+    slow._fast = None
     lengths_of = torch.randint(0, 5, (n,), generator=gen)  # one length per item: "mean" averages repeats
     for k, items in enumerate(batches):
         index = torch.tensor(items, dtype=torch.long)
@@ -661,7 +661,7 @@ def test_compiled_pass_matches_the_general_path(data):
             except (TypeError, ValueError) as exc:
                 errors.append((type(exc), str(exc)))
         assert errors[0] == errors[1]
-    assert np.array_equal(fast._count, slow._count) and np.array_equal(fast._token_len, slow._token_len)
+    assert np.array_equal(fast._store.table.count, slow._store.table.count) and np.array_equal(fast._store.table.token_len, slow._store.table.token_len)
     assert_preds_equal(fast.result(), slow.result())
 
 
@@ -690,14 +690,14 @@ def test_staged_writes_land_in_order_and_result_waits(monkeypatch):
         events.append(event)
         return src.clone(), event
 
-    monkeypatch.setattr(record, "_pinned_copy", fake_pinned_copy)
-    monkeypatch.setattr(record.Recorder, "_needs_staging", lambda self, src: True)
+    monkeypatch.setattr(_store.Staging, "pinned_copy", staticmethod(fake_pinned_copy))
+    monkeypatch.setattr(_store.Store, "needs_staging", lambda self, src: True)
     rec = pc.Recorder(num_items=6, on_duplicate="mean")
     rec.add(torch.tensor([0, 1]), torch.tensor([[1.0], [2.0]]))
     rec.add(torch.tensor([1, 2]), {"prediction": torch.tensor([[4.0], [3.0]])}.pop("prediction"))
-    assert len(rec._pending) == 2 and len(events) == 2  # nothing written yet, nothing waited for
+    assert len(rec._store.staging.pending) == 2 and len(events) == 2  # nothing written yet, nothing waited for
     fired[0] = True
-    assert rec.result().tensor().flatten().tolist() == [1.0, 3.0, 3.0] and not rec._pending
+    assert rec.result().tensor().flatten().tolist() == [1.0, 3.0, 3.0] and not rec._store.staging.pending
 
     tok = pc.Recorder(on_duplicate="mean")
     fired[0] = False
@@ -710,12 +710,12 @@ def test_staged_writes_land_in_order_and_result_waits(monkeypatch):
 
 def test_staged_copies_in_flight_are_bounded(monkeypatch):
     fired = [False]
-    monkeypatch.setattr(record, "_pinned_copy", lambda src: (src.clone(), ManualEvent(fired)))
-    monkeypatch.setattr(record.Recorder, "_needs_staging", lambda self, src: True)
+    monkeypatch.setattr(_store.Staging, "pinned_copy", staticmethod(lambda src: (src.clone(), ManualEvent(fired))))
+    monkeypatch.setattr(_store.Store, "needs_staging", lambda self, src: True)
     rec = pc.Recorder(num_items=100)
     for i in range(20):
         rec.add(torch.tensor([i]), torch.tensor([[float(i)]]))
-        assert len(rec._pending) <= record._MAX_PENDING
+        assert len(rec._store.staging.pending) <= _store.MAX_PENDING
     assert rec.result().tensor().flatten().tolist() == [float(i) for i in range(20)]
 
 

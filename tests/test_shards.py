@@ -179,7 +179,7 @@ def test_every_writes_by_itself_and_bounds_what_is_held(tmp_path):
     assert shard_files(tmp_path) == []
     for index, _ in batches(200, 20, 0):
         rec.add(index, outputs(index, "float")[0])
-        assert len(rec._stream._unwritten(rec)) < 50  # what memory holds between shards
+        assert len(rec._stream.unwritten(rec._store)) < 50  # what memory holds between shards
     assert len(shard_files(tmp_path)) == 3  # after 60, 120 and 180 rows (3 batches of 20 >= 50)
     rec.write(tmp_path)
     assert len(shard_files(tmp_path)) == 4
@@ -189,10 +189,10 @@ def test_every_writes_by_itself_and_bounds_what_is_held(tmp_path):
 def test_write_frees_recorded_rows(tmp_path):
     rec = pc.Recorder(num_items=100)
     rec.add(torch.arange(100), torch.ones(100, 4))
-    before = rec._dense["prediction"]
+    before = rec._store.dense["prediction"].rows
     rec.write(tmp_path)
-    assert rec._dense["prediction"] is not before  # the written rows' memory went with the old tensor
-    assert not rec._stream._unwritten(rec).size
+    assert rec._store.dense["prediction"].rows is not before  # the written rows' memory went with the old tensor
+    assert not rec._stream.unwritten(rec._store).size
 
 
 # --------------------------------------------------------------------------------------------
