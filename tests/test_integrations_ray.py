@@ -1,0 +1,234 @@
+"""Ray Data: provcollate.integrations.ray on a local Ray (2 CPUs, loopback only).
+
+Every item exactly once and equal to the model run on that example alone, per example and per
+token, with preserve_order off, 2 actors, an actor killed by its first call and the task retried,
+blocks written twice and half-written files, and a resumed run that writes only what is missing.
+"""
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import provcollate as pc
+
+ray = pytest.importorskip("ray")
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+import ray.data  # noqa: E402
+
+from provcollate.integrations import ray as pc_ray  # noqa: E402
+
+NUM_ITEMS = 90
+VOCAB = 50
+
+
+def token_rows(n=NUM_ITEMS, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, VOCAB, int(rng.integers(1, 13))).tolist() for _ in range(n)]
+
+
+class TinyModel:
+    """Integer-valued float64 weights: every sum is exact, so batched equals alone bitwise.
+
+    Takes padded batches (``batch.data`` [B, T], ``batch.mask``) and packed ones (``batch.data``
+    [total], ``batch.offsets``); returns a per-example ``pooled`` [B, 8] and per-token ``tokens``.
+    With ``crash_marker``, the first call in the whole cluster (the one that creates the marker
+    file) kills its actor process, as a lost node would; with ``calls``, every call that
+    survives leaves its process id there.
+    """
+
+    def __init__(self, crash_marker=None, calls=None):
+        g = torch.Generator().manual_seed(0)
+        self.embed = torch.randint(-4, 5, (VOCAB, 8), generator=g).double()
+        self.head = torch.randint(-3, 4, (8, 3), generator=g).double()
+        self.crash_marker, self.calls = crash_marker, calls
+
+    def __call__(self, batch):
+        if self.crash_marker is not None:
+            try:
+                os.close(os.open(self.crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                os._exit(1)
+        if self.calls is not None:
+            Path(self.calls, str(os.getpid())).touch()
+        h = self.embed[batch.data]
+        if batch.offsets is not None:
+            pooled = torch.segment_reduce(h, "max", offsets=batch.offsets, axis=0)
+        else:
+            pooled = h.masked_fill(~batch.mask[..., None], -float("inf")).amax(1)
+        return {"pooled": pooled, "tokens": h @ self.head}
+
+
+def alone(model, tokens):
+    """The model on one example, in a batch of its own."""
+    return {k: v[0] for k, v in model(pc.Collator()([pc.Sample(0, 0, torch.tensor(tokens))])).items()}
+
+
+def check_against_alone(preds, rows, ids):
+    model = TinyModel()
+    assert preds.index.tolist() == sorted(ids)
+    for i, tokens in zip(ids, rows):
+        expected = alone(model, tokens)
+        got = preds[i]
+        assert got["tokens"].shape == (len(tokens), 3)  # per token, unpadded
+        assert torch.equal(got["tokens"], expected["tokens"]), i
+        assert torch.equal(got["pooled"], expected["pooled"]), i
+
+
+def write_source(directory, rows, files=3, extra=None):
+    """``rows`` as ``files`` Parquet files of 2 row groups each (positional ids cross files and groups)."""
+    directory.mkdir()
+    bounds = np.linspace(0, len(rows), files + 1).astype(int)
+    for f in range(files):
+        part = {"tokens": pa.array(rows[bounds[f]:bounds[f + 1]], pa.list_(pa.int64()))}
+        for name, values in (extra or {}).items():
+            part[name] = pa.array(values[bounds[f]:bounds[f + 1]])
+        pq.write_table(pa.table(part), directory / f"part-{f}.parquet", row_group_size=max(1, (bounds[f + 1] - bounds[f] + 1) // 2))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors cannot import this test module
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             configure_logging=False)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.execution_options.preserve_order = False
+    yield
+    ray.shutdown()
+
+
+def run(source, out, *, skip=None, crash_marker=None, calls=None, **predict):
+    """source -> Predict on 2 actors (half a CPU each, so reads and writes still get a CPU) -> out."""
+    predict.setdefault("inputs", "tokens")
+    predict.setdefault("per_token", {"tokens"})
+    source.map_batches(
+        pc_ray.Predict, fn_constructor_kwargs=dict(model=lambda: TinyModel(crash_marker, calls), skip=skip, **predict),
+        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5, batch_size=16, batch_format="pyarrow",
+        ray_remote_args_fn=lambda: dict(max_restarts=2, max_task_retries=2),
+    ).write_parquet(str(out))
+
+
+def test_padded_buckets_two_actors_and_a_killed_actor_retried(cluster, tmp_path):
+    rows = token_rows()
+    source = pc_ray.read_parquet(write_source(tmp_path / "src", rows), override_num_blocks=6)
+    marker, calls = tmp_path / "crashed", tmp_path / "calls"
+    calls.mkdir()
+    run(source, tmp_path / "out", crash_marker=str(marker), calls=str(calls), bucket_size=4)
+    assert marker.exists()  # a call really died, and its task ran again on a restarted actor
+    assert len(list(calls.iterdir())) >= 2  # batches ran in 2 actor processes (at least)
+    files = sorted((tmp_path / "out").glob("*.parquet"))
+    assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == NUM_ITEMS  # the retried block once
+    preds = pc_ray.read(tmp_path / "out", num_items=NUM_ITEMS)  # on_duplicate="error": any repeat would raise
+    assert preds.missing().tolist() == []
+    check_against_alone(preds, rows, list(range(NUM_ITEMS)))
+
+
+def test_packed_max_tokens_own_id_column_and_resume(cluster, tmp_path):
+    rows = token_rows(seed=1)
+    ids = (1000 + 7 * np.arange(NUM_ITEMS)).tolist()  # the data's own document numbers
+    src = write_source(tmp_path / "src", rows, extra={"doc": ids})
+    out = tmp_path / "out"
+    packed = dict(id_column="doc", collator=pc.Collator(packed=True), max_tokens=24)
+    first = ray.data.read_parquet(str(src), override_num_blocks=3).filter(lambda row: row["doc"] % 3 == 0)  # a first run that stopped a third of the way
+    run(first, out, **packed)
+    before = set(out.glob("*.parquet"))
+    done = pc_ray.written(out, id_column="doc")
+    assert len(done) == len([i for i in ids if i % 3 == 0])
+    run(ray.data.read_parquet(str(src), override_num_blocks=3), out, skip=ray.put(done), **packed)  # the same input again
+    new = set(out.glob("*.parquet")) - before
+    rerun_ids = sorted(i for f in new for i in pq.read_table(f, columns=["doc"]).column("doc").to_pylist())
+    assert rerun_ids == [i for i in ids if i % 3 != 0]  # only what was missing, by id
+    preds = pc_ray.read(out, id_column="doc")  # "error": nothing written twice
+    check_against_alone(preds, rows, ids)
+
+
+def test_resume_positional_ids_skips_written_row_groups(cluster, tmp_path):
+    rows = token_rows(seed=2)
+    src = write_source(tmp_path / "src", rows)
+    done = pc_ray.Written(np.arange(0, 45))  # the first file and a half: whole row groups, never read again
+    ds = pc_ray.read_parquet(src, skip=done)
+    assert sorted(ds.to_pandas()["id"].tolist()) == list(range(45, NUM_ITEMS))
+    assert sorted(pc_ray.read_parquet(src, skip=pc_ray.Written([3, 50])).to_pandas()["id"].tolist()) == sorted(set(range(NUM_ITEMS)) - {3, 50})
+
+
+@pytest.fixture(scope="module")
+def written_once(tmp_path_factory):
+    """One Predict output directory, made without Ray (Predict called as map_batches would), 3 blocks."""
+    rows = token_rows(seed=3)
+    out = tmp_path_factory.mktemp("once")
+    predict = pc_ray.Predict(TinyModel, inputs="tokens", per_token={"tokens"}, bucket_size=5)
+    for k, start in enumerate(range(0, NUM_ITEMS, 30)):
+        block = pa.table({"id": np.arange(start, start + 30), "tokens": pa.array(rows[start:start + 30])})
+        pq.write_table(predict(block), out / f"block-{k}.parquet", row_group_size=16)
+    return out, rows
+
+
+def test_read_a_block_written_twice_is_counted_and_resolved(written_once, tmp_path):
+    src, rows = written_once
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    shutil.copy(out / "block-1.parquet", out / "block-1-again.parquet")  # a block written twice
+    with pytest.raises(ValueError, match=r"read: .*block-1-again.parquet: .*\b3\d\b"):
+        pc_ray.read(out, num_items=NUM_ITEMS)  # the policy "error" names the file and an id of block 1
+    for policy in ("first", "last", "mean"):
+        preds = pc_ray.read(out, num_items=NUM_ITEMS, on_duplicate=policy)
+        assert len(preds) == NUM_ITEMS  # never doubled
+        check_against_alone(preds, rows, list(range(NUM_ITEMS)))
+        if hasattr(preds, "summary"):
+            s = preds.summary()
+            assert (s.records, s.repeats, s.on_duplicate, s.missing) == (NUM_ITEMS + 30, 30, policy, 0)
+
+
+def test_read_reports_missing_ids_and_skips_a_half_written_file(written_once, tmp_path):
+    src, rows = written_once
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    data = (out / "block-2.parquet").read_bytes()
+    (out / "block-2.parquet").write_bytes(data[: len(data) // 2])  # a write killed half-way: no footer
+    with pytest.warns(RuntimeWarning, match="block-2.parquet, which is not a readable Parquet file"):
+        preds = pc_ray.read(out, num_items=NUM_ITEMS)
+    assert preds.missing().tolist() == list(range(60, 90))
+    check_against_alone(preds, rows[:60], list(range(60)))
+    with pytest.warns(RuntimeWarning):
+        done = pc_ray.written(out)
+    assert done.contains(np.arange(NUM_ITEMS)).tolist() == [True] * 60 + [False] * 30  # the rerun redoes block 2
+
+
+def test_predict_takes_ray_numpy_batches_and_views():
+    rows = token_rows(12, seed=4)
+    batch = {"id": np.arange(12) // 2, "view": np.arange(12) % 2, "tokens": np.array([np.array(r) for r in rows], dtype=object)}
+    out = pc_ray.Predict(TinyModel, inputs="tokens", view_column="view", per_token={"tokens"})(batch)
+    assert out.column_names == ["id", "view", "pooled", "tokens"]
+    assert sorted(zip(out["id"].to_pylist(), out["view"].to_pylist())) == [(i // 2, i % 2) for i in range(12)]
+    table = out.rename_columns(["index"] + out.column_names[1:]).replace_schema_metadata(out.schema.metadata)
+    preds = pc.Predictions.from_arrow(table)
+    for k, tokens in enumerate(rows):
+        assert torch.equal(preds[k // 2, k % 2]["tokens"], alone(TinyModel(), tokens)["tokens"])
+
+
+def test_predict_and_written_errors():
+    with pytest.raises(TypeError, match="Predict: model must be a factory"):
+        pc_ray.Predict(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="give bucket_size or max_tokens, not both"):
+        pc_ray.Predict(TinyModel, bucket_size=2, max_tokens=8)
+    with pytest.raises(TypeError, match="skip must be None, a provcollate.integrations.ray.Written"):
+        pc_ray.Predict(TinyModel, skip=[1, 2])
+    predict = pc_ray.Predict(TinyModel, inputs="tokens")
+    with pytest.raises(ValueError, match="Predict: the batch has no id column 'id'"):
+        predict(pa.table({"tokens": [[1, 2]]}))
+    with pytest.raises(TypeError, match="column 'id' must hold integers, got string"):
+        predict(pa.table({"id": ["a"], "tokens": [[1, 2]]}))
+    with pytest.raises(ValueError, match="input column 'tokens' is not in the batch"):
+        predict(pa.table({"id": [0], "text": [[1, 2]]}))
+    done = pc_ray.Written([5, 6, 7, 9], [0, 0, 0, 1])
+    assert done.contains([4, 5, 7, 8, 9, 9], [0, 0, 0, 0, 0, 1]).tolist() == [False, True, True, False, False, True]
+    assert (done.covers(5, 8), done.covers(5, 9), done.covers(9, 10, view=1), len(done)) == (True, False, True, 4)
+    assert len(pc_ray.written(Path("/nonexistent/provcollate-out"))) == 0
