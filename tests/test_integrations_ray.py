@@ -127,7 +127,8 @@ def test_padded_buckets_two_actors_and_a_killed_actor_retried(cluster, tmp_path)
     files = sorted((tmp_path / "out").glob("*.parquet"))
     assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == NUM_ITEMS  # the retried block once
     preds = pc_ray.read(tmp_path / "out", num_items=NUM_ITEMS)  # on_duplicate="error": any repeat would raise
-    assert preds.missing().tolist() == []
+    s = preds.summary()
+    assert (s.expected, s.recorded, s.missing, s.records, s.repeats) == (NUM_ITEMS, NUM_ITEMS, 0, NUM_ITEMS, 0)
     check_against_alone(preds, rows, list(range(NUM_ITEMS)))
 
 
@@ -182,9 +183,8 @@ def test_read_a_block_written_twice_is_counted_and_resolved(written_once, tmp_pa
         preds = pc_ray.read(out, num_items=NUM_ITEMS, on_duplicate=policy)
         assert len(preds) == NUM_ITEMS  # never doubled
         check_against_alone(preds, rows, list(range(NUM_ITEMS)))
-        if hasattr(preds, "summary"):
-            s = preds.summary()
-            assert (s.records, s.repeats, s.on_duplicate, s.missing) == (NUM_ITEMS + 30, 30, policy, 0)
+        s = preds.summary()
+        assert (s.records, s.repeats, s.on_duplicate, s.missing) == (NUM_ITEMS + 30, 30, policy, 0)
 
 
 def test_read_reports_missing_ids_and_skips_a_half_written_file(written_once, tmp_path):
@@ -196,6 +196,7 @@ def test_read_reports_missing_ids_and_skips_a_half_written_file(written_once, tm
     with pytest.warns(RuntimeWarning, match="block-2.parquet, which is not a readable Parquet file"):
         preds = pc_ray.read(out, num_items=NUM_ITEMS)
     assert preds.missing().tolist() == list(range(60, 90))
+    assert (preds.summary().missing, preds.summary().exactly_once) == (30, False)
     check_against_alone(preds, rows[:60], list(range(60)))
     with pytest.warns(RuntimeWarning):
         done = pc_ray.written(out)

@@ -421,7 +421,7 @@ class Predict:
         with torch.inference_mode():
             for positions in self._buckets(samples):
                 collated = self.collator([samples[p] for p in positions]).to(self.device)
-                _record(recorder, collated, self.model(collated), self.per_token)
+                recorder.add(collated, self.model(collated), per_token=self.per_token)
         out = recorder.result().to_arrow()
         entries = out.column(_INDEX).to_numpy()
         return out.set_column(out.schema.get_field_index(_INDEX), self.id_column, pa.array(ids[entries]))
@@ -436,20 +436,6 @@ def _lengths(samples: List[pc.Sample], field: str) -> List[int]:
             value = value[key]
         lengths.append(len(value))
     return lengths
-
-
-def _record(recorder: pc.Recorder, batch: pc.Batch, outputs, per_token) -> None:
-    """``recorder.add`` of one batch; a packed batch's per-token rows ``[total, ...]`` are padded first."""
-    if batch.offsets is None:
-        recorder.add(batch, outputs, per_token=per_token)
-        return
-    names = set(outputs) if isinstance(outputs, collections.abc.Mapping) else None
-    token = (names or {None}) if per_token is True else (set(per_token) if per_token else set())
-    if names is None:
-        outputs = pc.ops.pad(outputs, batch.offsets, batch.max_len) if None in token else outputs
-    else:
-        outputs = {k: pc.ops.pad(v, batch.offsets, batch.max_len) if k in token else v for k, v in outputs.items()}
-    recorder.add(batch, outputs, per_token=per_token)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,16 +454,15 @@ def _add_entries(recorder: pc.Recorder, preds: pc.Predictions, rows_per_add: int
     dense = {name: preds.tensor(name) for name in names if name not in token}
     for start in range(0, len(index), rows_per_add):
         stop = min(start + rows_per_add, len(index))
-        outputs, lengths = {}, None
-        for name, (values, offsets) in jagged.items():
-            part = offsets[start:stop + 1]
-            lengths = part[1:] - part[:-1]
-            rows = values[int(part[0]):int(part[-1])]
-            outputs[name] = pc.ops.pad(rows, part - part[0], int(lengths.max()) if len(lengths) else 0)
+        outputs, offsets = {}, None
+        for name, (values, all_offsets) in jagged.items():
+            part = all_offsets[start:stop + 1]
+            outputs[name] = values[int(part[0]):int(part[-1])]
+            offsets = part - part[0]
         outputs.update({name: values[start:stop] for name, values in dense.items()})
         outputs = {name: outputs[name] for name in names}
         recorder.add(index[start:stop], outputs[names[0]] if single else outputs,
-                     per_token=bool(token) if single else set(token), lengths=lengths,
+                     per_token=bool(token) if single else set(token), offsets=offsets,
                      view=None if view is None else view[start:stop])
 
 
@@ -498,8 +483,9 @@ def read(path, num_items=None, *, on_duplicate: str = "error", views: str = "mea
     - a file that is not readable Parquet (a write killed half-way) is skipped with a warning,
       so its ids come out missing and a resumed run writes them again.
 
-    Memory: the result (dense per-example outputs, per-token rows), plus one row group and
-    ``rows_per_add`` entries padded at a time.
+    Memory: the result (dense per-example outputs, per-token rows) plus one row group; rows
+    go to the Recorder ``rows_per_add`` entries at a time, per-token ones as they are stored
+    (``offsets=``), never padded.
     """
     _check_column("read", "id_column", id_column)
     _check_column("read", "view_column", view_column)
