@@ -662,7 +662,8 @@ class Store:
         dtype = SlotTable.count_dtype(policy)
         if dtype != self.table.count.dtype:
             self.staging.drain(wait=True)
-            count = np.minimum(self.table.count, np.iinfo(dtype).max).astype(dtype)
+            count = self.table.count
+            count = (np.minimum(count, np.iinfo(dtype).max) if np.iinfo(dtype).max < np.iinfo(count.dtype).max else count).astype(dtype)
             self.table.count, self.table.flat = count, count.reshape(-1)
             self.version += 1
         self.table.on_duplicate = policy

@@ -141,11 +141,22 @@ def distributed_sampler_padding(rank, world, group, tmp):
     for policy in ("first", "last", "mean"):
         check(rank, world, group, batches, point_model, {"num_items": N, "on_duplicate": policy})
     check(rank, world, group, batches, point_model, {"num_items": N, "on_duplicate": "first"}, dst=world - 1)
-    # Under "error" the padding repeats are an error, raised alike on every rank (no hang).
-    rec = record(pc.Recorder(num_items=N), batches[rank], point_model)
+    # Under "error" the padding repeats are an error, raised alike on every rank (no hang); the
+    # Recorder warned at once (the default world does not divide N), and the message says how to
+    # recover: rec.on_duplicate = "first", then gather() again.
+    with pytest.warns(RuntimeWarning, match="DistributedSampler pads the ranks with"):
+        rec = pc.Recorder(num_items=N)
+    record(rec, batches[rank], point_model)
     if N % world:
-        with pytest.raises(ValueError, match="recorded more than once"):
+        with pytest.raises(ValueError, match="recorded more than once.*set rec.on_duplicate = 'first' and call gather"):
             rec.gather(group=group)
+        rec.on_duplicate = "first"
+        expected = pc.Recorder(num_items=N, on_duplicate="first")
+        for r in range(world):
+            record(expected, batches[r], point_model)
+        got = rec.gather(group=group)
+        assert_same(got, expected.result())
+        assert got.summary().repeats == world - N % world and got.summary().ranks == world
     else:
         assert len(rec.gather(group=group)) == N
 

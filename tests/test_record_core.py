@@ -1,0 +1,362 @@
+"""The recording core's contract (issue 12): a rejected add changes nothing, whatever raises;
+packed and nested per-token outputs; max_len is checked; views counted once; the summary."""
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import provcollate as pc
+from provcollate import _store, ops
+
+
+# --------------------------------------------------------------------------------------------
+# validate-then-commit
+# --------------------------------------------------------------------------------------------
+
+def state(rec):
+    """Everything observable about a Recorder, and its slot table, as plain values."""
+    preds = rec.result()
+    table = rec._store.table
+    out = {
+        "keys": list(preds), "repr": repr(rec), "records": rec._store.records,
+        "specs": None if rec._store.specs is None else dict(rec._store.specs),
+        "count": table.count[table.count > 0].tolist(), "where": np.flatnonzero(table.flat).tolist(),
+        "token_len": table.token_len.reshape(-1)[table.flat > 0].tolist(),
+        "done": rec.done(range(rec.num_items)).tolist() if rec.num_items else None,
+        "summary": dataclasses.asdict(preds.summary()),
+        "chunk_rows": {n: (t.rows, t.used) for n, t in rec._store.tokens.items()},
+    }
+    for key, value in preds.items():
+        out[("value", key)] = {k: v.clone() for k, v in value.items()} if isinstance(value, dict) else value.clone()
+    return out
+
+
+def assert_unchanged(before, after):
+    assert before.keys() == after.keys()
+    for k in before:
+        a, b = before[k], after[k]
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), k
+        elif isinstance(a, dict) and a and isinstance(next(iter(a.values())), torch.Tensor):
+            assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), k
+        else:
+            assert a == b, k
+
+
+def test_the_issue_repro_a_rejected_sparse_add_leaves_nothing_recorded():
+    rec = pc.Recorder(num_items=4)
+    rec.add(torch.tensor([3]), torch.ones(1, 5))
+    before = state(rec)
+    with pytest.raises(TypeError, match="layout torch.sparse_coo; outputs must be dense tensors"):
+        rec.add(torch.tensor([0, 1]), torch.ones(2, 5).to_sparse())
+    assert_unchanged(before, state(rec))
+    assert not rec.done(0) and rec.result().missing().tolist() == [0, 1, 2]
+    rec.add(torch.tensor([0, 1]), torch.full((2, 5), 2.0))  # and the same items can still be recorded
+    assert rec.result()[0].tolist() == [2.0] * 5
+
+
+def _bad_adds():
+    """(name, Recorder kwargs, a good first add (batch, outputs[, add kwargs]), a bad add): each bad
+    add must raise and change nothing."""
+    tok = torch.arange(12.0).view(2, 3, 2)
+    lengths = torch.tensor([3, 2])
+    packed = pc.Collator(packed=True)([pc.Sample(0, 0, [1, 2, 3]), pc.Sample(1, 0, [4, 5])])
+    batch = pc.Collator()([pc.Sample(2, 0, [1, 2]), pc.Sample(3, 0, [4])])
+    hostile = pc.Batch(index=torch.tensor([2, 3]), view=torch.zeros(2, dtype=torch.long), data=torch.zeros(2, 2),
+                       lengths=torch.tensor([2, -1]), max_len=2)
+    q = torch.quantize_per_tensor(torch.ones(2, 5), 0.1, 0, torch.quint8)
+    return [
+        ("sparse", {}, (torch.tensor([0]), torch.ones(1, 5)), lambda r: r.add(torch.tensor([1, 2]), torch.ones(2, 5).to_sparse())),
+        ("meta", {}, (torch.tensor([0]), torch.ones(1, 5)), lambda r: r.add(torch.tensor([1, 2]), torch.ones(2, 5, device="meta"))),
+        ("quantized", {}, (torch.tensor([0]), torch.ones(1, 5)), lambda r: r.add(torch.tensor([1, 2]), q)),
+        ("negative host_lengths", {}, (torch.tensor([0, 1]), tok, {"per_token": True, "lengths": lengths}), lambda r: r.add(hostile, torch.zeros(2, 2, 2), per_token=True)),
+        ("index out of range", {}, (torch.tensor([0]), torch.ones(1, 5)), lambda r: r.add(torch.tensor([1, 9]), torch.ones(2, 5))),
+        ("duplicate under error", {}, (torch.tensor([0]), torch.ones(1, 5)), lambda r: r.add(torch.tensor([1, 0]), torch.ones(2, 5))),
+        ("repeat within the batch", {}, (torch.tensor([0]), torch.ones(1, 5)), lambda r: r.add(torch.tensor([1, 1]), torch.ones(2, 5))),
+        ("dtype", {}, (torch.tensor([0]), torch.ones(1, 5)), lambda r: r.add(torch.tensor([1]), torch.ones(1, 5, dtype=torch.float64))),
+        ("row shape", {}, (torch.tensor([0]), torch.ones(1, 5)), lambda r: r.add(torch.tensor([1]), torch.ones(1, 6))),
+        ("names", {}, (torch.tensor([0]), torch.ones(1, 5)), lambda r: r.add(torch.tensor([1]), {"x": torch.ones(1, 5)})),
+        ("per token after per example", {}, (torch.tensor([0]), torch.ones(1, 5)),
+         lambda r: r.add(torch.tensor([1]), torch.ones(1, 5, 1), per_token=True, lengths=[2])),
+        ("positions below max_len", {}, (batch, torch.ones(2, 2, 3), {"per_token": True}), lambda r: r.add(batch, torch.ones(2, 5, 3), per_token=True)),
+        ("packed rows of the wrong total", {}, (packed, torch.ones(5, 2), {"per_token": True}), lambda r: r.add(packed, torch.ones(4, 2), per_token=True)),
+        ("nested strided", {}, (torch.tensor([0]), torch.ones(1, 5)),
+         lambda r: r.add(torch.tensor([1]), torch.nested.nested_tensor([torch.ones(2, 5)]), per_token=True, lengths=[2])),
+        ("lengths clash under mean", {"on_duplicate": "mean"}, (torch.tensor([0, 1]), tok, {"per_token": True, "lengths": lengths}),
+         lambda r: r.add(torch.tensor([0]), torch.ones(1, 3, 2), per_token=True, lengths=[1])),
+        ("mean of ints", {"on_duplicate": "mean"}, (torch.tensor([0]), torch.ones(1, 5)),
+         lambda r: r.add(torch.tensor([1]), torch.ones(1, 5, dtype=torch.long))),
+        ("offsets with a Batch", {}, (batch, torch.ones(2, 2, 3), {"per_token": True}),
+         lambda r: r.add(batch, torch.ones(2, 2, 3), per_token=True, offsets=[0, 2, 3])),
+    ]
+
+
+@pytest.mark.parametrize("name, kwargs, first, bad", _bad_adds(), ids=[c[0] for c in _bad_adds()])
+def test_a_rejected_add_changes_nothing(name, kwargs, first, bad):
+    rec = pc.Recorder(num_items=4, **kwargs)
+    batch, out, *kw = first
+    rec.add(batch, out, **(kw[0] if kw else {}))
+    before = state(rec)
+    with pytest.raises((TypeError, ValueError)):
+        bad(rec)
+    assert_unchanged(before, state(rec))
+
+
+def test_a_rejected_first_add_fixes_no_outputs():
+    rec = pc.Recorder(num_items=4)
+    with pytest.raises(TypeError, match="meta device"):
+        rec.add(torch.tensor([0]), torch.ones(1, 5, device="meta"))
+    assert rec._store.specs is None
+    rec.add(torch.tensor([0]), torch.ones(1, 7, dtype=torch.float64))  # any outputs may still come first
+    assert rec.result()[0].shape == (7,)
+
+
+@pytest.mark.parametrize("on_duplicate", ["error", "first", "last", "mean"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_whatever_raises_inside_the_copy_leaves_the_state(monkeypatch, on_duplicate, per_token):
+    """The write itself fails (here: the op raises): counts, lengths and rows stay as they were."""
+    rec = pc.Recorder(num_items=6, on_duplicate=on_duplicate)
+    rec._fast = None  # the general path's writes are the ones under test
+    out = torch.arange(12.0).view(2, 3, 2) if per_token else torch.arange(6.0).view(2, 3)
+    kwargs = {"per_token": True, "lengths": [3, 2]} if per_token else {}
+    rec.add(torch.tensor([0, 1]), out, **kwargs)
+    before = state(rec)
+
+    def broken(*args, **kw):
+        raise RuntimeError("the copy failed")
+
+    monkeypatch.setattr(ops, "unpad_scatter_", broken)
+    monkeypatch.setattr(ops, "unpad", broken)
+    monkeypatch.setattr(_store.TokenRows, "mean_into", broken)
+    monkeypatch.setattr(_store.DenseRows, "mean_into", broken)
+    index = torch.tensor([2, 3]) if on_duplicate == "error" else torch.tensor([1, 2])
+    bad = {"per_token": True, "lengths": [2, 2]} if per_token else {}  # item 1 keeps its length (mean needs it)
+    with pytest.raises(RuntimeError, match="the copy failed"):
+        rec.add(index, out + 100, **bad)
+    monkeypatch.undo()
+    assert_unchanged(before, state(rec))
+
+
+# --------------------------------------------------------------------------------------------
+# packed and nested per-token outputs
+# --------------------------------------------------------------------------------------------
+
+class PackedModel(torch.nn.Module):
+    """Per-token outputs that depend on the whole item: rows minus their item's mean (offsets)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 4)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(50, 4, generator=gen))
+
+    def forward(self, ids, offsets):
+        rows = self.embed(ids)
+        lengths = offsets.diff()
+        item = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        sums = torch.zeros(len(lengths), 4).index_add_(0, item, rows)
+        means = sums / lengths.clamp_min(1).unsqueeze(1)
+        return rows - means[item]
+
+
+def test_packed_rows_total_and_one_total_and_nested_match_the_padded_way():
+    model = PackedModel()
+    data = [torch.randint(0, 50, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 1, 5, 2)]
+    samples = [pc.Sample(i, 0, d) for i, d in enumerate(data)]
+    packed = pc.Collator(packed=True)(samples)
+    padded = pc.Collator()(samples)
+    rows = model(packed.data, packed.offsets)
+    expected = [model(d, torch.tensor([0, len(d)])) for d in data]
+    forms = {
+        "rows [total, ...]": lambda r: r.add(packed, rows, per_token=True),
+        "rows [1, total, ...]": lambda r: r.add(packed, rows.unsqueeze(0), per_token=True),
+        "plain index, offsets=": lambda r: r.add(packed.host_index, rows, per_token=True, offsets=packed.offsets),
+        "nested of a packed batch": lambda r: r.add(packed, torch.nested.nested_tensor_from_jagged(rows, packed.offsets), per_token=True),
+        "nested of a padded batch": lambda r: r.add(padded, torch.nested.nested_tensor_from_jagged(rows, packed.offsets), per_token=True),
+        "padded [B, max_len, ...] of a packed batch": lambda r: r.add(packed, ops.pad(rows, packed.offsets, packed.max_len), per_token=True),
+        "dict, mixed": lambda r: r.add(packed, {"tok": rows, "first": rows[packed.offsets[:-1]]}, per_token={"tok"}),
+    }
+    for name, add in forms.items():
+        rec = pc.Recorder(num_items=4)
+        add(rec)
+        preds = rec.result()
+        for i, want in enumerate(expected):
+            got = preds[i]["tok"] if isinstance(preds[i], dict) else preds[i]
+            assert torch.allclose(got, want, atol=1e-6), (name, i)
+
+
+def test_packed_rows_under_every_duplicate_policy():
+    rows = torch.arange(10.0).view(5, 2)
+    offsets = torch.tensor([0, 2, 3, 5])
+    for policy, want in [("first", [[0.0, 1.0], [2.0, 3.0]]), ("last", [[6.0, 7.0], [8.0, 9.0]]), ("mean", [[3.0, 4.0], [5.0, 6.0]])]:
+        rec = pc.Recorder(num_items=3, on_duplicate=policy)
+        rec.add(torch.tensor([0, 1, 0]), rows, per_token=True, offsets=offsets)
+        preds = rec.result()
+        assert preds[0].tolist() == want and preds[1].tolist() == [[4.0, 5.0]], policy
+        assert preds.summary().repeats == 1
+
+
+def test_packed_rows_of_a_wrong_shape_name_the_forms():
+    packed = pc.Collator(packed=True)([pc.Sample(0, 0, [1, 2, 3]), pc.Sample(1, 0, [4, 5])])
+    rec = pc.Recorder(num_items=2)
+    with pytest.raises(ValueError, match=r"rows \[total=5, \.\.\.\] or \[1, 5, \.\.\.\] in its offsets order, or padded \[B=2, max_len=3, \.\.\.\]"):
+        rec.add(packed, torch.ones(4, 2), per_token=True)
+    with pytest.raises(ValueError, match="offsets must be \\[B\\+1\\] = \\[3\\] starting at 0"):
+        rec.add(torch.tensor([0, 1]), torch.ones(5, 2), per_token=True, offsets=[1, 3, 5])
+    with pytest.raises(ValueError, match="lengths and offsets disagree"):
+        rec.add(torch.tensor([0, 1]), torch.ones(5, 2), per_token=True, offsets=[0, 3, 5], lengths=[2, 3])
+    nested = torch.nested.nested_tensor_from_jagged(torch.ones(4, 2), torch.tensor([0, 1, 4]))
+    with pytest.raises(ValueError, match="holds 4 rows in all, but the batch's lengths add up to 5"):
+        rec.add(packed, nested, per_token=True)
+
+
+def test_packed_batches_through_a_dataloader_match_each_example_alone():
+    model = PackedModel()
+    gen = torch.Generator().manual_seed(4)
+    data = [torch.randint(0, 50, (int(n),), generator=gen) for n in torch.randint(1, 12, (200,), generator=gen)]
+    ds = pc.Indexed(data)
+    sampler = pc.LengthBucketSampler([len(d) for d in data], max_tokens=64, shuffle=True, seed=3)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, collate_fn=pc.Collator(packed=True))
+    rec = pc.Recorder(num_items=ds)
+    for batch in loader:
+        rec.add(batch, model(batch.data, batch.offsets), per_token=True)
+    preds = rec.result()
+    assert preds.summary().exactly_once
+    for i, d in enumerate(data):
+        assert torch.allclose(preds[i], model(d, torch.tensor([0, len(d)])), atol=1e-6), i
+
+
+# --------------------------------------------------------------------------------------------
+# per-token outputs must have batch.max_len positions
+# --------------------------------------------------------------------------------------------
+
+def test_class_logits_are_not_unpadded_as_positions():
+    batch = pc.Collator()([pc.Sample(0, 0, [1, 2, 3]), pc.Sample(1, 0, [4])])  # max_len 3
+    rec = pc.Recorder(num_items=2)
+    for classes in (5, 2):
+        with pytest.raises(ValueError, match=rf"has {classes} positions but the batch's max_len is 3.*pass per_token=False"):
+            rec.add(batch, torch.ones(2, classes), per_token=True)
+    rec.add(batch, torch.ones(2, 5))  # what was meant
+    assert rec.result()[0].shape == (5,)
+
+
+def test_pad_to_multiple_of_positions_are_max_len():
+    batch = pc.Collator(pad_to_multiple_of=8)([pc.Sample(0, 0, [1, 2, 3]), pc.Sample(1, 0, [4])])
+    assert batch.max_len == 8
+    rec = pc.Recorder(num_items=2)
+    rec.add(batch, torch.arange(16.0).view(2, 8), per_token=True)
+    assert rec.result()[0].tolist() == [0.0, 1.0, 2.0] and rec.result()[1].tolist() == [8.0]
+
+
+# --------------------------------------------------------------------------------------------
+# views counted once, summary
+# --------------------------------------------------------------------------------------------
+
+def test_num_items_takes_an_indexed_dataset_and_counts_items_not_views():
+    ds = pc.Indexed(list(range(10)), views=4, seed=0)
+    rec = pc.Recorder(num_items=ds)
+    assert rec.num_items == 10
+    loader = DataLoader(ds, batch_size=7, collate_fn=pc.Collator())
+    for batch in loader:
+        rec.add(batch, batch.data.float().unsqueeze(1))
+    preds = rec.result()
+    assert preds.missing().tolist() == [] and len(preds) == 10
+    s = preds.summary()
+    assert (s.expected, s.recorded, s.missing, s.records, s.repeats, s.views, s.incomplete) == (10, 10, 0, 40, 0, 4, 0)
+    assert s.exactly_once
+
+
+def test_summary_counts_repeats_and_says_how_they_were_resolved(tmp_path):
+    for policy, resolution in [("first", "kept the first record"), ("last", "kept the latest record"), ("mean", "averaged")]:
+        rec = pc.Recorder(num_items=5, on_duplicate=policy)
+        rec.add(torch.tensor([0, 1, 1]), torch.ones(3, 2))
+        rec.add(torch.tensor([1, 2]), torch.ones(2, 2))
+        s = rec.result().summary()
+        assert (s.expected, s.recorded, s.missing, s.records, s.repeats) == (5, 3, 2, 5, 2)
+        assert resolution in s.resolution and not s.exactly_once
+        text = str(s)
+        assert "items expected  5" in text and f"repeats         2: {s.resolution}" in text and "items missing   2" in text
+        # the provenance survives the file and the shard round trips
+        path = tmp_path / f"{policy}.parquet"
+        rec.result().to_parquet(path)
+        assert pc.Predictions.read(str(path)).summary() == s
+        out = tmp_path / policy
+        rec.write(out)
+        rec.add(torch.tensor([3]), torch.ones(1, 2))
+        rec.add(torch.tensor([3]), torch.ones(1, 2))
+        rec.write(out)
+        read = pc.Predictions.read(str(out)).summary()
+        assert (read.records, read.repeats, read.recorded, read.shards, read.ranks) == (7, 3, 4, 2, 1)
+        assert rec.result().summary().records == 7
+    error = pc.Recorder(num_items=3)
+    error.add(torch.tensor([0, 1]), torch.ones(2))
+    s = error.result().summary()
+    assert s.repeats == 0 and s.resolution == "none seen" and s.missing == 1 and "ranks merged    1" in str(s)
+    assert "Predictions(2 entries, num_items=3, missing=1," in repr(error.result())
+
+
+def test_summary_of_views_missing_some():
+    rec = pc.Recorder(num_items=3)
+    rec.add(torch.tensor([0, 0, 1]), torch.ones(3, 1), view=[0, 1, 0])
+    s = rec.result().summary()
+    assert s.views == 2 and s.incomplete == 1 and s.missing == 1
+    assert "2 (1 items missing some)" in str(s)
+
+
+def test_summary_of_a_directly_built_predictions():
+    preds = pc.Predictions(torch.tensor([1, 4]), torch.ones(2, 3), num_items=5)
+    s = preds.summary()
+    assert (s.recorded, s.missing, s.records, s.repeats, s.on_duplicate) == (2, 3, 2, 0, None)
+
+
+# --------------------------------------------------------------------------------------------
+# on_duplicate can be changed; progress bars
+# --------------------------------------------------------------------------------------------
+
+def test_on_duplicate_can_be_changed_and_is_checked():
+    rec = pc.Recorder(num_items=3)
+    rec.add(torch.tensor([0]), torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="already recorded"):
+        rec.add(torch.tensor([0]), torch.tensor([2.0]))
+    rec.on_duplicate = "mean"
+    rec.add(torch.tensor([0]), torch.tensor([3.0]))
+    assert rec.result()[0].item() == 2.0
+    with pytest.raises(ValueError, match="on_duplicate must be one of"):
+        rec.on_duplicate = "keep"
+    ints = pc.Recorder(num_items=3)
+    ints.add(torch.tensor([0]), torch.tensor([1]))
+    with pytest.raises(TypeError, match="averages floating-point outputs"):
+        ints.on_duplicate = "mean"
+    assert ints.on_duplicate == "error"
+
+
+def test_progress_bars_of_write_read_and_gather(tmp_path, capsys):
+    rec = pc.Recorder(num_items=4)
+    rec.add(torch.tensor([0, 1, 2, 3]), torch.ones(4, 2))
+    rec.write(tmp_path / "out", progress=True)
+    assert "writing shard" in capsys.readouterr().err
+    pc.Predictions.read(str(tmp_path / "out"), progress=True)
+    assert "reading shards" in capsys.readouterr().err
+    rec2 = pc.Recorder(num_items=4)
+    rec2.add(torch.tensor([0]), torch.ones(1, 2))
+    rec2.gather(progress=True)  # no process group: nothing to merge, no bar
+    for call in (lambda: rec2.write(tmp_path / "o2", progress="yes"), lambda: pc.Predictions.read(str(tmp_path / "out"), progress=1),
+                 lambda: rec2.gather(progress="no")):
+        with pytest.raises(TypeError, match="progress must be a bool"):
+            call()
+
+
+def test_a_recorder_warns_of_distributed_sampler_padding_under_error(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pc.Recorder(num_items=5)  # one rank divides everything: no warning
+    finally:
+        dist.destroy_process_group()
