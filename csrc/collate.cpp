@@ -6,7 +6,7 @@
 // The plan is plain Python tuples (codes shared with collate.py):
 //   walk node  (MAP, path, expected, size, keys, children) | (SEQ, path, expected, is_list, size,
 //              positions, children) | (LEAF, leaf_id) | (INDEX, what) | (VIEW,)
-//   leaf       (path, kind, expected, object_type, pad_value, sequence)
+//   leaf       (path, kind, expected, object_type, pad_value, sequence): collate.py's _Leaf, a NamedTuple
 // Error messages match collate.py's pure-Python path word for word.
 #include "collate.h"
 

@@ -14,7 +14,7 @@ import contextlib
 import math
 import operator
 import warnings
-from typing import Callable
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.utils.data
@@ -101,18 +101,47 @@ def _seq_maker(x) -> Callable:
     return tuple
 
 
+class _Leaf(NamedTuple):
+    """One field of the plan, as the fused pass reads it (a tuple to csrc/collate.cpp)."""
+
+    path: str
+    kind: int
+    expected: str  # what every sample must hold there, in words (for errors)
+    object_type: type  # what sample 0 holds there
+    pad_value: Any
+    sequence: bool  # padded (or packed) with lengths; else stacked
+
+
+class _FieldOut(NamedTuple):
+    """One collated field from the fused pass: its value and, for a sequence field, lengths, offsets, T."""
+
+    value: Any
+    lengths: Optional[torch.Tensor]
+    offsets: Optional[torch.Tensor]
+    max_len: Optional[int]
+
+
+class _Collated(NamedTuple):
+    """What the fused pass returns (``provcollate._C.collate`` or :func:`_collate_python`)."""
+
+    index: torch.Tensor
+    view: torch.Tensor
+    fields: list
+    primary: int
+    mask: Optional[torch.Tensor]
+
+
 class _Plan:
     """What the batch holds, learned from sample 0.
 
     ``walk`` is the tree the fused pass follows through every raw sample (identity included);
-    ``template`` rebuilds ``batch.data`` from the collated fields; ``leaves`` describes each field:
-    ``(path, kind, expected, object_type, pad_value, sequence)``; a sequence field is padded (or packed)
-    with lengths, any other field is stacked.
+    ``template`` rebuilds ``batch.data`` from the collated fields; ``leaves`` describes each field
+    (:class:`_Leaf`); a sequence field is padded (or packed) with lengths, any other field is stacked.
     """
 
     def __init__(self, collator: "Collator", first) -> None:
         self.collator = collator
-        self.leaves: list[tuple] = []
+        self.leaves: list[_Leaf] = []
         self.paths: list[tuple] = []  # each field's keys/positions inside batch.data
         self.ndims: list[int] = []
         self.names: dict[str, int] = {}  # field path -> leaf id
@@ -200,7 +229,7 @@ class _Plan:
         # one batch happens to hold: equal lengths padded are the same data as stacked.
         sequence = ndim >= 1 and name not in c.stack
         self.names[name] = leaf_id
-        self.leaves.append((name, kind, expected, type(x), c.pad_values.get(name, c.pad_value), sequence))
+        self.leaves.append(_Leaf(name, kind, expected, type(x), c.pad_values.get(name, c.pad_value), sequence))
         self.paths.append(path)
         self.ndims.append(ndim)
         return (_LEAF, leaf_id), (_LEAF, leaf_id)
@@ -221,13 +250,13 @@ class _Plan:
             if self.ndims[i] < 1:
                 raise ValueError(
                     f"Collator: {arg} names field {name!r}, which has no length dimension to pad "
-                    f"(sample 0 holds a {self.leaves[i][3].__name__} there)"
+                    f"(sample 0 holds a {self.leaves[i].object_type.__name__} there)"
                 )
             if arg != "stack" and name in c.stack:
                 raise ValueError(f"Collator: {arg} names field {name!r}, which stack= also names: a stacked field is never padded")
         if c.primary is not None:
             return names[c.primary]
-        return next((i for i, leaf in enumerate(self.leaves) if leaf[5]), -1)
+        return next((i for i, leaf in enumerate(self.leaves) if leaf.sequence), -1)
 
     def assemble(self, values: list):
         """``batch.data``: the structure of sample 0's data with each field's collated value in place."""
@@ -365,11 +394,11 @@ class _Field:
 
 def _place(leaf, tensors: list, lengths: list, length_dim: bool, opts: dict) -> _Field:
     """Pad (or pack) a sequence field, or stack the others, as the fused pass lays them out."""
-    sequence = length_dim and leaf[5]
+    sequence = length_dim and leaf.sequence
     if not sequence:
         b = next((b for b, n in enumerate(lengths) if n != lengths[0]), None)
         if length_dim and b is not None:
-            raise ValueError(f"Collator: {_subject(leaf[0], b)} has length {lengths[b]}, but sample 0 has length "
+            raise ValueError(f"Collator: {_subject(leaf.path, b)} has length {lengths[b]}, but sample 0 has length "
                              f"{lengths[0]}: fields named by stack= are stacked, so their items must have one shape")
         return _Field(torch.stack(tensors))
     max_len = max(lengths)
@@ -380,13 +409,13 @@ def _place(leaf, tensors: list, lengths: list, length_dim: bool, opts: dict) -> 
     offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
     if opts["packed"]:
         return _Field(values, lengths, offsets, max_len)
-    pad = _pad_for(leaf[0], leaf[4], values.dtype)
+    pad = _pad_for(leaf.path, leaf.pad_value, values.dtype)
     return _Field(ops.pad(values, offsets.to(values.device), max_len, pad, opts["left"]), lengths, None, max_len)
 
 
 def _array_tensor(leaf, x, b: int) -> torch.Tensor:
     if np is None or not isinstance(x, (np.generic, np.ndarray)):
-        raise _mismatch(leaf[0], b, x, leaf[2])
+        raise _mismatch(leaf.path, b, x, leaf.expected)
     with warnings.catch_warnings():
         # Items are only read, never written: a read-only array is fine.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -397,16 +426,16 @@ def _array_tensor(leaf, x, b: int) -> torch.Tensor:
             # Negative strides and the like: a C-ordered copy, as torch.as_tensor would make.
             return torch.from_numpy(np.array(x))
         except (TypeError, RuntimeError, ValueError) as e:
-            raise TypeError(f"Collator: {_subject(leaf[0], b)} cannot be read as a tensor: {e}") from None
+            raise TypeError(f"Collator: {_subject(leaf.path, b)} cannot be read as a tensor: {e}") from None
 
 
 def _tensor_field(leaf, objs: list, opts: dict) -> _Field:
-    path, kind = leaf[0], leaf[1]
+    path, kind = leaf.path, leaf.kind
     ts = []
     for b, x in enumerate(objs):
         if kind == _TENSOR:
             if not isinstance(x, torch.Tensor):
-                raise _mismatch(path, b, x, leaf[2])
+                raise _mismatch(path, b, x, leaf.expected)
             ts.append(x)
         else:
             ts.append(_array_tensor(leaf, x, b))
@@ -440,18 +469,18 @@ def _number_field(leaf, objs: list, opts: dict) -> _Field:
     for b, x in enumerate(objs):
         k = _num_kind(x)
         if k == _BAD:
-            raise _mismatch(leaf[0], b, x, leaf[2])
+            raise _mismatch(leaf.path, b, x, leaf.expected)
         kind = max(kind, k)
     if kind == _BOOL:
         return _Field(torch.tensor([bool(x) for x in objs], dtype=torch.bool))
     if kind == _INT:
-        return _Field(torch.tensor([_int64(x, _subject(leaf[0], b) + " is") for b, x in enumerate(objs)], dtype=torch.int64))
+        return _Field(torch.tensor([_int64(x, _subject(leaf.path, b) + " is") for b, x in enumerate(objs)], dtype=torch.int64))
     values = []
     for b, x in enumerate(objs):
         try:
             values.append(float(x))
         except OverflowError:
-            raise ValueError(f"Collator: {_subject(leaf[0], b)} is an int too large for float64, the dtype of this "
+            raise ValueError(f"Collator: {_subject(leaf.path, b)} is an int too large for float64, the dtype of this "
                              "field because some sample holds a float there") from None
     return _Field(torch.tensor(values, dtype=torch.float64))
 
@@ -464,12 +493,12 @@ def _flatten(leaf, x: list, b: int, trailing: list, depth: int, at: list, out: l
             k = _num_kind(v)
             if k == _BAD:
                 if isinstance(v, list):
-                    raise ValueError(f"Collator: {_subject(leaf[0], b)} is a ragged nested list: element "
+                    raise ValueError(f"Collator: {_subject(leaf.path, b)} is a ragged nested list: element "
                                      f"{''.join(f'[{j}]' for j in at + [i])} is a list, expected a number")
-                raise TypeError(f"Collator: {_subject(leaf[0], b)} holds a {type(v).__name__} at "
+                raise TypeError(f"Collator: {_subject(leaf.path, b)} holds a {type(v).__name__} at "
                                 f"{''.join(f'[{j}]' for j in at + [i])}; lists must hold only numbers (bool, int, float)")
             if k == _INT:
-                v = _int64(v, f"{_subject(leaf[0], b)} holds at {''.join(f'[{j}]' for j in at + [i])}")
+                v = _int64(v, f"{_subject(leaf.path, b)} holds at {''.join(f'[{j}]' for j in at + [i])}")
             else:  # Python's own bool and float, as the fused pass reads numpy scalars
                 v = bool(v) if k == _BOOL else float(v)
             out.append(v)
@@ -479,10 +508,10 @@ def _flatten(leaf, x: list, b: int, trailing: list, depth: int, at: list, out: l
     for i, v in enumerate(x):
         where = "".join(f"[{j}]" for j in at + [i])
         if not isinstance(v, list):
-            raise ValueError(f"Collator: {_subject(leaf[0], b)} is a ragged nested list: element {where} is a "
+            raise ValueError(f"Collator: {_subject(leaf.path, b)} is a ragged nested list: element {where} is a "
                              f"{type(v).__name__}, expected a list of {want} elements")
         if len(v) != want:
-            raise ValueError(f"Collator: {_subject(leaf[0], b)} is a ragged nested list: element {where} is a list of "
+            raise ValueError(f"Collator: {_subject(leaf.path, b)} is a ragged nested list: element {where} is a list of "
                              f"{len(v)} elements, expected a list of {want} elements")
         kind = max(kind, _flatten(leaf, v, b, trailing, depth + 1, at + [i], out))
     return kind
@@ -491,7 +520,7 @@ def _flatten(leaf, x: list, b: int, trailing: list, depth: int, at: list, out: l
 def _list_field(leaf, objs: list, opts: dict) -> _Field:
     for b, x in enumerate(objs):
         if not isinstance(x, list):
-            raise _mismatch(leaf[0], b, x, leaf[2])
+            raise _mismatch(leaf.path, b, x, leaf.expected)
     trailing = []
     first = next((x for x in objs if x), None)
     if first is not None:
@@ -514,10 +543,10 @@ def _list_field(leaf, objs: list, opts: dict) -> _Field:
 
 
 def _object_field(leaf, objs: list, opts: dict) -> _Field:
-    expected = leaf[3]
+    expected = leaf.object_type
     for b, x in enumerate(objs):
         if expected is not type(None) and x is not None and type(x) is not expected:
-            raise _mismatch(leaf[0], b, x, leaf[2])
+            raise _mismatch(leaf.path, b, x, leaf.expected)
     return _Field(list(objs))
 
 
@@ -535,7 +564,7 @@ def _collate_python(samples, walk, leaves, left, pad_to_multiple_of, packed, pin
         _walk(walk, s, b, items, index, view)
     opts = {"left": left, "multiple": pad_to_multiple_of, "packed": packed, "float_dtype": float_dtype}
     with torch.no_grad():  # a batch never carries autograd history
-        fields = [_FIELDS[leaf[1]](leaf, objs, opts) for leaf, objs in zip(leaves, items)]
+        fields = [_FIELDS[leaf.kind](leaf, objs, opts) for leaf, objs in zip(leaves, items)]
     if primary < 0:
         primary = next((i for i, f in enumerate(fields) if f.lengths is not None), -1)
     pin = (lambda t: t.pin_memory()) if pin_memory else (lambda t: t)
@@ -543,14 +572,14 @@ def _collate_python(samples, walk, leaves, left, pad_to_multiple_of, packed, pin
     for f in fields:
         value = pin(f.value) if isinstance(f.value, torch.Tensor) else f.value
         if f.lengths is None:
-            out.append((value, None, None, None))
+            out.append(_FieldOut(value, None, None, None))
         else:
             offsets = pin(f.offsets) if f.offsets is not None else None
-            out.append((value, pin(torch.tensor(f.lengths, dtype=torch.int64)), offsets, f.max_len))
+            out.append(_FieldOut(value, pin(torch.tensor(f.lengths, dtype=torch.int64)), offsets, f.max_len))
     mask = None
     if primary >= 0 and not packed:
-        mask = pin(reference.valid_mask(out[primary][1], fields[primary].max_len, left))
-    return pin(torch.tensor(index, dtype=torch.int64)), pin(torch.tensor(view, dtype=torch.int64)), out, primary, mask
+        mask = pin(reference.valid_mask(out[primary].lengths, fields[primary].max_len, left))
+    return _Collated(pin(torch.tensor(index, dtype=torch.int64)), pin(torch.tensor(view, dtype=torch.int64)), out, primary, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -938,25 +967,26 @@ class Collator:
         plan = _Plan(self, samples[0])
         collate = _native if _native is not None else _collate_python
         left = self.padding_side == "left"
-        index, view, fields, primary, mask = collate(
+        out = _Collated(*collate(
             samples, plan.walk, tuple(plan.leaves), left, self.pad_to_multiple_of or 0, self.packed,
             self.pin_memory, torch.get_default_dtype(), plan.primary,
-        )
-        data = plan.assemble([f[0] for f in fields])
-        names = [leaf[0] for leaf in plan.leaves]
-        field_lengths = {names[i]: f[1] for i, f in enumerate(fields) if f[1] is not None}
+        ))
+        fields = [_FieldOut(*f) for f in out.fields]
+        data = plan.assemble([f.value for f in fields])
+        names = [leaf.path for leaf in plan.leaves]
+        field_lengths = {names[i]: f.lengths for i, f in enumerate(fields) if f.lengths is not None}
         packed = {}
         field_offsets = {}
         if self.packed:
             for i, f in enumerate(fields):
-                if f[2] is not None:
-                    field_offsets[names[i]] = f[2]
-                    packed[names[i]] = (plan.paths[i], plan.leaves[i][4], f[3])
-        lengths = fields[primary][1] if primary >= 0 else None
+                if f.offsets is not None:
+                    field_offsets[names[i]] = f.offsets
+                    packed[names[i]] = (plan.paths[i], plan.leaves[i].pad_value, f.max_len)
+        primary = fields[out.primary] if out.primary >= 0 else None
         return Batch(
-            index=index, view=view, data=data, lengths=lengths, field_lengths=field_lengths, mask=mask,
-            max_len=fields[primary][3] if primary >= 0 else None,
-            offsets=fields[primary][2] if primary >= 0 else None, field_offsets=field_offsets,
+            index=out.index, view=out.view, data=data, lengths=None if primary is None else primary.lengths,
+            field_lengths=field_lengths, mask=out.mask, max_len=None if primary is None else primary.max_len,
+            offsets=None if primary is None else primary.offsets, field_offsets=field_offsets,
             padding_side=self.padding_side, packed_fields=packed,
         )
 
