@@ -13,7 +13,7 @@ from transformers import BertConfig, BertModel
 
 import provcollate as pc
 
-ITEMS, BATCH, MAX_LEN = 64, 8, 24
+BATCH, MAX_LEN = 8, 24
 
 
 class _Sentences(torch.utils.data.Dataset):
@@ -37,7 +37,7 @@ def run(device: torch.device) -> None:
     config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=32)
     model = BertModel(config).to(device).eval()
-    data = _Sentences(ITEMS)
+    data = _Sentences(64 if device.type == "cuda" else 24)  # a CPU run checks the plumbing only
     with torch.no_grad():
         alone = [model(input_ids=ids[None].to(device)) for ids in data.items]
     for packed in (False, True):
@@ -48,7 +48,7 @@ def run(device: torch.device) -> None:
             for batch in loader:
                 batch = batch.to(device, non_blocking=True)
                 padded = batch.padded() if packed else batch
-                out = model(input_ids=padded["input_ids"], attention_mask=padded.mask)
+                out = model(input_ids=padded["input_ids"], attention_mask=padded.mask.long())  # as a tokenizer gives it
                 rec.add(padded, {"tokens": out.last_hidden_state, "pooled": out.pooler_output}, per_token={"tokens"})
         preds = rec.result()
         assert not len(preds.missing()), f"items never recorded: {preds.missing().tolist()}"

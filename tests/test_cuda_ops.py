@@ -107,9 +107,10 @@ def test_cuda_corrupt_device_offsets_stay_in_bounds():
 
 
 def test_cuda_opcheck():
+    # A few cases only: opcheck costs ~0.5 s a call, and test_ops.py's test_opcheck[cuda] runs the rest.
     gen = torch.Generator().manual_seed(1)
-    for dtype in (torch.float32, torch.bfloat16, torch.bool):
-        for lengths, trailing, max_len in CASES[:3]:
+    for dtype in (torch.float32, torch.bool):
+        for lengths, trailing, max_len in CASES[:1]:
             values = _random((sum(lengths), *trailing), dtype, gen).cuda()
             for index_dtype in (torch.int32, torch.int64):
                 offsets = _offsets(lengths, index_dtype)

@@ -40,12 +40,12 @@ def test_gpu_check_fails_when_a_step_fails_or_hangs(tmp_path):
     python = tmp_path / "python"
     python.write_text("#!/bin/sh\ncase \"$*\" in *smoke.py*) exec sleep 120;; esac\necho \"boom: $*\"\nexit 3\n")
     python.chmod(python.stat().st_mode | stat.S_IEXEC)
-    env = dict(os.environ, OUT=str(tmp_path), DRY_RUN="1", GPU_PYTHON=str(python), GPU_CHECK_BUDGET_S="20")
+    env = dict(os.environ, OUT=str(tmp_path), DRY_RUN="1", GPU_PYTHON=str(python), GPU_CHECK_BUDGET_S="16")
     run = subprocess.run(["bash", "gpu/check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stdout + run.stderr
     table = run.stdout[run.stdout.rindex("| step |"):]
     assert "| machine | FAIL: exit 3 |" in table and "| pytest (collects; CUDA tests skip) | FAIL: exit 3 |" in table
     assert "| smoke (cpu) | FAIL: timed out |" in table
-    assert "| bert end to end (cpu) | NOT RUN: the 20 s budget was spent |" in table
+    assert "| bert end to end (cpu) | NOT RUN: the 16 s budget was spent |" in table
     page = (tmp_path / "gpu-dry-run.md").read_text()
     assert "## Failures" in page and "boom: gpu/env.py cpu" in page
