@@ -36,7 +36,17 @@ before the run. Targets (issue 4): case 1 >= 100x the seed loop; case 2 >= 10x t
 >= 3x pure PyTorch and within 3x of memcpy; in both, peak memory <= 1.25x the result's bytes
 plus one batch.
 
-    python benchmarks/bench_record.py [--rounds 3] [--peer-budget 30] [--write]
+The plain-index add (issue 12): ``rec.add(index, out)`` with ``out [256, 10]`` float32 and the
+index a tensor or a numpy array, the way users with their own collate call it, timed per call
+over every batch of case 1 (after the first, which fixes the outputs), into a Recorder of the
+case's 1,000,000 items and of 65,536 (whose storage stays in cache). Target: at most 4 us per add.
+
+``--baseline REV`` also times the provcollate rows of both cases and the plain-index add under
+git revision REV (e.g. the commit before a redesign), each tree in fresh subprocesses, rounds
+rotating between the trees, so that before and after come from one run on one machine. REV's tree
+is exported to benchmarks/.baseline/ and its extension built in place there once (minutes).
+
+    python benchmarks/bench_record.py [--rounds 3] [--peer-budget 30] [--baseline REV] [--write]
     python benchmarks/bench_record.py --quick          # small sizes, a few seconds
 """
 from __future__ import annotations
@@ -416,6 +426,123 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
     return section, failures
 
 
+# --------------------------------------------------------------------------------------------
+# the plain-index add, and this tree against another revision
+# --------------------------------------------------------------------------------------------
+
+ADD_TARGET_US = 4.0
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def add_cost(items: int, kind: str, sizes: dict, seed: int, rounds: int) -> float:
+    """Best over ``rounds`` of the median microseconds of one plain-index ``rec.add`` (B=256, [10] float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.randn(sizes["batch1"], 10, generator=gen)
+    order = torch.randperm(items, generator=gen)
+    index = [order[i:i + sizes["batch1"]] for i in range(0, items - sizes["batch1"] + 1, sizes["batch1"])]
+    if kind == "numpy":
+        index = [i.numpy() for i in index]
+    best = float("inf")
+    for _ in range(rounds):
+        rec = pc.Recorder(num_items=items)
+        rec.add(index[0], out)
+        took = []
+        for ix in index[1:]:
+            start = time.perf_counter()
+            rec.add(ix, out)
+            took.append(time.perf_counter() - start)
+        took.sort()
+        best = min(best, took[len(took) // 2] * 1e6)
+    return best
+
+
+ADD_RUNS = [(items, kind) for items in (65_536, "case 1") for kind in ("tensor", "numpy")]
+
+
+def add_section(args, sizes: dict) -> Tuple[str, List[str]]:
+    rows, failures = [], []
+    for items, kind in ADD_RUNS:
+        n = sizes["items1"] if items == "case 1" else min(items, sizes["items1"])
+        us = add_cost(n, kind, sizes, args.seed, args.rounds)
+        ok = us <= ADD_TARGET_US
+        rows.append([f"{n:,}", kind, f"{us:.2f} us", f"{sizes['batch1'] / us:.1f} M rows/s", "yes" if ok else "**no**"])
+        print(f"  plain-index add, {n:,} items, {kind} index: {us:.2f} us per add", flush=True)
+        if not ok:
+            failures.append(f"plain-index add ({n:,} items, {kind} index): {us:.2f} us > {ADD_TARGET_US:g} us")
+    section = "\n\n".join([
+        f"## plain-index add: rec.add(index, out [{sizes['batch1']}, 10] float32), median per call",
+        markdown_table(["num_items", "index", "per add", "rows/s", f"<= {ADD_TARGET_US:g} us"], rows),
+    ])
+    return section, failures
+
+
+def baseline_tree(rev: str) -> str:
+    """REV's tree with its extension built in place (made once, reused)."""
+    sha = subprocess.run(["git", "-C", REPO, "rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
+    tree = os.path.join(REPO, "benchmarks", ".baseline", sha[:12])
+    if not os.path.exists(os.path.join(tree, ".built")):
+        os.makedirs(tree, exist_ok=True)
+        archive = subprocess.run(["git", "-C", REPO, "archive", sha], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        print(f"building the extension of {rev} ({sha[:12]}) in {tree} ...", flush=True)
+        env = dict(os.environ, PROVCOLLATE_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, env=env, check=True,
+                       stdout=subprocess.DEVNULL)
+        open(os.path.join(tree, ".built"), "w").close()
+    return tree
+
+
+def time_child(what: str, sizes: dict, seed: int) -> dict:
+    """One timing in this process (run under PYTHONPATH=some tree): a case's provcollate run, or an add."""
+    if what.startswith("case"):
+        case = Case(what, sizes, seed)
+        batches = [case.batch_at(b) for b in range(case.num_batches)]
+        run_provcollate(case, batches[:2])
+        gc.collect()
+        start = time.perf_counter()
+        run_provcollate(case, batches)
+        return {"seconds": time.perf_counter() - start, "version": pc.__file__}
+    items, kind = what.split(":")
+    n = sizes["items1"] if items == "case 1" else min(int(items), sizes["items1"])
+    return {"us": add_cost(n, kind, sizes, seed, 1), "version": pc.__file__}
+
+
+def baseline_section(args, sizes: dict) -> str:
+    """This tree against ``args.baseline``: fresh subprocesses, rounds rotating between the trees."""
+    trees = {"this tree": REPO, f"{args.baseline}": baseline_tree(args.baseline)}
+    whats = ["case 1", "case 2"] + [f"{items}:{kind}" for items, kind in ADD_RUNS]
+    results: Dict[Tuple[str, str], List[float]] = {}
+    for r in range(args.rounds):
+        names = list(trees)
+        names = names[r % 2:] + names[:r % 2]
+        for what in whats:
+            for name in names:
+                env = dict(os.environ, PYTHONPATH=trees[name])
+                cmd = [sys.executable, os.path.abspath(__file__), "--time-child", what, "--alloc", args.alloc, "--seed", str(args.seed)]
+                if args.quick:
+                    cmd.append("--quick")
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                if out.returncode:
+                    raise RuntimeError(f"{name}: {what} failed:\n{out.stderr[-2000:]}")
+                got = json.loads(out.stdout.strip().splitlines()[-1])
+                assert os.path.realpath(got["version"]).startswith(os.path.realpath(trees[name])), (name, got["version"])
+                results.setdefault((what, name), []).append(got.get("seconds", got.get("us")))
+    rows = []
+    base = list(trees)[1]
+    for what in whats:
+        now, before = min(results[(what, "this tree")]), min(results[(what, base)])
+        unit = (lambda v: f"{v * 1e3:.1f} ms") if what.startswith("case") else (lambda v: f"{v:.2f} us per add")
+        label = what if what.startswith("case") else "plain-index add, {} items, {} index".format(*what.split(":"))
+        rows.append([label, unit(before), unit(now), f"{before / now:.2f}x"])
+        print(f"  {label}: {base} {unit(before)}, this tree {unit(now)} ({before / now:.2f}x)", flush=True)
+    return "\n\n".join([
+        f"## before and after: this tree against {base}",
+        f"Each timing in a fresh process per tree, best of {args.rounds} rounds that rotate between the trees "
+        "(the provcollate rows of the cases above, and the plain-index add). Speed-up: before / after.",
+        markdown_table(["what", f"{base}", "this tree", "speed-up"], rows),
+    ])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="timed runs per method, best kept (default 3)")
@@ -427,7 +554,9 @@ def main() -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--case", choices=["1", "2"], default=None, help="run one case only")
     p.add_argument("--write", action="store_true", help=f"write the tables to {os.path.relpath(RESULTS_DIR)}/bench_record.md")
+    p.add_argument("--baseline", default=None, metavar="REV", help="also time the provcollate rows and the add under git revision REV")
     p.add_argument("--memory-child", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
+    p.add_argument("--time-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     sizes = QUICK if args.quick else FULL
     set_allocator(args.alloc)
@@ -435,6 +564,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], args.memory_child[1], sizes, args.seed)))
+        return 0
+    if args.time_child:
+        print(json.dumps(time_child(args.time_child, sizes, args.seed)))
         return 0
     if args.quick:
         args.rounds, args.peer_budget = 1, min(args.peer_budget, 5.0)
@@ -445,6 +577,12 @@ def main() -> int:
         section, missed = run_case(Case(name, sizes, args.seed), args, sizes)
         sections.append(section)
         failures += missed
+    if args.case is None:
+        section, missed = add_section(args, sizes)
+        sections.append(section)
+        failures += missed
+        if args.baseline:
+            sections.append(baseline_section(args, sizes))
     if args.write:
         path = os.path.join(RESULTS_DIR, "bench_record.md")
         intro = (__doc__.split("\n\n    python")[0] + "\n\n"

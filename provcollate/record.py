@@ -241,9 +241,9 @@ class Recorder:
         the first ``add``'s in names, dtype or row shape.
         """
         store = self._store
-        if store.staging:
+        if store.staging.pending:
             store.staging.drain(wait=False)
-        if self._fast is not None and offsets is None and store.specs is not None and not (store.staging or store.shared):
+        if self._fast is not None and offsets is None and store.specs is not None and not (store.shared or store.staging.pending):
             if self._add_fast(batch, outputs, per_token, lengths, view, padding_side):
                 return
         slots = _inputs.batch_slots("Recorder.add", batch, lengths, view, padding_side, offsets)
