@@ -279,15 +279,16 @@ def max_abs_diff(path: str, reference: str, chunk_rows: int = 8192) -> float:
     return worst
 
 
-def run_case(case: str, texts: List[str], max_length: int, args, scratch: str) -> dict:
-    """Every candidate over ``rounds`` rounds in rotating order, each run in a fresh subprocess (--quick: one per round)."""
+def run_case(case: str, texts: List[str], max_length: int, args, scratch: str, shift: int) -> dict:
+    """Every candidate over ``rounds`` rounds, each starting one candidate later than the one before (the first at
+    ``shift``), each candidate run in a fresh subprocess (--quick: one per round)."""
     texts_path = os.path.join(scratch, f"{case}-texts.json")
     with open(texts_path, "w") as f:
         json.dump(texts, f)
     runs: Dict[str, List[dict]] = {name: [] for name in CANDIDATES}
     rows_of = {name: os.path.join(scratch, f"{case}-{i}.npy") for i, name in enumerate(CANDIDATES)}
     for r in range(args.rounds):
-        k = r % len(CANDIDATES)
+        k = (shift + r) % len(CANDIDATES)
         order = CANDIDATES[k:] + CANDIDATES[:k]
         for group in [order] if args.quick else [[name] for name in order]:
             spec = dict(case=case, candidates=group, texts=texts_path, max_length=max_length, labels=args.labels,
@@ -392,23 +393,26 @@ def main(argv=None) -> None:
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(args.seed)).tolist()
     sizes = {"hidden": (96, 48) if args.quick else (args.docs, args.max_length),
              "logits": (48, 48) if args.quick else (args.logits_docs, args.logits_max_length)}
-    info = machine()
+    info, began = machine(), time.time()
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), load average {info['load_average']}")
     sections, results = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as scratch:
-        for case, (n, max_length) in sizes.items():
+        for shift, (case, (n, max_length)) in enumerate(sizes.items()):
             texts = [docs[i] for i in order[:n]]
             items, _ = tokenized(texts, max_length)
-            results[case] = run_case(case, texts, max_length, args, scratch)
+            results[case] = run_case(case, texts, max_length, args, scratch, shift * args.rounds)
             sections += [f"## {CASES[case].split(':')[0].capitalize()}", summary(case, items, max_length, args), table(results[case])]
             print("\n\n".join(sections[-2:]), flush=True)
     lines = verdicts(results["hidden"], results["logits"])
     print("\n\n".join(lines))
     if args.write:
-        note = (__doc__.split("\n\n")[0] + "\n\n" + f"{args.rounds} rounds, candidates in rotating order, each in a fresh subprocess; "
+        note = (__doc__.split("\n\n")[0] + "\n\n" + f"{args.rounds} round{'s' * (args.rounds > 1)}, candidates in rotating order "
+                "(continued from one case to the next), each in a fresh subprocess; "
                 "times are the best round's, ratios medians of per-round ratios, peaks the largest of any round. "
-                f"Rows equal to provcollate's bucketed predict within atol {ATOL}. Load average "
-                f"{os.getloadavg()[0]:.2f} at the end: the machine was shared with other processes while this ran.")
+                f"Rows equal to provcollate's bucketed predict within atol {ATOL}. The run took {(time.time() - began) / 60:.0f} min; "
+                f"load average {info['load_average']} when it started and {os.getloadavg()[0]:.2f} at the end, on {info['cores']} "
+                f"cores: this benchmark keeps {args.threads or torch.get_num_threads()} thread(s) busy, the rest of the load is other "
+                "processes sharing the machine.")
         write_markdown(os.path.join(RESULTS_DIR, "bench_trainer.md"), "transformers: trainer.predict against provcollate's predict",
                        [note, *sections, *lines], info)
 

@@ -33,6 +33,7 @@ RUNS = [
     ("bench_record", ["bench_record.py"]),
     ("bench_bucketing", ["bench_bucketing.py"]),
     ("bench_distributed", ["bench_distributed.py"]),
+    ("bench_trainer", ["bench_trainer.py"]),
 ]
 TITLES = {
     "bench_ops": "Ops: pad / unpad / unpad_scatter_ (CPU)",
@@ -42,6 +43,7 @@ TITLES = {
     "bench_record": "Recorder",
     "bench_bucketing": "Length bucketing",
     "bench_distributed": "Distributed gather and Parquet shards",
+    "bench_trainer": "transformers: trainer.predict against integrations.transformers.predict",
 }
 
 
