@@ -87,7 +87,8 @@ def shape_rows(c, dtype, device: torch.device, reps: int):
         fastest = min(peers, key=times.get) if peers else None
         for name, ms in times.items():
             detail.append(f"| {shape} | {op.name} | {name} | {ms:.4f} | {moved / ms / 1e6:,.0f} | {copy / ms:.2f} |")
-        detail.append(f"| {shape} | {op.name} | device-to-device copy of the same bytes | {copy:.4f} | {moved / copy / 1e6:,.0f} | 1.00 |")
+        bound = "device-to-device copy of the same bytes" if device.type == "cuda" else "copy of the same bytes"
+        detail.append(f"| {shape} | {op.name} | {bound} | {copy:.4f} | {moved / copy / 1e6:,.0f} | 1.00 |")
         peer_ms = times[fastest] if fastest else None
         summary.append(
             f"| {shape} | {op.name} | {times[ours]:.4f} | {moved / times[ours] / 1e6:,.0f} | {copy / times[ours]:.2f} | "
