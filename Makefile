@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test build bench deps clean gpu-check
+.PHONY: demo test test-ray build bench deps clean gpu-check
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: build
 	@echo "make test: again on the pure-PyTorch paths (PROVCOLLATE_EXTENSION=0): same outputs, same errors"
 	PROVCOLLATE_EXTENSION=0 $(PY) -m pytest -q -W "ignore:provcollate. PROVCOLLATE_EXTENSION=0:RuntimeWarning" \
 		tests/test_collate.py tests/test_ops.py tests/test_record.py tests/test_hardening.py tests/test_fuzz.py
+
+# provcollate.integrations.ray on a local 2-CPU Ray (also part of `make test`: about a minute).
+test-ray: build
+	$(PY) -m pytest -q tests/test_integrations_ray.py
 
 demo: build
 	$(PY) examples/seed_scenarios.py --items 5000

@@ -182,7 +182,11 @@ class _PositionalParquet(ray.data.Datasource):
         self.groups = []  # (file, row group, first id, rows, bytes)
         base = 0
         for file in files:
-            meta = pq.ParquetFile(file).metadata
+            pf = pq.ParquetFile(file)
+            if id_column in pf.schema_arrow.names and (columns is None or id_column in columns):
+                raise ValueError(f"read_parquet: {file} already has a column {id_column!r}; pass another id_column, "
+                                 "or use that column as the id (Predict(id_column=...) after ray.data.read_parquet)")
+            meta = pf.metadata
             for g in range(meta.num_row_groups):
                 rows = meta.row_group(g).num_rows
                 self.groups.append((file, g, base, rows, meta.row_group(g).total_byte_size))
@@ -218,9 +222,6 @@ class _ReadGroups:
     def __call__(self) -> Iterable[pa.Table]:
         for file, g, base, rows, _ in self.groups:
             table = pq.ParquetFile(file).read_row_group(g, columns=self.columns)
-            if self.id_column in table.column_names:
-                raise ValueError(f"read_parquet: {file} already has a column {self.id_column!r}; "
-                                 "pass another id_column, or use that column as the id (Predict(id_column=...))")
             ids = np.arange(base, base + rows, dtype=np.int64)
             table = table.append_column(self.id_column, pa.array(ids))
             if self.skip is not None:
