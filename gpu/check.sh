@@ -86,9 +86,9 @@ describe_tree() {
 }
 machine_facts() { { echo "## Machine"; echo; grep '^- ' "$work/step.out"; } >"$work/machine"; }
 
-# A device step: not run, and a failure, once the build has failed.
+# A device step: not run, and a failure, without a working build.
 device_step() {
-    if [ "$built" = 1 ]; then step "$@"; else fail_skip "$1" "the build failed"; fi
+    if [ "$built" = 1 ]; then step "$@"; else fail_skip "$1" "no working build"; fi
 }
 
 # What the machine lacks, from build/gpu-deps when it travelled here.
