@@ -62,23 +62,26 @@ def _scatter_layout(lengths, gen):
 def test_cuda_ops_match_reference(dtype):
     gen = torch.Generator().manual_seed(0)
     for lengths, trailing, max_len in CASES:
-        # Both a fresh tensor and a view starting one row in: the misaligned copy widths too.
+        # Values at the start of an allocation and one row in (views on the device, so that the
+        # misaligned copy widths run too); the scatter's dst likewise one row in.
         base = _random((sum(lengths) + 1, *trailing), dtype, gen)
-        for values in (base[:-1].contiguous(), base[1:]):
+        on_device = base.cuda()
+        for values, device_values in ((base[:-1], on_device[:-1]), (base[1:], on_device[1:])):
             dst_offsets, rows = _scatter_layout(lengths, gen)
             for index_dtype in (torch.int32, torch.int64):
                 offsets = _offsets(lengths, index_dtype, "cpu")
                 for left in (False, True):
-                    where = (dtype, lengths, trailing, index_dtype, left)
-                    padded = ops.pad(values.cuda(), offsets.cuda(), max_len, _fill(dtype), left)
+                    where = (dtype, lengths, trailing, index_dtype, left, values.storage_offset())
+                    padded = ops.pad(device_values, offsets.cuda(), max_len, _fill(dtype), left)
                     expected = reference.pad(values, offsets, max_len, _fill(dtype), left)
                     assert torch.equal(padded.cpu(), expected), where
                     assert torch.equal(ops.unpad(padded, offsets.cuda(), values.shape[0], left).cpu(), values), where
-                    dst = _random((rows, *trailing), dtype, gen)
-                    want = reference.unpad_scatter_(dst.clone(), expected, torch.tensor(lengths, dtype=torch.long), dst_offsets, left)
+                    dst = _random((rows + 1, *trailing), dtype, gen)
+                    want = reference.unpad_scatter_(dst[1:].clone(), expected, torch.tensor(lengths, dtype=torch.long), dst_offsets, left)
                     got = dst.cuda()
-                    ops.unpad_scatter_(got, padded, torch.tensor(lengths).to("cuda", index_dtype), dst_offsets.to("cuda", index_dtype), left)
-                    assert torch.equal(got.cpu(), want), where
+                    ops.unpad_scatter_(got[1:], padded, torch.tensor(lengths).to("cuda", index_dtype),
+                                       dst_offsets.to("cuda", index_dtype), left)
+                    assert torch.equal(got[1:].cpu(), want) and torch.equal(got[0].cpu(), dst[0]), where
 
 
 def test_cuda_unpad_scatter_into_a_strided_dst():
