@@ -13,9 +13,11 @@
 # Writes a log and benchmarks/results/gpu.md (copies into $OUT when set) and prints a table last;
 # exits non-zero if any step failed, timed out or was not reached.
 #
-# The GPU machine has no hypothesis (which the test suites import) and maybe no ninja: the dry
+# The GPU machine may lack hypothesis (which the test suites import) and ninja: the dry
 # run gathers both into build/gpu-deps, which must travel with the tree (run's carry=["build/gpu-deps"]).
-# Without it the pytest step runs tests/test_cuda_ops.py alone, and says so.
+# Without it the pytest step runs tests/test_cuda_ops.py alone, and says so (and fails). On the
+# day: `make gpu-check DRY_RUN=1` here, then run(command="make gpu-check", carry=["build/gpu-deps"],
+# timeout_s=540), then commit the gpu.md that comes back in $OUT as benchmarks/results/gpu.md.
 #
 # DRY_RUN=1 runs the same plumbing on a CPU machine with this checkout's venv: the steps that need
 # a device are skipped and say so; its page goes to $OUT (or a temporary folder), never to
