@@ -3,12 +3,12 @@
 # unless every op has a CUDA kernel registered with the dispatcher.
 #
 # CUDA_TORCH lists the torch versions to build against, each in its own venv under .venv-cuda/;
-# by default 2.14.1, the newest CI pins. CUDA_TORCH="2.14.1 2.11.0" also checks the torch of the
-# GPU machine `make gpu-check` runs on (PyPI's 2.11.0 is its CUDA 13.0 build): about 1 min more to
-# install and 3 min to compile on 2 cores. setuptools>=77 reads the SPDX license field.
+# by default 2.14.1 (the newest CI pins) and 2.11.0, the torch of the GPU machine `make gpu-check`
+# runs on (PyPI's 2.11.0 is its CUDA 13.0 build): about 1 min to install and 3 min to compile
+# each on 2 cores. setuptools>=77 reads the SPDX license field.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-versions=${CUDA_TORCH:-2.14.1}
+versions=${CUDA_TORCH:-2.14.1 2.11.0}
 
 # Build from a copy of the tree so the CPU build in place (provcollate/_C*.so) is left alone.
 src=$(mktemp -d)
