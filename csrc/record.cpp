@@ -241,16 +241,38 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   return total;
 }
 
-Outcome record_rows(const at::Tensor& index_arg, const std::optional<at::Tensor>& views_arg,
+// The index as int64 host data: a 1-D int64 CPU tensor, or a 1-D C-contiguous int64 numpy array
+// (what users with their own collate pass: no torch.from_numpy per batch). `owner` keeps it alive.
+const int64_t* index_data(const py::object& arg, int64_t& B, py::object& owner, at::Tensor& tensor) {
+  if (THPVariable_Check(arg.ptr())) {
+    const at::Tensor& t = THPVariable_Unpack(arg.ptr());
+    if (t.dim() != 1) return nullptr;
+    B = t.size(0);
+    tensor = host_index(t, B);
+    return tensor.defined() ? tensor.const_data_ptr<int64_t>() : nullptr;
+  }
+  // array_t::check_: an ndarray whose dtype is equivalent to native int64 (byte order included), C-contiguous.
+  if (!py::array_t<int64_t, py::array::c_style>::check_(arg)) return nullptr;
+  const py::array a = py::reinterpret_borrow<py::array>(arg);
+  if (a.ndim() != 1) return nullptr;
+  B = a.shape(0);
+  owner = arg;
+  return static_cast<const int64_t*>(a.data());
+}
+
+Outcome record_rows(const py::object& index_arg, const std::optional<at::Tensor>& views_arg,
                     const std::optional<at::Tensor>& lengths_arg, bool left, const py::list& sources,
                     const Targets& targets) {
   Outcome handed_back;
-  if (index_arg.dim() != 1 || sources.size() != targets.storage.size() || sources.size() == 0) return handed_back;
-  const int64_t B = index_arg.size(0);
-  const at::Tensor index = host_index(index_arg, B);
+  if (sources.size() != targets.storage.size() || sources.size() == 0) return handed_back;
+  int64_t B = 0;
+  py::object index_owner;
+  at::Tensor index;
+  const int64_t* idx = index_data(index_arg, B, index_owner, index);
+  if (idx == nullptr) return handed_back;
   const at::Tensor views = views_arg ? host_index(*views_arg, B) : at::Tensor();
   const at::Tensor lengths = lengths_arg ? host_index(*lengths_arg, B) : at::Tensor();
-  if (!index.defined() || (views_arg && !views.defined()) || (lengths_arg && !lengths.defined())) {
+  if ((views_arg && !views.defined()) || (lengths_arg && !lengths.defined())) {
     return handed_back;
   }
   // Owned while the GIL is released: another thread may replace the Store's arrays meanwhile.
@@ -274,7 +296,6 @@ Outcome record_rows(const at::Tensor& index_arg, const std::optional<at::Tensor>
     if (!o) return handed_back;
     outputs.push_back(std::move(*o));
   }
-  const int64_t* idx = index.const_data_ptr<int64_t>();
   const int64_t* view = views.defined() ? views.const_data_ptr<int64_t>() : nullptr;
   const int64_t* lens = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
   const bool wide = counts.itemsize() == 4;

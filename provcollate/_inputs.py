@@ -95,10 +95,10 @@ def batch_slots(owner: str, batch, lengths=None, view=None, padding_side: Option
         )
     if isinstance(batch, (torch.Tensor, np.ndarray, list, tuple, range)):
         index_t, index = index_arrays(owner, "index", batch)
-        lens = None
+        item_lengths = None
         if lengths is not None:
-            lens = host_long(owner, "lengths", lengths)
-            _check_lengths(owner, "lengths", lens, len(index))
+            item_lengths = host_long(owner, "lengths", lengths)
+            _check_lengths(owner, "lengths", item_lengths, len(index))
         if offsets is not None:
             offs = host_long(owner, "offsets", offsets)
             if len(offs) != len(index) + 1 or (len(offs) and offs[0] != 0):
@@ -108,10 +108,10 @@ def batch_slots(owner: str, batch, lengths=None, view=None, padding_side: Option
             if len(from_offsets) and from_offsets.min() < 0:
                 b = int(np.argmin(from_offsets))
                 raise ValueError(f"{owner}: offsets must not decrease, got offsets[{b}] = {offs[b]} > offsets[{b + 1}] = {offs[b + 1]}")
-            if lens is not None and not np.array_equal(lens, from_offsets):
-                raise ValueError(f"{owner}: lengths and offsets disagree (lengths {lens.tolist()[:8]}..., offsets give "
+            if item_lengths is not None and not np.array_equal(item_lengths, from_offsets):
+                raise ValueError(f"{owner}: lengths and offsets disagree (lengths {item_lengths.tolist()[:8]}..., offsets give "
                                  f"{from_offsets.tolist()[:8]}...); pass one of them")
-            lens = from_offsets
+            item_lengths = from_offsets
         views = view_ids(owner, view, len(index))
         if padding_side not in (None, "right", "left"):
             raise ValueError(f"{owner}: padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -121,17 +121,17 @@ def batch_slots(owner: str, batch, lengths=None, view=None, padding_side: Option
             if value is not None:
                 raise TypeError(f"{owner}: {name}= is only for a plain index; a Batch carries its own, got {name}={value!r}")
         index_t, index = index_arrays(owner, "batch.host_index", batch.host_index)
-        lens = None if batch.host_lengths is None else host_long(owner, "batch.host_lengths", batch.host_lengths)
-        if lens is not None:
-            _check_lengths(owner, "batch.host_lengths", lens, len(index))
+        item_lengths = None if batch.host_lengths is None else host_long(owner, "batch.host_lengths", batch.host_lengths)
+        if item_lengths is not None:
+            _check_lengths(owner, "batch.host_lengths", item_lengths, len(index))
         # A Collator batch keeps its view ids on the host too; batch.view may sit on a GPU.
         host_view = getattr(batch, "host_view", None)
         views = host_long(owner, "batch.view", batch.view if host_view is None else host_view)
         left = batch.padding_side == "left"
         max_len = getattr(batch, "max_len", None)
         jagged = getattr(batch, "offsets", None) is not None
-        if lens is not None and max_len is not None and len(lens) and lens.max() > max_len:
-            raise ValueError(f"{owner}: the batch's lengths reach {lens.max()}, past its max_len {max_len}")
+        if item_lengths is not None and max_len is not None and len(item_lengths) and item_lengths.max() > max_len:
+            raise ValueError(f"{owner}: the batch's lengths reach {item_lengths.max()}, past its max_len {max_len}")
     else:
         raise TypeError(f"{owner}: batch must be a provcollate.Batch or an index tensor [B], got {type(batch).__name__}")
     if views is not None:
@@ -141,7 +141,7 @@ def batch_slots(owner: str, batch, lengths=None, view=None, padding_side: Option
             views = None
         elif views.min() < 0:
             raise ValueError(f"{owner}: view ids must be >= 0, got view {views.min()} at position {int(np.argmin(views))}")
-    return BatchSlots(index_t, index, views, lens, left, max_len, jagged)
+    return BatchSlots(index_t, index, views, item_lengths, left, max_len, jagged)
 
 
 def parse_reduce(reduce):

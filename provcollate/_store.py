@@ -334,7 +334,7 @@ class SlotTable:
             return Claim(None, None, False, -1, 0)
         vmax = 0 if views is None else int(views.max())
         width = vmax + 1
-        key = index if views is None else index * width + views
+        slot = index if views is None else index * width + views  # this block's own slot numbering
         low, top = int(index.min()), int(index.max())
         n = self.num_items
         if low < 0 or (n is not None and top >= n):
@@ -347,24 +347,24 @@ class SlotTable:
         prev = self._prev(index, views)
         seen = bool(np.count_nonzero(prev))
         # Blocks from a shard or a rank come in slot order, each slot once: no sort needed then.
-        repeats = len(key) > 1 and not (key[1:] > key[:-1]).all() and bool(np.count_nonzero(np.diff(np.sort(key)) == 0))
+        repeats = len(slot) > 1 and not (slot[1:] > slot[:-1]).all() and bool(np.count_nonzero(np.diff(np.sort(slot)) == 0))
         if (seen or repeats) and self.on_duplicate == "error":
             if source is not None:
                 again = prev > 0
                 if repeats:
-                    again |= ~first_last(key)[0]
+                    again |= ~first_last(slot)[0]
                 b = int(np.flatnonzero(again)[0])
                 raise ValueError(f"{source}: {_what(index, views, b)} is recorded more than once "
                                  f"(on_duplicate='error'); pass on_duplicate='first', 'last' or 'mean' to keep one")
-            b = int(np.flatnonzero(prev)[0]) if seen else int(np.flatnonzero(~first_last(key)[0])[0])
+            b = int(np.flatnonzero(prev)[0]) if seen else int(np.flatnonzero(~first_last(slot)[0])[0])
             where = "is already recorded (batch position" if seen else "appears more than once in this batch (again at position"
             raise ValueError(f"Recorder.add: {_what(index, views, b)} {where} {b}); "
                              "pass on_duplicate='first', 'last' or 'mean' to allow repeats")
         if lengths is not None and per_token:
-            self._check_lengths(index, views, lengths, key, combine_views, source)
+            self._check_lengths(index, views, lengths, slot, combine_views, source)
         if not (seen or repeats) or self.on_duplicate == "mean":
             return Claim(None, prev, seen or repeats, top, vmax)
-        first, last = first_last(key) if repeats else (None, None)
+        first, last = first_last(slot) if repeats else (None, None)
         if self.on_duplicate == "first":
             keep = prev == 0
             if repeats:
@@ -373,7 +373,7 @@ class SlotTable:
             keep = last
         return Claim(None if keep is None or keep.all() else keep, prev, False, top, vmax)
 
-    def _check_lengths(self, index, views, lengths, key, combine_views: bool, source: Optional[str]) -> None:
+    def _check_lengths(self, index, views, lengths, slot, combine_views: bool, source: Optional[str]) -> None:
         """Slots that will be combined (views of one item, or averaged repeats) share one length."""
         merge = self.on_duplicate == "mean"
         combine_views = combine_views and (views is not None or self.count.shape[1] > 1)
@@ -383,7 +383,7 @@ class SlotTable:
             combine_views = False
             if not merge:
                 return
-        group = index if combine_views else key
+        group = index if combine_views else slot
         order = np.argsort(group, kind="stable")
         sg, sl = group[order], lengths[order]
         clash = (sg[1:] == sg[:-1]) & (sl[1:] != sl[:-1])
@@ -395,7 +395,7 @@ class SlotTable:
                                  "repeats must have one length to be averaged (on_duplicate='mean')")
             raise ValueError(f"Recorder.add: item {index[b]} appears in this batch with lengths {sorted(set(lengths[index == index[b]].tolist()))}; "
                              + ("its views must have one length to be combined (or use views='none')" if combine_views
-                                else "repeats of an entry must have one length to be averaged"))
+                                else "repeats of a slot must have one length to be averaged"))
         cap, vcap = self.count.shape
         inside = index < cap
         if not inside.any():
@@ -1043,8 +1043,9 @@ class FastPath:
             self.version = store.version
         return self.names, self.token_names
 
-    def record(self, index: torch.Tensor, views: Optional[torch.Tensor], lengths: Optional[torch.Tensor], left: bool,
+    def record(self, index, views: Optional[torch.Tensor], lengths: Optional[torch.Tensor], left: bool,
                sources: List[torch.Tensor]) -> bool:
+        """One pass over a batch (``index`` an int64 CPU tensor or numpy array); False: handed back, nothing changed."""
         store = self.store
         targets = self.targets
         chunks = [store.tokens[n] for n in self.token_names] if self.token_names else ()
@@ -1061,5 +1062,5 @@ class FastPath:
             return False
         for c in chunks:
             c.reserve(outcome.rows)  # the rows the pass just wrote: bookkeeping only
-        store.records += index.shape[0]
+        store.records += len(index)
         return True

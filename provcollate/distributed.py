@@ -5,7 +5,7 @@ Two collectives move everything:
 1. a size exchange: ``all_gather_object`` of a small header per rank (output names, dtypes
    and row shapes, settings, entry and token counts), so that every rank can check the others
    and lay out their buffers, ranks that recorded nothing included;
-2. the data: each rank packs its raw entries (a key ``index * V + view`` per entry, then the
+2. the data: each rank packs its raw entries (a slot ``index * V + view`` per entry, then the
    counts and per-token lengths it needs, then each output's rows) into one byte tensor on the
    communication device, padded to the largest rank's size, and ``all_gather`` (or ``gather``
    to ``dst``) moves them. No Python object holds the data itself.
@@ -60,7 +60,7 @@ def _header(store: Store, block: Optional[SlotBlock]) -> Dict[str, Any]:
 def _sections(header: Dict[str, Any], outputs: List[Dict[str, Any]], mean: bool) -> List[Tuple[str, int, int]]:
     """(name, byte offset, byte size) of each part of a rank's buffer, from its header alone."""
     n, tokens = header["entries"], header["tokens"]
-    parts = [("key", 8 * n)]
+    parts = [("slot", 8 * n)]
     if mean:
         parts.append(("count", 8 * n))
     if any(o["per_token"] for o in outputs):
@@ -77,8 +77,8 @@ def _sections(header: Dict[str, Any], outputs: List[Dict[str, Any]], mean: bool)
 
 def _pack(block: SlotBlock, width: int, sections, nbytes: int, device: torch.device) -> torch.Tensor:
     buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    key = block.index if width == 1 else block.index * width + (0 if block.view is None else block.view)
-    host = {"key": key,
+    slot = block.index if width == 1 else block.index * width + (0 if block.view is None else block.view)
+    host = {"slot": slot,
             "count": block.count, "length": block.lengths}
     for name, offset, size in sections:
         if not size:
@@ -93,8 +93,8 @@ def _pack(block: SlotBlock, width: int, sections, nbytes: int, device: torch.dev
 def _unpack(buf: torch.Tensor, header: Dict[str, Any], outputs, sections, width: int, mean: bool) -> SlotBlock:
     n, tokens = header["entries"], header["tokens"]
     parts = {name: buf[offset:offset + size] for name, offset, size in sections}
-    key = parts["key"].view(torch.int64).cpu().numpy()
-    index, view = (key, None) if width == 1 else (key // width, key % width)
+    slot = parts["slot"].view(torch.int64).cpu().numpy()
+    index, view = (slot, None) if width == 1 else (slot // width, slot % width)
     count = parts["count"].view(torch.int64).cpu().numpy() if mean else None
     lengths = parts["length"].view(torch.int64).cpu().numpy() if "length" in parts else None
     columns = {}

@@ -274,11 +274,7 @@ class Recorder:
                 left = True
             else:
                 return False
-            if type(batch) is np.ndarray:
-                if batch.dtype != np.int64 or batch.ndim != 1:
-                    return False
-                batch = torch.from_numpy(batch)
-            index, views, lens = batch, None, lengths
+            index, views, lens = batch, None, lengths  # record_rows reads int64 numpy arrays as they are
         elif lengths is None and view is None and padding_side is None and hasattr(batch, "host_index"):
             if getattr(batch, "offsets", None) is not None:
                 return False  # packed: its per-token rows take the general path
@@ -309,7 +305,7 @@ class Recorder:
                 return False
         else:
             return False
-        if token_names and type(batch) is not torch.Tensor and max_len is not None:
+        if token_names and type(batch) is not torch.Tensor and type(batch) is not np.ndarray and max_len is not None:
             if any(s.dim() < 2 or s.shape[1] != max_len for n, s in zip(names, sources) if n in token_names):
                 return False  # the general path names the mismatch
         if not token_names:
@@ -317,7 +313,7 @@ class Recorder:
         if not fast.record(index, views, lens, left, sources):
             return False
         if self._stream is not None:
-            self._stream.added(self._store, index.shape[0])
+            self._stream.added(self._store, len(index))
         return True
 
     # ---------------------------------------------------------------------------- result

@@ -348,6 +348,7 @@ class Stream:
 def write(store: Store, stream: Optional[Stream], path, every: Optional[int] = None, progress: bool = False) -> Stream:
     """See :meth:`provcollate.Recorder.write`: returns the Recorder's stream (made by its first write)."""
     owner = "Recorder.write"
+    _pyarrow()  # before anything is made on disk
     path = _directory(owner, path)
     if every is not None:
         if isinstance(every, bool) or not isinstance(every, (int, np.integer)):

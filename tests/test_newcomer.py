@@ -186,3 +186,23 @@ def test_per_token_mismatch_suggests_per_token():
         rec.add(torch.tensor([1]), {"tok": torch.zeros(1, 3, 2)}, per_token={"tok"}, lengths=[3])
     rec.add(torch.tensor([1]), {"tok": torch.ones(1, 2)})  # the failures changed nothing
     assert rec.result().index.tolist() == [0, 1]
+
+
+def test_every_subpackage_is_installed():
+    """A plain (non-editable) install ships every package directory: provcollate.integrations too."""
+    import tomllib
+
+    listed = set(tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]["packages"])
+    found = {os.path.relpath(root, ROOT).replace(os.sep, ".") for root, _, files in os.walk(os.path.join(ROOT, "provcollate"))
+             if "__init__.py" in files}
+    assert found == listed, f"pyproject.toml [tool.setuptools] packages must list {sorted(found)}"
+
+
+def test_shards_without_pyarrow_name_the_io_extra(tmp_path):
+    code = ("import sys; sys.modules['pyarrow'] = None; sys.modules['pyarrow.parquet'] = None\n"
+            "import torch, provcollate as pc\n"
+            "rec = pc.Recorder(num_items=2); rec.add(torch.tensor([0]), torch.ones(1))\n"
+            f"rec.write({str(tmp_path / 'out')!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr and "[io]" in proc.stderr and "Recorder.write" in proc.stderr

@@ -360,3 +360,31 @@ def test_a_recorder_warns_of_distributed_sampler_padding_under_error(tmp_path):
             pc.Recorder(num_items=5)  # one rank divides everything: no warning
     finally:
         dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# the compiled pass reads numpy indices as they are
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not pc.HAS_EXTENSION, reason="needs the compiled extension")
+def test_numpy_indices_take_the_compiled_pass(monkeypatch):
+    from provcollate import _inputs
+
+    rec = pc.Recorder(num_items=8)
+    rec.add(np.array([0, 1]), torch.ones(2, 3))
+    monkeypatch.setattr(_inputs, "batch_slots", lambda *a, **k: pytest.fail("the general path was taken"))
+    rec.add(np.array([5, 2], dtype=np.int64), torch.full((2, 3), 2.0))
+    monkeypatch.undo()
+    assert rec.result().index.tolist() == [0, 1, 2, 5] and rec.result()[5].tolist() == [2.0] * 3
+
+
+def test_numpy_indices_of_any_layout_and_byte_order_are_read_right():
+    out = torch.arange(12.0).view(4, 3)
+    expected = pc.Recorder(num_items=10)
+    expected.add(torch.tensor([7, 1, 4, 9]), out)
+    for index in (np.array([7, 1, 4, 9], dtype=">i8"), np.array([7, 0, 1, 0, 4, 0, 9, 0])[::2], np.array([7, 1, 4, 9], np.int32),
+                  np.array([7, 1, 4, 9], np.uint16)):
+        rec = pc.Recorder(num_items=10)
+        rec.add(index, out)
+        got = rec.result()
+        assert got.index.tolist() == [1, 4, 7, 9] and torch.equal(got.tensor(), expected.result().tensor()), index.dtype
