@@ -45,6 +45,7 @@ import ray.data
 import torch
 from torch import nn
 
+import provcollate as pc
 from common import RESULTS_DIR, machine, markdown_table, write_markdown
 from provcollate.integrations import ray as pc_ray
 
@@ -155,19 +156,19 @@ def run_by_hand(src: str, out: str, items: int, args) -> dict:
             "by hand: pad in the UDF, pyarrow sort_by in the driver": (by_arrow, written - start, sorted_by_arrow - sorted_by_ray)}
 
 
-class Zeros:
-    """A model that costs nothing, with outputs shaped as the Encoder's: for timing what is around a model."""
+class RandomOutputs:
+    """Random outputs shaped as the Encoder's, at next to no cost: for timing what is around a model."""
 
     def __call__(self, batch) -> dict:
         b, t = batch["tokens"].shape
-        return {"pooled": torch.zeros(b, D_MODEL), "tokens": torch.zeros(b, t, TOKEN_DIM)}
+        return {"pooled": torch.rand(b, D_MODEL), "tokens": torch.rand(b, t, TOKEN_DIM)}
 
 
 def measure_read(work: str, items: int, lengths: np.ndarray, seed: int) -> tuple:
     """Identity bytes per item in Predict's files, and the single-process merge rate of ``pc_ray.read``.
 
     ``items`` rows (lengths drawn like the source's) go through ``Predict`` in this process (no
-    Ray, a model that costs nothing) in blocks of 4,096 rows, one Parquet file each, as
+    Ray, random outputs) in blocks of 4,096 rows, one Parquet file each, as
     ``write_parquet`` leaves them; the blocks are shuffled, as ``preserve_order=False`` leaves them.
     """
     rng = np.random.default_rng(seed)
@@ -175,7 +176,7 @@ def measure_read(work: str, items: int, lengths: np.ndarray, seed: int) -> tuple
     tokens = pa.ListArray.from_arrays(pa.array(np.concatenate(([0], np.cumsum(sizes))).astype(np.int32)),
                                       pa.array(rng.integers(0, VOCAB, int(sizes.sum()))))
     source = pa.table({"id": pa.array(np.arange(items)), "tokens": tokens})
-    predict = pc_ray.Predict(Zeros, inputs=["tokens"], per_token={"tokens"}, bucket_size=64)
+    predict = pc_ray.Predict(RandomOutputs, inputs=["tokens"], per_token={"tokens"}, bucket_size=64)
     out = os.path.join(work, "read")
     os.makedirs(out)
     for k, start in enumerate(rng.permutation(np.arange(0, items, 4096))):
@@ -199,6 +200,18 @@ def measure_read(work: str, items: int, lengths: np.ndarray, seed: int) -> tuple
     return on_disk, read_s, written_s, runs, len(files), int(sizes.sum())
 
 
+def padding(lengths: np.ndarray, batch_size: int, bucket_size: int) -> tuple:
+    """Padded fraction of the tokens the model sees: Ray batches of consecutive rows (as the source's
+    row groups, a multiple of the batch size, give them) padded whole, and cut into provcollate's buckets."""
+    real = int(lengths.sum())
+    whole = bucketed = 0
+    for start in range(0, len(lengths), batch_size):
+        batch = lengths[start:start + batch_size]
+        whole += len(batch) * int(batch.max())
+        bucketed += sum(len(b) * int(batch[b].max()) for b in pc.LengthBucketSampler(batch, batch_size=bucket_size, num_replicas=1, rank=0))
+    return 1 - real / bucketed, 1 - real / whole
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--items", type=int, default=20000)
@@ -206,7 +219,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=512, help="rows per Ray batch (map_batches batch_size)")
     p.add_argument("--bucket-size", type=int, default=64, help="rows per length bucket inside a Ray batch (provcollate)")
     p.add_argument("--rounds", type=int, default=None, help="rounds, each running both pipelines (default 3; 1 with --quick)")
-    p.add_argument("--read-items", type=int, default=200000, help="rows of Predict output to time pc_ray.read on (default 200,000)")
+    p.add_argument("--read-items", type=int, default=100000, help="rows of Predict output to time pc_ray.read on (default 100,000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="1,500 items of at most 64 tokens, one round: a smoke test")
     p.add_argument("--write", action="store_true", help="write the table to benchmarks/results/bench_ray.md")
@@ -258,17 +271,20 @@ def main(argv=None) -> None:
                      f"{1 / ratio:.2f}x"])
     headers = ["pipeline", "read + map + write (s)", "read back in order (s)", "total (s)", "items/s", "vs provcollate (median of rounds)"]
     table = markdown_table(headers, rows)
+    bucketed, whole = padding(lengths, args.batch_size, args.bucket_size)
     summary = (f"{args.items} items, {int(lengths.sum())} tokens (length median {int(np.median(lengths))}, mean {lengths.mean():.1f}, "
                f"max {int(lengths.max())}); Ray batches of {args.batch_size} rows, provcollate buckets of {args.bucket_size} rows; "
+               f"padding: {bucketed:.1%} of the positions the model computes in provcollate's buckets, {whole:.1%} in whole Ray "
+               f"batches padded by hand (most of the difference in the map phase); "
                f"2 actors on a local Ray with 2 CPUs; best of {rounds} round(s), order rotating (the two hand-written rows share one "
                f"map run). Outputs agree within atol {ATOL}, rtol {RTOL} (max |diff| {max(diffs):.1e}); every item exactly once in all.")
     n = args.read_items
-    read_rows = [[f"`{name}`", f"{on_disk[name] / n:.2f}"] for name in ("id", "view")]
+    read_rows = [[f"`{name}`", f"{on_disk[name] / n:.2f}"] for name in ("id", "view", "pooled", "tokens")]
     read_table = markdown_table(["column of Predict's files", "bytes per item on disk (Parquet, snappy)"], read_rows)
     read_note = (f"Identity and the merge, measured apart (no Ray; `measure_read`): {n:,} items, {total_tokens:,} tokens through "
-                 f"`Predict` with a model that costs nothing, in {blocks} blocks of 4,096 rows written in shuffled order, one "
-                 f"Parquet file each; the outputs are zeros, so this times the merge (decoding, sorting each row group by id, "
-                 f"the Recorder's bookkeeping and copies), not a disk. In memory, Arrow holds 8 bytes of `id` and 8 of `view` per item and 4 bytes of list "
+                 f"`Predict` with random outputs of the Encoder's shapes, in {blocks} blocks of 4,096 rows written in shuffled order, one "
+                 f"Parquet file each ({sum(on_disk.values()) / 1e6:.0f} MB; the page cache holds them, so this times the merge: "
+                 f"decoding, sorting each row group by id, the Recorder's bookkeeping and copies, not a disk). In memory, Arrow holds 8 bytes of `id` and 8 of `view` per item and 4 bytes of list "
                  f"offsets per per-token output. `pc_ray.read` merged them in {read_s:.2f} s in one process: {n / read_s:,.0f} "
                  f"items/s, {total_tokens / read_s:,.0f} token rows/s. `pc_ray.written` read the id and view columns in "
                  f"{written_s:.2f} s and kept {id_runs} run(s) of ids ({16 * id_runs} bytes).")

@@ -6,7 +6,7 @@ retried task runs its block again, per-token outputs come back padded. This modu
 id column through it instead, and reads what Ray wrote back in dataset order:
 
 - :func:`read_parquet`: Ray's ``read_parquet`` plus an id column holding each row's position in
-  the source files (sorted by path), a key that is the same on every run;
+  the source files, a key that is the same on every run over the same files;
 - :class:`Predict`: the callable class for ``Dataset.map_batches``: collates each batch with a
   :class:`provcollate.Collator` (padded or packed, length-bucketed within the batch), runs the
   model (built once per actor) and returns the columns ``id, view, <outputs>``, per-token
@@ -191,7 +191,6 @@ class _PositionalParquet(ray.data.Datasource):
                 rows = meta.row_group(g).num_rows
                 self.groups.append((file, g, base, rows, meta.row_group(g).total_byte_size))
                 base += rows
-        self.num_rows = base
 
     def estimate_inmemory_data_size(self) -> Optional[int]:
         return sum(g[4] for g in self.groups)
@@ -233,7 +232,10 @@ class _ReadGroups:
 def read_parquet(paths, *, id_column: str = "id", columns: Optional[Sequence[str]] = None, skip=None,
                  **read_args) -> "ray.data.Dataset":
     """A Ray Dataset of the Parquet files ``paths`` with an int64 id column: each row's position
-    in the files sorted by path (row 0 of the first file is id 0), the same on every run.
+    in the files (row 0 of the first file is id 0), the same on every run over the same files.
+
+    ``paths``: a file, a directory (its ``.parquet`` files, recursively, sorted by path) or a
+    list of them, in that order.
 
     ``columns`` reads only those. ``skip`` (a :class:`Written`, from :func:`written`) drops the
     rows already written, and does not read row groups whose ids are all written. ``read_args``
@@ -290,12 +292,13 @@ def _as_table(batch) -> pa.Table:
         columns = {}
         for name, values in batch.items():
             values = np.asarray(values)
-            if values.dtype == object or values.ndim > 1:
-                columns[name] = pa.array([np.asarray(v).tolist() for v in values])
+            if values.dtype == object or values.ndim > 1:  # a list or tensor column: one array per row
+                rows = [np.asarray(v) for v in values]
+                columns[name] = pa.array(rows if all(r.ndim == 1 for r in rows) else [r.tolist() for r in rows])
             else:
                 columns[name] = pa.array(values)
         return pa.table(columns)
-    if type(batch).__name__ == "DataFrame":
+    if type(batch).__module__.startswith("pandas"):  # batch_format="pandas"
         return pa.Table.from_pandas(batch, preserve_index=False)
     raise TypeError(f"Predict: batches must be pyarrow Tables (batch_format='pyarrow'), dicts of numpy arrays or "
                     f"pandas DataFrames, got {type(batch).__name__}")
@@ -315,9 +318,10 @@ def _int_column(owner: str, table: pa.Table, name: str) -> np.ndarray:
 class Predict:
     """The callable class for ``ray.data.Dataset.map_batches``: a model over id-carrying rows.
 
-    ``ds.map_batches(Predict, fn_constructor_kwargs=dict(model=make_model, ...), concurrency=N,
-    batch_size=..., batch_format="pyarrow")`` builds one ``Predict`` per actor, which calls
-    ``model()`` once. Each call then takes a batch of rows and:
+    ``ds.map_batches(Predict, fn_constructor_kwargs=dict(model=make_model, ...),
+    compute=ray.data.ActorPoolStrategy(size=N), batch_size=..., batch_format="pyarrow")``
+    (``concurrency=N`` before Ray 2.51) builds one ``Predict`` per actor, which calls ``model()``
+    once. Each call then takes a batch of rows and:
 
     1. drops the rows whose ``(id, view)`` is in ``skip`` (a resumed run);
     2. makes each remaining row a :class:`provcollate.Sample` ``(index, view, data)`` with
