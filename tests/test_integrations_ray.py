@@ -156,6 +156,7 @@ def test_resume_positional_ids_skips_written_row_groups(cluster, tmp_path):
     src = write_source(tmp_path / "src", rows)
     done = pc_ray.Written(np.arange(0, 45))  # the first file and a half: whole row groups, never read again
     ds = pc_ray.read_parquet(src, skip=done)
+    assert sorted(os.path.basename(f) for f in ds.input_files()) == ["part-1.parquet", "part-2.parquet"]  # part-0: all written, not read
     assert sorted(ds.to_pandas()["id"].tolist()) == list(range(45, NUM_ITEMS))
     assert sorted(pc_ray.read_parquet(src, skip=pc_ray.Written([3, 50])).to_pandas()["id"].tolist()) == sorted(set(range(NUM_ITEMS)) - {3, 50})
 
@@ -213,6 +214,24 @@ def test_predict_takes_ray_numpy_batches_and_views():
     preds = pc.Predictions.from_arrow(table)
     for k, tokens in enumerate(rows):
         assert torch.equal(preds[k // 2, k % 2]["tokens"], alone(TinyModel(), tokens)["tokens"])
+
+
+def test_read_combines_views_as_the_recorder_does(tmp_path):
+    rows = token_rows(10, seed=5)
+    views = [[t, [(x + 1) % VOCAB for x in t]] for t in rows]  # 2 views per example: the tokens, shifted by one
+    block = pa.table({"id": np.repeat(np.arange(10), 2), "view": np.tile([0, 1], 10), "tokens": pa.array([v for pair in views for v in pair])})
+    predict = pc_ray.Predict(TinyModel, inputs="tokens", view_column="view", per_token={"tokens"})
+    pq.write_table(predict(block.slice(0, 11)), tmp_path / "a.parquet")  # an example's views in two files
+    pq.write_table(predict(block.slice(11)), tmp_path / "b.parquet")
+    model = TinyModel()
+    mean = pc_ray.read(tmp_path, num_items=10)  # views="mean"
+    kept = pc_ray.read(tmp_path, num_items=10, views="none")
+    assert mean.summary().views == 2 and len(kept) == 20
+    for i, (v0, v1) in enumerate(views):
+        a, b = alone(model, v0), alone(model, v1)
+        assert torch.equal(kept[i, 1]["tokens"], b["tokens"])
+        torch.testing.assert_close(mean[i]["pooled"], (a["pooled"] + b["pooled"]) / 2)
+        torch.testing.assert_close(mean[i]["tokens"], (a["tokens"] + b["tokens"]) / 2)
 
 
 def test_predict_and_written_errors():
