@@ -214,6 +214,9 @@ def test_predict_takes_ray_numpy_batches_and_views():
     preds = pc.Predictions.from_arrow(table)
     for k, tokens in enumerate(rows):
         assert torch.equal(preds[k // 2, k % 2]["tokens"], alone(TinyModel(), tokens)["tokens"])
+    pandas = pytest.importorskip("pandas")  # batch_format="pandas": the same columns
+    frame = pandas.DataFrame({"id": batch["id"], "view": batch["view"], "tokens": rows})
+    assert pc_ray.Predict(TinyModel, inputs="tokens", view_column="view", per_token={"tokens"})(frame).equals(out)
 
 
 def test_read_combines_views_as_the_recorder_does(tmp_path):
