@@ -360,7 +360,8 @@ class Predict:
                  per_token=False, collator: Optional[pc.Collator] = None, bucket_size: Optional[int] = None,
                  max_tokens: Optional[int] = None, device=None, skip=None) -> None:
         if isinstance(model, torch.nn.Module) or not callable(model):
-            raise TypeError(f"Predict: model must be a factory (called once per actor) returning the model, got {type(model).__name__} (pass model=lambda: ... to build it in each actor)")
+            raise TypeError(f"Predict: model must be a factory (called once per actor) returning the model, got "
+                            f"{type(model).__name__} (pass model=lambda: ... to build it in each actor)")
         if collator is None:
             collator = pc.Collator()
         if not isinstance(collator, pc.Collator):
