@@ -688,8 +688,19 @@ class Predictions:
 
     @classmethod
     def from_arrow(cls, table) -> "Predictions":
-        """The Predictions that :meth:`to_arrow` made ``table`` from."""
-        return cls._from_table(io.from_arrow(table))
+        """The Predictions that :meth:`to_arrow` made ``table`` from.
+
+        Raises ValueError for a table whose entries are not strictly increasing by (index, view)
+        (e.g. several tables concatenated): lookups would miss items that are there.
+        """
+        preds = cls._from_table(io.from_arrow(table))
+        keys = preds._keys
+        if keys is not None and len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+            e = int(np.flatnonzero(keys[1:] <= keys[:-1])[0]) + 1
+            raise ValueError(f"Predictions.from_arrow: entries must be strictly increasing by (index, view), but entry {e} "
+                             f"(index {preds._index[e]}) follows index {preds._index[e - 1]}; a table of several to_arrow() "
+                             "tables concatenated must be sorted by index (and view) first, its repeats merged")
+        return preds
 
     def to_pandas(self, dataset=None):
         """A ``pandas.DataFrame``, one row per entry: ``index`` (and ``view``), one column per output.

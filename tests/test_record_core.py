@@ -388,3 +388,14 @@ def test_numpy_indices_of_any_layout_and_byte_order_are_read_right():
         rec.add(index, out)
         got = rec.result()
         assert got.index.tolist() == [1, 4, 7, 9] and torch.equal(got.tensor(), expected.result().tensor()), index.dtype
+
+
+def test_from_arrow_refuses_unsorted_or_repeated_entries():
+    import pyarrow as pa
+
+    a = pc.Predictions(torch.tensor([3, 5]), torch.ones(2, 2)).to_arrow()
+    b = pc.Predictions(torch.tensor([1, 5]), torch.zeros(2, 2)).to_arrow()
+    both = pa.concat_tables([a, b])
+    with pytest.raises(ValueError, match=r"strictly increasing by \(index, view\), but entry 2 \(index 1\) follows index 5"):
+        pc.Predictions.from_arrow(both)
+    assert pc.Predictions.from_arrow(a)[5].tolist() == [1.0, 1.0]
