@@ -456,13 +456,13 @@ def add_cost(items: int, kind: str, sizes: dict, seed: int, rounds: int) -> floa
     return best
 
 
-ADD_RUNS = [(items, kind) for items in (65_536, "case 1") for kind in ("tensor", "numpy")]
+ADD_RUNS = [(items, kind) for items in (65_536, "items1") for kind in ("tensor", "numpy")]  # items1: case 1's
 
 
 def add_section(args, sizes: dict) -> Tuple[str, List[str]]:
     rows, failures = [], []
     for items, kind in ADD_RUNS:
-        n = sizes["items1"] if items == "case 1" else min(items, sizes["items1"])
+        n = sizes["items1"] if items == "items1" else min(items, sizes["items1"])
         us = add_cost(n, kind, sizes, args.seed, args.rounds)
         ok = us <= ADD_TARGET_US
         rows.append([f"{n:,}", kind, f"{us:.2f} us", f"{sizes['batch1'] / us:.1f} M rows/s", "yes" if ok else "**no**"])
@@ -502,15 +502,15 @@ def time_child(what: str, sizes: dict, seed: int) -> dict:
         start = time.perf_counter()
         run_provcollate(case, batches)
         return {"seconds": time.perf_counter() - start, "version": pc.__file__}
-    items, kind = what.split(":")
-    n = sizes["items1"] if items == "case 1" else min(int(items), sizes["items1"])
+    _, items, kind = what.split(":")
+    n = sizes["items1"] if items == "items1" else min(int(items), sizes["items1"])
     return {"us": add_cost(n, kind, sizes, seed, 1), "version": pc.__file__}
 
 
 def baseline_section(args, sizes: dict) -> str:
     """This tree against ``args.baseline``: fresh subprocesses, rounds rotating between the trees."""
     trees = {"this tree": REPO, f"{args.baseline}": baseline_tree(args.baseline)}
-    whats = ["case 1", "case 2"] + [f"{items}:{kind}" for items, kind in ADD_RUNS]
+    whats = ["case 1", "case 2"] + [f"add:{items}:{kind}" for items, kind in ADD_RUNS]
     results: Dict[Tuple[str, str], List[float]] = {}
     for r in range(args.rounds):
         names = list(trees)
@@ -532,7 +532,7 @@ def baseline_section(args, sizes: dict) -> str:
     for what in whats:
         now, before = min(results[(what, "this tree")]), min(results[(what, base)])
         unit = (lambda v: f"{v * 1e3:.1f} ms") if what.startswith("case") else (lambda v: f"{v:.2f} us per add")
-        label = what if what.startswith("case") else "plain-index add, {} items, {} index".format(*what.split(":"))
+        label = what if what.startswith("case") else "plain-index add, {} items, {} index".format(*what.split(":")[1:])
         rows.append([label, unit(before), unit(now), f"{before / now:.2f}x"])
         print(f"  {label}: {base} {unit(before)}, this tree {unit(now)} ({before / now:.2f}x)", flush=True)
     return "\n\n".join([

@@ -197,13 +197,24 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   const auto release = [&](int64_t upto) {
     for (int64_t b = 0; b < upto; ++b) count[index[b]] = 0;
   };
+  // Slots are random: the counts and the dense rows they land in are cache misses. Touching
+  // them ahead (counts 16 slots ahead, rows for write while claiming) overlaps the misses
+  // instead of taking them one at a time in the copies.
+  constexpr int64_t kAhead = 16;
   for (int64_t b = 0; b < B; ++b) {
+    if (b + kAhead < B) {
+      const int64_t ahead = index[b + kAhead];
+      if (ahead >= 0 && ahead < cap) __builtin_prefetch(count + ahead, 1);
+    }
     const int64_t slot = index[b];
     if (slot < 0 || slot >= cap || count[slot] != 0) {
       release(b);
       return kHandBack;
     }
     count[slot] = 1;
+    for (const Output& o : outputs) {
+      if (!o.per_token && o.row > 0) __builtin_prefetch(o.dst + slot * o.row, 1);
+    }
   }
   for (const Output& o : outputs) {
     if (o.per_token && o.used + total > o.dst_rows) {

@@ -1031,6 +1031,7 @@ class FastPath:
         self.names: Tuple[str, ...] = ()
         self.token_names: frozenset = frozenset()
         self.targets = None
+        self.plain = False  # the outputs are one per-example tensor (and the plan is current)
 
     def plan(self) -> Tuple[Tuple[str, ...], frozenset]:
         """(the output names, the per-token ones), for a store whose outputs are fixed."""
@@ -1041,7 +1042,15 @@ class FastPath:
             self.targets = self.Targets([store.dense[n].rows if n in store.dense else store.tokens[n].starts for n in self.names],
                                         store.table.count, store.table.token_len)
             self.version = store.version
+            self.plain = self.names == (SINGLE,) and not self.token_names
         return self.names, self.token_names
+
+    def record_plain(self, index, output: torch.Tensor) -> bool:
+        """:meth:`record` for one per-example output and a plain index (the plan must be current)."""
+        if self.record_rows(index, None, None, False, [output], self.targets).recorded:
+            self.store.records += index.shape[0]  # Tensor.__len__ is a Python method: shape is cheaper
+            return True
+        return False
 
     def record(self, index, views: Optional[torch.Tensor], lengths: Optional[torch.Tensor], left: bool,
                sources: List[torch.Tensor]) -> bool:
@@ -1062,5 +1071,5 @@ class FastPath:
             return False
         for c in chunks:
             c.reserve(outcome.rows)  # the rows the pass just wrote: bookkeeping only
-        store.records += len(index)
+        store.records += index.shape[0]
         return True

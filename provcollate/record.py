@@ -243,8 +243,17 @@ class Recorder:
         store = self._store
         if store.staging.pending:
             store.staging.drain(wait=False)
-        if self._fast is not None and offsets is None and store.specs is not None and not (store.shared or store.staging.pending):
-            if self._add_fast(batch, outputs, per_token, lengths, view, padding_side):
+        fast = self._fast
+        if fast is not None and offsets is None and store.specs is not None and not (store.shared or store.staging.pending):
+            # The seed article's call, a plain index and one per-example tensor, in as few steps as it takes.
+            if (fast.plain and fast.version == store.version and per_token is False and type(outputs) is torch.Tensor
+                    and (type(batch) is torch.Tensor or type(batch) is np.ndarray)
+                    and lengths is None and view is None and padding_side is None):
+                if fast.record_plain(batch, outputs):
+                    if self._stream is not None:
+                        self._stream.added(store, batch.shape[0])
+                    return
+            elif self._add_fast(batch, outputs, per_token, lengths, view, padding_side):
                 return
         slots = _inputs.batch_slots("Recorder.add", batch, lengths, view, padding_side, offsets)
         named, specs, single = _inputs.batch_outputs(outputs, per_token, slots, self._reduce, self.reduce, store.specs,
@@ -313,7 +322,7 @@ class Recorder:
         if not fast.record(index, views, lens, left, sources):
             return False
         if self._stream is not None:
-            self._stream.added(self._store, len(index))
+            self._stream.added(self._store, index.shape[0])
         return True
 
     # ---------------------------------------------------------------------------- result
