@@ -24,6 +24,8 @@ an error leaves the store as it was.
 from __future__ import annotations
 
 import collections
+import ctypes
+import sys
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -34,7 +36,7 @@ from . import ops
 __all__ = [
     "SINGLE", "ON_DUPLICATE", "VIEWS", "Spec", "specs_from_meta", "specs_to_meta", "Jagged", "SlotBlock", "ColumnTable",
     "Claim", "SlotTable", "DenseRows", "TokenRows", "Staging", "Store", "weighted_mean", "exclusive_cumsum",
-    "first_last", "row_positions", "to_device", "acc_dtype", "gather_rows", "combine_views", "Output",
+    "first_last", "row_positions", "to_device", "huge_pages", "acc_dtype", "gather_rows", "combine_views", "Output",
 ]
 
 SINGLE = "prediction"  # the name of a single-tensor output in tables and files
@@ -48,6 +50,26 @@ GATHER_ROWS = 1 << 20  # rows per step of a jagged gather: bounds its index tens
 # --------------------------------------------------------------------------------------------
 # Host-side helpers
 # --------------------------------------------------------------------------------------------
+
+_HUGE = 1 << 21
+_MADV_HUGEPAGE = 14
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """Ask Linux for transparent huge pages under a fresh host tensor of several MiB, before its
+    first write. Rows land at random slots: with 4 KiB pages every write of a large result is a
+    TLB miss and each page a fault of its own; 2 MiB pages take both away. Advice only: where the
+    kernel declines (THP off, another OS), nothing changes."""
+    if _libc is None or t.device.type != "cpu":
+        return t
+    addr = t.data_ptr()
+    start = (addr + _HUGE - 1) & ~(_HUGE - 1)
+    end = (addr + t.numel() * t.element_size()) & ~(_HUGE - 1)
+    if end - start >= 2 * _HUGE:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
+    return t
+
 
 def exclusive_cumsum(lengths: np.ndarray) -> np.ndarray:
     out = np.empty(len(lengths), np.int64)
@@ -467,7 +489,7 @@ class DenseRows:
 
     def grown(self, old: Tuple[int, int], new: Tuple[int, int]) -> torch.Tensor:
         """New storage for table shape ``new`` holding the rows of shape ``old`` (not yet in use)."""
-        rows = torch.empty((new[0] * new[1], *self.spec.shape), dtype=self.spec.dtype, device=self.device)
+        rows = huge_pages(torch.empty((new[0] * new[1], *self.spec.shape), dtype=self.spec.dtype, device=self.device))
         if old[0]:
             rows.view(*new, *self.spec.shape)[:old[0], :old[1]] = self.rows.view(*old, *self.spec.shape)
         return rows
@@ -506,7 +528,7 @@ class TokenRows:
         if not self.chunks or self.used + n > self.chunks[-1].shape[0]:
             row_bytes = max(1, self.spec.dtype.itemsize * int(np.prod(self.spec.shape, dtype=np.int64)))
             size = max(n, self.rows // 4, MIN_CHUNK_BYTES // row_bytes)
-            chunk = torch.empty((size, *self.spec.shape), dtype=self.spec.dtype, device=self.device)
+            chunk = huge_pages(torch.empty((size, *self.spec.shape), dtype=self.spec.dtype, device=self.device))
             self.bases.append(self.bases[-1] + self.chunks[-1].shape[0] if self.chunks else 0)
             self.chunks.append(chunk)
             self.used = 0
