@@ -532,7 +532,11 @@ def baseline_section(args, sizes: dict) -> str:
     for what in whats:
         now, before = min(results[(what, "this tree")]), min(results[(what, base)])
         unit = (lambda v: f"{v * 1e3:.1f} ms") if what.startswith("case") else (lambda v: f"{v:.2f} us per add")
-        label = what if what.startswith("case") else "plain-index add, {} items, {} index".format(*what.split(":")[1:])
+        if what.startswith("case"):
+            label = what
+        else:
+            _, items, kind = what.split(":")
+            label = f"plain-index add, {sizes['items1'] if items == 'items1' else int(items):,} items, {kind} index"
         rows.append([label, unit(before), unit(now), f"{before / now:.2f}x"])
         print(f"  {label}: {base} {unit(before)}, this tree {unit(now)} ({before / now:.2f}x)", flush=True)
     return "\n\n".join([

@@ -3,6 +3,7 @@
     python benchmarks/run_all.py            # every benchmark with --write, then RESULTS.md
     python benchmarks/run_all.py --quick    # every benchmark's --quick smoke run, nothing written
     python benchmarks/run_all.py --only bench_ops bench_record
+    python benchmarks/run_all.py --assemble # run nothing: RESULTS.md from the pages already written
 
 Each benchmark runs in its own process (one at a time: they would disturb each other's timings)
 and writes benchmarks/results/<name>.md; RESULTS.md is those pages in order, under one header
@@ -33,6 +34,7 @@ RUNS = [
     ("bench_record", ["bench_record.py"]),
     ("bench_bucketing", ["bench_bucketing.py"]),
     ("bench_distributed", ["bench_distributed.py"]),
+    ("bench_ray", ["bench_ray.py"]),
     ("bench_trainer", ["bench_trainer.py"]),
 ]
 TITLES = {
@@ -43,6 +45,7 @@ TITLES = {
     "bench_record": "Recorder",
     "bench_bucketing": "Length bucketing",
     "bench_distributed": "Distributed gather and Parquet shards",
+    "bench_ray": "Ray Data: map_batches with provcollate against the same pipeline by hand",
     "bench_trainer": "transformers: trainer.predict against integrations.transformers.predict",
 }
 
@@ -112,7 +115,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke runs only (--quick), nothing written")
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"run these only, of: {' '.join(n for n, _ in RUNS)}")
+    parser.add_argument("--assemble", action="store_true", help="run nothing: rebuild RESULTS.md from the pages written")
     args = parser.parse_args(argv)
+    if args.assemble:
+        assemble({})
+        return 0
     known = [n for n, _ in RUNS]
     unknown = sorted(set(args.only or []) - set(known))
     if unknown:
