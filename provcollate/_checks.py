@@ -5,7 +5,7 @@ import operator
 
 from torch.utils.data import IterableDataset
 
-__all__ = ["check_int", "is_iterable_only"]
+__all__ = ["check_int", "is_iterable_only", "io_extra"]
 
 
 def check_int(owner: str, name: str, value, minimum: int | None = None, what: str = "an int") -> int:
@@ -26,3 +26,15 @@ def is_iterable_only(dataset) -> bool:
     if isinstance(dataset, IterableDataset):
         return True
     return hasattr(dataset, "__iter__") and not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"))
+
+
+def io_extra(module: str, what: str):
+    """Import ``module`` (pyarrow, pyarrow.parquet, pandas) of the ``[io]`` extra, or raise an
+    ImportError saying that ``what`` needs it and how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"provcollate: {what} needs {module.split('.')[0]}: install provcollate's [io] extra "
+                          "(pip install --no-build-isolation \".[io]\", or pip install pyarrow pandas)") from exc

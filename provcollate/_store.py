@@ -970,17 +970,20 @@ class Store:
         self.staging.drain(wait=True)
         count = self.table.flat
         cap, vcap = self.table.shape
-        present = self.table.count > 0
-        views_present = present.sum(1) if vcap > 1 else None
-        common = dict(num_items=self.num_items, records=self.records, slots=int(np.count_nonzero(count)),
-                      incomplete=0 if vcap == 1 else int(np.count_nonzero((views_present > 0) & (views_present < vcap))),
+        slots = int(np.count_nonzero(count))
+        incomplete = 0
+        if vcap > 1:
+            present = self.table.count > 0
+            views_present = present.sum(1)
+            incomplete = int(np.count_nonzero((views_present > 0) & (views_present < vcap)))
+        common = dict(num_items=self.num_items, records=self.records, slots=slots, incomplete=incomplete,
                       ranks=ranks, shards=shards, views=vcap, on_duplicate=self.on_duplicate)
         if self.specs is None:
             return ColumnTable(np.zeros(0, np.int64), None, {}, False, stacked_views=None, size=0, **common)
         self.table.check_view_lengths(owner, self.views)
         columns: Dict[str, Any] = {}
         if vcap == 1 or self.views == "none":
-            everything = np.count_nonzero(count) == cap * vcap
+            everything = slots == cap * vcap
             # Every item recorded once, views combined: the entries are range(cap), left implicit
             # (an index array would add 8 bytes per item to a result of maybe 40).
             implicit = everything and self.views != "none"

@@ -19,6 +19,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from ._checks import io_extra
 from ._store import ColumnTable, Jagged
 from .dataset import Indexed, Sample
 
@@ -35,12 +36,7 @@ _PROVENANCE = ("records", "slots", "incomplete", "ranks", "shards", "views", "on
 
 
 def _pyarrow():
-    try:
-        import pyarrow as pa
-    except ImportError as exc:  # pragma: no cover - pyarrow is a dev requirement
-        raise ImportError("provcollate: Arrow and Parquet export need pyarrow: install provcollate's [io] extra "
-                          "(pip install --no-build-isolation \".[io]\", or pip install pyarrow pandas)") from exc
-    return pa
+    return io_extra("pyarrow", "Arrow and Parquet export")
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -151,16 +147,12 @@ def from_arrow(table) -> ColumnTable:
 
 def write_parquet(t: ColumnTable, path) -> None:
     """Write ``t`` to one Parquet file at ``path``."""
-    _pyarrow()
-    import pyarrow.parquet as pq
-    pq.write_table(to_arrow(t), path)
+    io_extra("pyarrow.parquet", "Predictions.to_parquet").write_table(to_arrow(t), path)
 
 
 def read_parquet(path) -> ColumnTable:
     """The table in the Parquet file at ``path`` (written by :func:`write_parquet`)."""
-    _pyarrow()
-    import pyarrow.parquet as pq
-    return from_arrow(pq.read_table(path))
+    return from_arrow(io_extra("pyarrow.parquet", "Predictions.read").read_table(path))
 
 
 def _readable(values: torch.Tensor) -> np.ndarray:
@@ -199,12 +191,7 @@ def _dataset_columns(dataset, index: np.ndarray) -> Dict[str, List[Any]]:
 
 def to_pandas(t: ColumnTable, dataset=None):
     """``t`` as a ``pandas.DataFrame``; see :meth:`provcollate.Predictions.to_pandas`."""
-    try:
-        import pandas as pd
-    except ImportError as exc:
-        raise ImportError("provcollate: to_pandas needs pandas: install provcollate's [io] extra "
-                          "(pip install --no-build-isolation \".[io]\", or pip install pyarrow pandas)") from exc
-
+    pd = io_extra("pandas", "Predictions.to_pandas")
     data: Dict[str, Any] = {"index": _host_index(t)}
     if t.view is not None:
         data["view"] = t.view

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import _progress
+from ._checks import io_extra
 from ._store import ON_DUPLICATE, SlotBlock, Store, first_last, specs_from_meta, specs_to_meta
 
 __all__ = ["Stream", "write", "read", "resume", "shard_files"]
@@ -47,13 +48,8 @@ _INTS = ("index", "view", "count", "length")  # bookkeeping columns: sorted or s
 
 
 def _pyarrow():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ImportError("provcollate: Parquet shards (Recorder.write, resume=, Predictions.read) need pyarrow: install "
-                          "provcollate's [io] extra (pip install --no-build-isolation \".[io]\", or pip install pyarrow)") from exc
-    return pa, pq
+    what = "Parquet shards (Recorder.write, resume=, Predictions.read)"
+    return io_extra("pyarrow", what), io_extra("pyarrow.parquet", what)
 
 
 def _rank_world() -> Tuple[int, int]:
