@@ -267,6 +267,9 @@ class Claim(NamedTuple):
     vmax: int
 
 
+_KEEP_ONE = "; pass on_duplicate='first', 'last' or 'mean' to keep one"
+
+
 def _what(index, views, b: int) -> str:
     return f"item {index[b]}" + ("" if views is None or not views[b] else f" view {views[b]}")
 
@@ -344,11 +347,12 @@ class SlotTable:
         return prev
 
     def claim(self, index: np.ndarray, views: Optional[np.ndarray], lengths: Optional[np.ndarray], per_token: bool,
-              combine_views: bool, source: Optional[str] = None) -> Claim:
+              combine_views: bool, source: Optional[str] = None, repeat_hint: str = "") -> Claim:
         """Check a block of (index, view) pairs against what is recorded and apply ``on_duplicate``.
 
         ``source`` None means a batch of ``Recorder.add`` (its messages name batch positions),
-        else it names the shard or rank the block came from. ``combine_views`` checks that the
+        else it names the shard or rank the block came from; ``repeat_hint`` ends the message of a
+        repeat under ``"error"`` in a block (how its sender recovers). ``combine_views`` checks that the
         views of an item agree in per-token length. Raises ValueError, changing nothing, for an
         index outside ``range(num_items)``, a repeat under ``"error"`` or lengths that clash.
         """
@@ -377,7 +381,7 @@ class SlotTable:
                     again |= ~first_last(slot)[0]
                 b = int(np.flatnonzero(again)[0])
                 raise ValueError(f"{source}: {_what(index, views, b)} is recorded more than once "
-                                 f"(on_duplicate='error'); pass on_duplicate='first', 'last' or 'mean' to keep one")
+                                 f"(on_duplicate='error'){repeat_hint or _KEEP_ONE}")
             b = int(np.flatnonzero(prev)[0]) if seen else int(np.flatnonzero(~first_last(slot)[0])[0])
             where = "is already recorded (batch position" if seen else "appears more than once in this batch (again at position"
             raise ValueError(f"Recorder.add: {_what(index, views, b)} {where} {b}); "
@@ -902,13 +906,13 @@ class Store:
                 columns[name] = rows if everything else rows.index_select(0, flat_t)
         return SlotBlock(index, view, count, lengths, columns)
 
-    def absorb(self, block: SlotBlock, source: str) -> None:
+    def absorb(self, block: SlotBlock, source: str, repeat_hint: str = "") -> None:
         """Merge ``block`` under ``on_duplicate``, as a batch added now would be; ``source`` names it in errors.
 
         Raises ValueError, changing nothing, for an index outside ``range(num_items)``, a repeated
         slot under ``"error"``, or averaged per-token slots of different lengths.
         """
-        claim = self.table.claim(block.index, block.view, block.lengths, block.lengths is not None, False, source)
+        claim = self.table.claim(block.index, block.view, block.lengths, block.lengths is not None, False, source, repeat_hint)
         records = len(block) if block.records is None else block.records
         if not len(block):
             self.records += records

@@ -168,16 +168,11 @@ def gather(store: Store, dst: Optional[int] = None, group=None, progress: bool =
 
     merged = Store(store.num_items, store.device, store.on_duplicate, store.views)
     merged.setup(specs_from_meta(outputs), single, owner)
-    hint = (" (DistributedSampler pads the ranks with repeated items when the world size does not divide the dataset); "
+    hint = ("; DistributedSampler pads the ranks with repeated items when the world size does not divide the dataset: "
             "set rec.on_duplicate = 'first' and call gather() again to keep one record of each")
     for r in _progress.bar(owner, progress, range(world), world, "merging ranks", "rank"):
         block = _unpack(bufs[r], headers[r], outputs, layout[r], width, mean)
-        try:
-            merged.absorb(block, f"{owner}: rank {ranks[r]}")
-        except ValueError as exc:
-            if store.on_duplicate == "error" and "recorded more than once" in str(exc):
-                raise ValueError(f"{exc}{hint}") from None
-            raise
+        merged.absorb(block, f"{owner}: rank {ranks[r]}", repeat_hint=hint)
         bufs[r] = None  # each rank's buffer is freed once merged
     merged.table.check_view_lengths(owner, merged.views)
     _progress.logger.info("%s: %d entries from %d ranks, %d bytes per rank", owner, int(np.count_nonzero(merged.table.flat)), world, nbytes)
