@@ -163,6 +163,40 @@ void populate(char* begin, int64_t bytes) {
 #endif
 }
 
+// Row b of `src` to row index[b] of `dst`, rows of `row` bytes. The destinations are random:
+// each row is touched kAhead rows before its copy (both cache lines a row may straddle: 40
+// bytes do in 3 of 5 slots), which keeps a steady number of misses in flight; touching them
+// all at once instead stalls on the misses queued first. Rows of whole 8-byte words up to
+// 128 bytes are copied inline rather than by a libc call per row.
+void copy_rows(char* dst, const char* src, const int64_t* index, int64_t B, int64_t row) {
+  constexpr int64_t kAhead = 12;
+  const auto touch = [&](int64_t b) {
+    if (b < B) {
+      __builtin_prefetch(dst + index[b] * row, 1);
+      __builtin_prefetch(dst + index[b] * row + row - 1, 1);
+    }
+  };
+  for (int64_t b = 0; b < kAhead; ++b) touch(b);
+  if (row % 8 == 0 && row <= 128) {
+    const int64_t words = row / 8;
+    for (int64_t b = 0; b < B; ++b) {
+      touch(b + kAhead);
+      char* d = dst + index[b] * row;
+      const char* s = src + b * row;
+      for (int64_t w = 0; w < words; ++w) {
+        uint64_t v;
+        std::memcpy(&v, s + 8 * w, 8);
+        std::memcpy(d + 8 * w, &v, 8);
+      }
+    }
+    return;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    touch(b + kAhead);
+    std::memcpy(dst + index[b] * row, src + b * row, row);
+  }
+}
+
 // Checks, claims and copies, without Python objects (the caller released the GIL).
 template <typename count_t>
 int64_t record(const int64_t* index, const int64_t* views, const int64_t* lengths, bool left,
@@ -198,8 +232,7 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
     for (int64_t b = 0; b < upto; ++b) count[index[b]] = 0;
   };
   // Slots are random: the counts and the dense rows they land in are cache misses. Touching
-  // them ahead (counts 16 slots ahead, rows for write while claiming) overlaps the misses
-  // instead of taking them one at a time in the copies.
+  // them a few slots ahead overlaps the misses instead of taking them one at a time.
   constexpr int64_t kAhead = 16;
   for (int64_t b = 0; b < B; ++b) {
     if (b + kAhead < B) {
@@ -212,13 +245,6 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
       return kHandBack;
     }
     count[slot] = 1;
-    for (const Output& o : outputs) {
-      if (!o.per_token && o.row > 0) {
-        // A row may straddle two cache lines (40 bytes do in 3 of 5 slots): touch both.
-        __builtin_prefetch(o.dst + slot * o.row, 1);
-        __builtin_prefetch(o.dst + slot * o.row + o.row - 1, 1);
-      }
-    }
   }
   for (const Output& o : outputs) {
     if (o.per_token && o.used + total > o.dst_rows) {
@@ -232,9 +258,7 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   for (Output& o : outputs) {
     const char* src = static_cast<const char*>(o.src.const_data_ptr());
     if (!o.per_token) {
-      for (int64_t b = 0; b < B && o.row > 0; ++b) {
-        std::memcpy(o.dst + index[b] * o.row, src + b * o.row, o.row);
-      }
+      if (o.row > 0) copy_rows(o.dst, src, index, B, o.row);
       continue;
     }
     const int64_t first = o.base + o.used;
@@ -275,11 +299,12 @@ const int64_t* index_data(const py::object& arg, int64_t& B, py::object& owner, 
   return static_cast<const int64_t*>(a.data());
 }
 
-Outcome record_rows(const py::object& index_arg, const std::optional<at::Tensor>& views_arg,
-                    const std::optional<at::Tensor>& lengths_arg, bool left, const py::list& sources,
-                    const Targets& targets) {
+// record_rows and record_plain: `n` sources, in the Targets' output order.
+Outcome record_batch(const py::object& index_arg, const std::optional<at::Tensor>& views_arg,
+                     const std::optional<at::Tensor>& lengths_arg, bool left, const py::handle* sources, size_t n,
+                     const Targets& targets) {
   Outcome handed_back;
-  if (sources.size() != targets.storage.size() || sources.size() == 0) return handed_back;
+  if (n != targets.storage.size() || n == 0) return handed_back;
   int64_t B = 0;
   py::object index_owner;
   at::Tensor index;
@@ -301,9 +326,9 @@ Outcome record_rows(const py::object& index_arg, const std::optional<at::Tensor>
   auto* token_len = reinterpret_cast<int64_t*>(host_array(token_len_array, cap, {8}));
   if (count == nullptr || token_len == nullptr) return handed_back;
   std::vector<Output> outputs;
-  outputs.reserve(sources.size());
+  outputs.reserve(n);
   size_t next_chunk = 0;
-  for (size_t k = 0; k < sources.size(); ++k) {
+  for (size_t k = 0; k < n; ++k) {
     const bool per_token = !THPVariable_Check(targets.storage[k].ptr());
     if (per_token && next_chunk >= targets.chunks.size()) return handed_back;
     const Chunk* chunk = per_token ? &targets.chunks[next_chunk++] : nullptr;
@@ -328,6 +353,18 @@ Outcome record_rows(const py::object& index_arg, const std::optional<at::Tensor>
     outcome.needs_rows = -2 - rows;
   }
   return outcome;
+}
+
+Outcome record_rows(const py::object& index_arg, const std::optional<at::Tensor>& views_arg,
+                    const std::optional<at::Tensor>& lengths_arg, bool left, const py::list& sources,
+                    const Targets& targets) {
+  std::vector<py::handle> handles(sources.begin(), sources.end());
+  return record_batch(index_arg, views_arg, lengths_arg, left, handles.data(), handles.size(), targets);
+}
+
+// The seed article's add: a plain index and one per-example output, nothing else to parse.
+bool record_plain(const py::object& index_arg, const py::handle& output, const Targets& targets) {
+  return record_batch(index_arg, std::nullopt, std::nullopt, false, &output, 1, targets).recorded;
 }
 
 }  // namespace
@@ -364,6 +401,9 @@ void bind_record(py::module_& m) {
         py::arg("sources"), py::arg("targets"),
         "Recorder.add's fast path (provcollate/_store.py FastPath): checks, claims and copies one batch "
         "into host storage; the RecordOutcome says whether it did, or how many rows a chunk lacks.");
+  m.def("record_plain", &record_plain, py::arg("index"), py::arg("output"), py::arg("targets"),
+        "record_rows(index, None, None, False, [output], targets).recorded, without building its arguments "
+        "and outcome: the plain-index add of one per-example output.");
 }
 
 }  // namespace provcollate

@@ -5,7 +5,8 @@
 
 namespace provcollate {
 
-// Adds `record_rows(index, views, lengths, left, sources, targets)` and its named records
+// Adds `record_rows(index, views, lengths, left, sources, targets)`, `record_plain(index, output,
+// targets)` (its one-output, plain-index form) and their named records
 // RecordTargets and RecordOutcome to the module; provcollate/_store.py (FastPath) uses them.
 void bind_record(pybind11::module_& m);
 

@@ -1054,8 +1054,8 @@ class FastPath:
     nothing, and the general path does the work or raises the error.
     """
 
-    def __init__(self, store: Store, record_rows, targets_type) -> None:
-        self.store, self.record_rows, self.Targets = store, record_rows, targets_type
+    def __init__(self, store: Store, record_rows, targets_type, record_plain) -> None:
+        self.store, self.record_rows, self.Targets, self.plain_rows = store, record_rows, targets_type, record_plain
         self.version = -1
         self.names: Tuple[str, ...] = ()
         self.token_names: frozenset = frozenset()
@@ -1075,8 +1075,9 @@ class FastPath:
         return self.names, self.token_names
 
     def record_plain(self, index, output: torch.Tensor) -> bool:
-        """:meth:`record` for one per-example output and a plain index (the plan must be current)."""
-        if self.record_rows(index, None, None, False, [output], self.targets).recorded:
+        """:meth:`record` for one per-example output and a plain index (the plan must be current:
+        ``plain`` and ``version`` checked, the store neither shared nor staging)."""
+        if self.plain_rows(index, output, self.targets):
             self.store.records += index.shape[0]  # Tensor.__len__ is a Python method: shape is cheaper
             return True
         return False

@@ -40,9 +40,9 @@ from ._store import ON_DUPLICATE, SINGLE, VIEWS, ColumnTable, FastPath, Jagged, 
 from .dataset import Indexed
 
 if ops.HAS_EXTENSION:
-    from ._C import RecordTargets, record_rows
+    from ._C import RecordTargets, record_plain, record_rows
 else:  # no compiled extension, or PROVCOLLATE_EXTENSION=0 (ops.py warns): add() takes the general path only
-    RecordTargets = record_rows = None
+    RecordTargets = record_plain = record_rows = None
 
 __all__ = ["Recorder", "Predictions", "Summary"]
 
@@ -179,7 +179,7 @@ class Recorder:
         self.reduce = reduce
         self._store = Store(num_items, device, on_duplicate, views)
         # add() writes in one compiled pass what needs neither a reduction nor a GPU copy.
-        self._fast = FastPath(self._store, record_rows, RecordTargets) if record_rows is not None and self._reduce is None and device.type == "cpu" else None
+        self._fast = FastPath(self._store, record_rows, RecordTargets, record_plain) if record_rows is not None and self._reduce is None and device.type == "cpu" else None
         self._stream: Optional[shards.Stream] = None
         if resume is not None:
             self._stream = shards.resume(self._store, resume)
@@ -241,19 +241,20 @@ class Recorder:
         the first ``add``'s in names, dtype or row shape.
         """
         store = self._store
+        fast = self._fast
+        # The seed article's call, a plain index and one per-example tensor, in as few steps as it
+        # takes: every check here is one the compiled pass relies on (FastPath.record_plain).
+        if (fast is not None and fast.plain and fast.version == store.version and type(outputs) is torch.Tensor
+                and per_token is False and lengths is None and view is None and padding_side is None and offsets is None
+                and (type(batch) is torch.Tensor or type(batch) is np.ndarray)
+                and not store.shared and not store.staging.pending and fast.record_plain(batch, outputs)):
+            if self._stream is not None:
+                self._stream.added(store, batch.shape[0])
+            return
         if store.staging.pending:
             store.staging.drain(wait=False)
-        fast = self._fast
         if fast is not None and offsets is None and store.specs is not None and not (store.shared or store.staging.pending):
-            # The seed article's call, a plain index and one per-example tensor, in as few steps as it takes.
-            if (fast.plain and fast.version == store.version and per_token is False and type(outputs) is torch.Tensor
-                    and (type(batch) is torch.Tensor or type(batch) is np.ndarray)
-                    and lengths is None and view is None and padding_side is None):
-                if fast.record_plain(batch, outputs):
-                    if self._stream is not None:
-                        self._stream.added(store, batch.shape[0])
-                    return
-            elif self._add_fast(batch, outputs, per_token, lengths, view, padding_side):
+            if self._add_fast(batch, outputs, per_token, lengths, view, padding_side):
                 return
         slots = _inputs.batch_slots("Recorder.add", batch, lengths, view, padding_side, offsets)
         named, specs, single = _inputs.batch_outputs(outputs, per_token, slots, self._reduce, self.reduce, store.specs,

@@ -630,6 +630,28 @@ def test_compiled_pass_reads_non_contiguous_inputs():
     assert all(torch.equal(preds[i]["t"], tokens[i, :lengths[i]]) for i in range(16))
 
 
+@needs_compiled
+@pytest.mark.parametrize("dtype, row", [(torch.uint8, (3,)), (torch.float32, (3,)), (torch.float64, (1,)), (torch.float32, (10,)),
+                                        (torch.float64, (16,)), (torch.float64, (17,)), (torch.int16, (5, 7)), (torch.float32, (0,))])
+def test_compiled_pass_copies_rows_of_every_size(monkeypatch, dtype, row):
+    # csrc/record.cpp copies rows of whole words up to 128 bytes inline and others with memcpy.
+    gen = torch.Generator().manual_seed(row[0])
+    n = 600
+    values = (torch.randn(n, *row, generator=gen) * 100).to(dtype)
+    extra = torch.randn(n, 2, generator=gen)
+    plain, named = pc.Recorder(num_items=n), pc.Recorder(num_items=n)
+    order = torch.randperm(n, generator=gen)
+    plain.add(order[:5], values[order[:5]])
+    named.add(order[:5].numpy(), {"v": values[order[:5]], "e": extra[order[:5]]})
+    monkeypatch.setattr(_inputs, "batch_slots", lambda *args: pytest.fail("the general path was taken"))
+    for chunk in order[5:].split(37):
+        plain.add(chunk, values[chunk])
+        named.add(chunk.numpy(), {"v": values[chunk], "e": extra[chunk]})
+    assert torch.equal(plain.result().tensor(), values)
+    got = named.result()
+    assert torch.equal(got.tensor("v"), values) and torch.equal(got.tensor("e"), extra)
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_compiled_pass_matches_the_general_path(data):
