@@ -58,6 +58,12 @@ struct Targets {
   py::object count;
   py::object token_len;
   std::vector<Chunk> chunks;  // per per-token output, in output order
+  // Read from count and token_len once, when the Targets are made: the arrays are held above,
+  // so their data stays put. Null if they are not what a pass can write (it then hands back).
+  char* count_data = nullptr;
+  int64_t count_itemsize = 0;
+  int64_t* token_len_data = nullptr;
+  int64_t cap = 0;
 };
 
 // One output's source rows and where they go.
@@ -302,7 +308,7 @@ const int64_t* index_data(const py::object& arg, int64_t& B, py::object& owner, 
 // record_rows and record_plain: `n` sources, in the Targets' output order.
 Outcome record_batch(const py::object& index_arg, const std::optional<at::Tensor>& views_arg,
                      const std::optional<at::Tensor>& lengths_arg, bool left, const py::handle* sources, size_t n,
-                     const Targets& targets) {
+                     const Targets& targets, int64_t* batch_size = nullptr) {
   Outcome handed_back;
   if (n != targets.storage.size() || n == 0) return handed_back;
   int64_t B = 0;
@@ -315,15 +321,11 @@ Outcome record_batch(const py::object& index_arg, const std::optional<at::Tensor
   if ((views_arg && !views.defined()) || (lengths_arg && !lengths.defined())) {
     return handed_back;
   }
-  // Owned while the GIL is released: another thread may replace the Store's arrays meanwhile.
-  const py::object count_array = targets.count;
-  const py::object token_len_array = targets.token_len;
-  if (!py::isinstance<py::array>(count_array)) return handed_back;
-  const py::array counts = py::reinterpret_borrow<py::array>(count_array);
-  if (counts.ndim() != 2 || counts.shape(1) != 1) return handed_back;  // one view only
-  const int64_t cap = counts.shape(0);
-  char* count = host_array(counts, cap, {1, 4});
-  auto* token_len = reinterpret_cast<int64_t*>(host_array(token_len_array, cap, {8}));
+  // The Targets (and the arrays they hold) stay alive while the GIL is released: the caller's
+  // arguments hold them, whatever another thread does to the Store meanwhile.
+  const int64_t cap = targets.cap;
+  char* count = targets.count_data;
+  int64_t* token_len = targets.token_len_data;
   if (count == nullptr || token_len == nullptr) return handed_back;
   std::vector<Output> outputs;
   outputs.reserve(n);
@@ -338,13 +340,14 @@ Outcome record_batch(const py::object& index_arg, const std::optional<at::Tensor
   }
   const int64_t* view = views.defined() ? views.const_data_ptr<int64_t>() : nullptr;
   const int64_t* lens = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
-  const bool wide = counts.itemsize() == 4;
+  const bool wide = targets.count_itemsize == 4;
   int64_t rows;
   {
     py::gil_scoped_release nogil;
     rows = wide ? record(idx, view, lens, left, B, cap, reinterpret_cast<int32_t*>(count), token_len, outputs)
                 : record(idx, view, lens, left, B, cap, reinterpret_cast<uint8_t*>(count), token_len, outputs);
   }
+  if (batch_size != nullptr) *batch_size = B;
   Outcome outcome;
   if (rows >= 0) {
     outcome.recorded = true;
@@ -363,8 +366,10 @@ Outcome record_rows(const py::object& index_arg, const std::optional<at::Tensor>
 }
 
 // The seed article's add: a plain index and one per-example output, nothing else to parse.
-bool record_plain(const py::object& index_arg, const py::handle& output, const Targets& targets) {
-  return record_batch(index_arg, std::nullopt, std::nullopt, false, &output, 1, targets).recorded;
+// Returns the batch size, or -1: handed back, nothing changed.
+int64_t record_plain(const py::object& index_arg, const py::handle& output, const Targets& targets) {
+  int64_t B = -1;
+  return record_batch(index_arg, std::nullopt, std::nullopt, false, &output, 1, targets, &B).recorded ? B : -1;
 }
 
 }  // namespace
@@ -384,6 +389,15 @@ void bind_record(py::module_& m) {
              for (const py::handle h : storage) t.storage.push_back(py::reinterpret_borrow<py::object>(h));
              t.count = std::move(count);
              t.token_len = std::move(token_len);
+             if (py::isinstance<py::array>(t.count)) {
+               const py::array counts = py::reinterpret_borrow<py::array>(t.count);
+               if (counts.ndim() == 2 && counts.shape(1) == 1) {  // one view only
+                 t.cap = counts.shape(0);
+                 t.count_data = host_array(counts, t.cap, {1, 4});
+                 t.count_itemsize = counts.itemsize();
+                 t.token_len_data = reinterpret_cast<int64_t*>(host_array(t.token_len, t.cap, {8}));
+               }
+             }
              return t;
            }),
            py::arg("storage"), py::arg("count"), py::arg("token_len"))
@@ -402,8 +416,8 @@ void bind_record(py::module_& m) {
         "Recorder.add's fast path (provcollate/_store.py FastPath): checks, claims and copies one batch "
         "into host storage; the RecordOutcome says whether it did, or how many rows a chunk lacks.");
   m.def("record_plain", &record_plain, py::arg("index"), py::arg("output"), py::arg("targets"),
-        "record_rows(index, None, None, False, [output], targets).recorded, without building its arguments "
-        "and outcome: the plain-index add of one per-example output.");
+        "record_rows(index, None, None, False, [output], targets) without building its arguments and outcome "
+        "(the plain-index add of one per-example output): the batch size if it recorded the batch, else -1.");
 }
 
 }  // namespace provcollate

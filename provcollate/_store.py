@@ -1052,6 +1052,11 @@ class FastPath:
     It takes CPU tensors shaped as the first record fixed them, one view, no repeats, storage
     big enough and no reduction; for anything else :meth:`record` returns False having changed
     nothing, and the general path does the work or raises the error.
+
+    ``plain_rows(index, output, targets)`` (``record_plain``) is the same pass for the seed
+    article's call, which ``Recorder.add`` makes directly: a plain index and one per-example
+    tensor, when ``plain`` holds, ``version`` is the store's and the store is neither shared nor
+    staging. It returns the batch size, or -1 having changed nothing; the caller counts the records.
     """
 
     def __init__(self, store: Store, record_rows, targets_type, record_plain) -> None:
@@ -1073,14 +1078,6 @@ class FastPath:
             self.version = store.version
             self.plain = self.names == (SINGLE,) and not self.token_names
         return self.names, self.token_names
-
-    def record_plain(self, index, output: torch.Tensor) -> bool:
-        """:meth:`record` for one per-example output and a plain index (the plan must be current:
-        ``plain`` and ``version`` checked, the store neither shared nor staging)."""
-        if self.plain_rows(index, output, self.targets):
-            self.store.records += index.shape[0]  # Tensor.__len__ is a Python method: shape is cheaper
-            return True
-        return False
 
     def record(self, index, views: Optional[torch.Tensor], lengths: Optional[torch.Tensor], left: bool,
                sources: List[torch.Tensor]) -> bool:

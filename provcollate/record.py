@@ -46,6 +46,8 @@ else:  # no compiled extension, or PROVCOLLATE_EXTENSION=0 (ops.py warns): add()
 
 __all__ = ["Recorder", "Predictions", "Summary"]
 
+_Tensor, _ndarray = torch.Tensor, np.ndarray  # add()'s type checks, one lookup each
+
 _RESOLUTION = {"error": "refused (on_duplicate='error')", "first": "kept the first record (on_duplicate='first')",
                "last": "kept the latest record (on_duplicate='last')", "mean": "averaged (on_duplicate='mean')"}
 
@@ -243,14 +245,16 @@ class Recorder:
         store = self._store
         fast = self._fast
         # The seed article's call, a plain index and one per-example tensor, in as few steps as it
-        # takes: every check here is one the compiled pass relies on (FastPath.record_plain).
-        if (fast is not None and fast.plain and fast.version == store.version and type(outputs) is torch.Tensor
+        # takes: these checks are the ones FastPath.plain_rows relies on (see FastPath).
+        if (fast is not None and type(outputs) is _Tensor and (type(batch) is _Tensor or type(batch) is _ndarray)
                 and per_token is False and lengths is None and view is None and padding_side is None and offsets is None
-                and (type(batch) is torch.Tensor or type(batch) is np.ndarray)
-                and not store.shared and not store.staging.pending and fast.record_plain(batch, outputs)):
-            if self._stream is not None:
-                self._stream.added(store, batch.shape[0])
-            return
+                and fast.plain and fast.version == store.version and not store.shared and not store.staging.pending):
+            n = fast.plain_rows(batch, outputs, fast.targets)  # the batch size, or -1: handed back, nothing changed
+            if n >= 0:
+                store.records += n
+                if self._stream is not None:
+                    self._stream.added(store, n)
+                return
         if store.staging.pending:
             store.staging.drain(wait=False)
         if fast is not None and offsets is None and store.specs is not None and not (store.shared or store.staging.pending):
