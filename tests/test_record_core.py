@@ -1,6 +1,7 @@
 """The recording core's contract (issue 12): a rejected add changes nothing, whatever raises;
 packed and nested per-token outputs; max_len is checked; views counted once; the summary."""
 import dataclasses
+import os
 import warnings
 
 import numpy as np
@@ -399,3 +400,49 @@ def test_from_arrow_refuses_unsorted_or_repeated_entries():
     with pytest.raises(ValueError, match=r"strictly increasing by \(index, view\), but entry 2 \(index 1\) follows index 5"):
         pc.Predictions.from_arrow(both)
     assert pc.Predictions.from_arrow(a)[5].tolist() == [1.0, 1.0]
+
+
+# --------------------------------------------------------------------------------------------
+# large row stores ask for transparent huge pages (provcollate._store.huge_pages)
+# --------------------------------------------------------------------------------------------
+
+def vm_flags_at(address):
+    """The VmFlags of the mapping of this process that holds ``address``."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"), reason="needs Linux with THP")
+def test_large_row_stores_are_advised_huge_pages(monkeypatch):
+    rec = pc.Recorder(num_items=1_000_000)
+    rec.add(torch.tensor([5]), torch.ones(1, 10))
+    rows = rec._store.dense[_store.SINGLE].rows
+    size = rows.numel() * rows.element_size()
+    assert "hg" in vm_flags_at(rows.data_ptr() + size // 2)  # MADV_HUGEPAGE over the aligned middle
+    assert rec.result()[5].tolist() == [1.0] * 10
+
+    class Libc:
+        calls = []
+
+        def madvise(self, start, length, advice):
+            self.calls.append((start.value, length.value, advice))
+            return 0
+
+    monkeypatch.setattr(_store, "_libc", Libc())
+    small = pc.Recorder(num_items=100_000)  # 4 MB: one whole aligned huge page at most, left alone
+    small.add(torch.tensor([5]), torch.ones(1, 10))
+    assert Libc.calls == []
+    big = pc.Recorder(num_items=300_000)  # 12 MB: the aligned middle is advised, and nothing outside the store
+    big.add(torch.tensor([5]), torch.ones(1, 10))
+    rows = big._store.dense[_store.SINGLE].rows
+    [(start, length, advice)] = Libc.calls
+    assert start % (2 << 20) == 0 and length % (2 << 20) == 0 and length >= 2 * (2 << 20)
+    assert rows.data_ptr() <= start and start + length <= rows.data_ptr() + rows.numel() * rows.element_size()
