@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any, Dict, Iterator, Optional, Tuple
@@ -159,6 +160,10 @@ class Recorder:
     and their row shapes; later calls may differ in batch size, padded length and device.
     Under torch.distributed with ``on_duplicate="error"``, a ``num_items`` that the world size
     does not divide warns at once: ``DistributedSampler`` will pad the ranks with repeats.
+
+    Threads may share a Recorder: ``add``, ``result``, ``gather``, ``write`` and ``done`` run one
+    at a time (a lock per Recorder), so adds from several threads land whole and a ``result``
+    sees each of them entirely or not at all.
     """
 
     def __init__(self, num_items=None, device=None, on_duplicate: str = "error",
@@ -180,6 +185,7 @@ class Recorder:
         self.views = views
         self.reduce = reduce
         self._store = Store(num_items, device, on_duplicate, views)
+        self._lock = threading.RLock()  # add, result, gather, write, done, on_duplicate=: one thread at a time
         # add() writes in one compiled pass what needs neither a reduction nor a GPU copy.
         self._fast = FastPath(self._store, record_rows, RecordTargets, record_plain) if record_rows is not None and self._reduce is None and device.type == "cpu" else None
         self._stream: Optional[shards.Stream] = None
@@ -194,21 +200,23 @@ class Recorder:
 
     @on_duplicate.setter
     def on_duplicate(self, policy: str) -> None:
-        if policy not in ON_DUPLICATE:
-            raise ValueError(f"Recorder: on_duplicate must be one of {', '.join(map(repr, ON_DUPLICATE))}, got {policy!r}")
-        if self._stream is not None and policy != self._store.on_duplicate:
-            raise ValueError(f"Recorder: on_duplicate cannot change once shards are written or resumed ({self._stream.path}): "
-                             "their bookkeeping follows the policy they were written with; pass on_duplicate= to Predictions.read")
-        self._store.set_on_duplicate(policy)
+        with self._lock:
+            if policy not in ON_DUPLICATE:
+                raise ValueError(f"Recorder: on_duplicate must be one of {', '.join(map(repr, ON_DUPLICATE))}, got {policy!r}")
+            if self._stream is not None and policy != self._store.on_duplicate:
+                raise ValueError(f"Recorder: on_duplicate cannot change once shards are written or resumed ({self._stream.path}): "
+                                 "their bookkeeping follows the policy they were written with; pass on_duplicate= to Predictions.read")
+            self._store.set_on_duplicate(policy)
 
     def __repr__(self) -> str:
-        table = self._store.table
-        recorded = int(np.count_nonzero(table.flat))
-        if self._stream is not None and table.disk is not None:
-            recorded = int(np.count_nonzero(table.disk.reshape(-1) | (table.flat > 0)))
-        records = self._store.records
-        return (f"Recorder(num_items={self.num_items}, device={str(self.device)!r}, on_duplicate={self.on_duplicate!r}, "
-                f"views={self.views!r}, reduce={self.reduce!r}, recorded={recorded}, records={records})")
+        with self._lock:
+            table = self._store.table
+            recorded = int(np.count_nonzero(table.flat))
+            if self._stream is not None and table.disk is not None:
+                recorded = int(np.count_nonzero(table.disk.reshape(-1) | (table.flat > 0)))
+            records = self._store.records
+            return (f"Recorder(num_items={self.num_items}, device={str(self.device)!r}, on_duplicate={self.on_duplicate!r}, "
+                    f"views={self.views!r}, reduce={self.reduce!r}, recorded={recorded}, records={records})")
 
     # ---------------------------------------------------------------------------- add
 
@@ -242,40 +250,41 @@ class Recorder:
         item), an output is sparse, quantized or on the meta device, or the outputs differ from
         the first ``add``'s in names, dtype or row shape.
         """
-        store = self._store
-        fast = self._fast
-        # The seed article's call, a plain index and one per-example tensor, in as few steps as it
-        # takes: these checks are the ones FastPath.plain_rows relies on (see FastPath).
-        if (fast is not None and type(outputs) is _Tensor and (type(batch) is _Tensor or type(batch) is _ndarray)
-                and per_token is False and lengths is None and view is None and padding_side is None and offsets is None
-                and fast.plain and fast.version == store.version and not store.shared and not store.staging.pending):
-            n = fast.plain_rows(batch, outputs, fast.targets)  # the batch size, or -1: handed back, nothing changed
-            if n >= 0:
-                store.records += n
-                if self._stream is not None:
-                    self._stream.added(store, n)
-                return
-        if store.staging.pending:
-            store.staging.drain(wait=False)
-        if fast is not None and offsets is None and store.specs is not None and not (store.shared or store.staging.pending):
-            if self._add_fast(batch, outputs, per_token, lengths, view, padding_side):
-                return
-        slots = _inputs.batch_slots("Recorder.add", batch, lengths, view, padding_side, offsets)
-        named, specs, single = _inputs.batch_outputs(outputs, per_token, slots, self._reduce, self.reduce, store.specs,
-                                                     store.on_duplicate, self.views)
-        per_token_any = any(o.per_token for o in named.values())
-        claim = store.table.claim(slots.index, slots.views, slots.lengths, per_token_any, self.views != "none")
-        first = store.specs is None
-        try:
-            if first:
-                store.setup(specs, single, "Recorder.add")
-            store.record(slots.index, slots.index_t, slots.views, slots.lengths if per_token_any else None, slots.left, named, claim)
-        except BaseException:
-            if first:
-                store.forget_outputs()
-            raise
-        if self._stream is not None:
-            self._stream.added(store, len(slots.index))
+        with self._lock:  # one add at a time: a second thread waits its turn
+            store = self._store
+            fast = self._fast
+            # The seed article's call, a plain index and one per-example tensor, in as few steps as it
+            # takes: these checks are the ones FastPath.plain_rows relies on (see FastPath).
+            if (fast is not None and type(outputs) is _Tensor and (type(batch) is _Tensor or type(batch) is _ndarray)
+                    and per_token is False and lengths is None and view is None and padding_side is None and offsets is None
+                    and fast.plain and fast.version == store.version and not store.shared and not store.staging.pending):
+                n = fast.plain_rows(batch, outputs, fast.targets)  # the batch size, or -1: handed back, nothing changed
+                if n >= 0:
+                    store.records += n
+                    if self._stream is not None:
+                        self._stream.added(store, n)
+                    return
+            if store.staging.pending:
+                store.staging.drain(wait=False)
+            if fast is not None and offsets is None and store.specs is not None and not (store.shared or store.staging.pending):
+                if self._add_fast(batch, outputs, per_token, lengths, view, padding_side):
+                    return
+            slots = _inputs.batch_slots("Recorder.add", batch, lengths, view, padding_side, offsets)
+            named, specs, single = _inputs.batch_outputs(outputs, per_token, slots, self._reduce, self.reduce, store.specs,
+                                                         store.on_duplicate, self.views)
+            per_token_any = any(o.per_token for o in named.values())
+            claim = store.table.claim(slots.index, slots.views, slots.lengths, per_token_any, self.views != "none")
+            first = store.specs is None
+            try:
+                if first:
+                    store.setup(specs, single, "Recorder.add")
+                store.record(slots.index, slots.index_t, slots.views, slots.lengths if per_token_any else None, slots.left, named, claim)
+            except BaseException:
+                if first:
+                    store.forget_outputs()
+                raise
+            if self._stream is not None:
+                self._stream.added(store, len(slots.index))
 
     def _add_fast(self, batch, outputs, per_token, lengths, view, padding_side) -> bool:
         """The compiled pass for a batch it can take; False, with nothing changed, for any other."""
@@ -346,9 +355,10 @@ class Recorder:
         change the returned object. After :meth:`write`, or with ``resume=``, the written
         shards are read back (this rank's), so the result is still everything recorded.
         """
-        source = self._collected()
-        shards_read = len(self._stream.owned) if self._stream is not None else 0
-        return Predictions._from_table(source.columns("Recorder.result", shards=shards_read))
+        with self._lock:
+            source = self._collected()
+            shards_read = len(self._stream.owned) if self._stream is not None else 0
+            return Predictions._from_table(source.columns("Recorder.result", shards=shards_read))
 
     def summary(self) -> Summary:
         """The :class:`Summary` of :meth:`result` (what was recorded, missing, repeated)."""
@@ -369,13 +379,14 @@ class Recorder:
         then combined as by :meth:`result`. Without an initialized process group, :meth:`result`.
         ``progress=True`` shows a tqdm bar over the ranks merged.
         """
-        source = self._collected()
-        merged = distributed.gather(source, dst, group, progress=progress)
-        if merged is None:
-            return None
-        store, ranks = merged
-        shards_read = len(self._stream.owned) if self._stream is not None else 0
-        return Predictions._from_table(store.columns("Recorder.gather", ranks=ranks, shards=shards_read))
+        with self._lock:
+            source = self._collected()
+            merged = distributed.gather(source, dst, group, progress=progress)
+            if merged is None:
+                return None
+            store, ranks = merged
+            shards_read = len(self._stream.owned) if self._stream is not None else 0
+            return Predictions._from_table(store.columns("Recorder.gather", ranks=ranks, shards=shards_read))
 
     def write(self, path, every: Optional[int] = None, *, progress: bool = False) -> None:
         """Write what was recorded since the last write to a new Parquet shard in directory ``path``.
@@ -390,7 +401,8 @@ class Recorder:
         shards of all ranks. See docs/distributed.md. ``progress=True`` shows a tqdm bar over
         the row groups written.
         """
-        self._stream = shards.write(self._store, self._stream, path, every, progress=progress)
+        with self._lock:
+            self._stream = shards.write(self._store, self._stream, path, every, progress=progress)
 
     def done(self, index, view=None) -> torch.Tensor:
         """BoolTensor: which of ``index`` are recorded, in memory or in shards (written or resumed).
@@ -399,33 +411,34 @@ class Recorder:
         sequence of dataset indices; ``view`` (an int or one per index) asks about those views,
         None about any view. A restarted run skips what is done: ``rec.done(range(N))``.
         """
-        owner = "Recorder.done"
-        scalar = False
-        if hasattr(index, "host_index"):
+        with self._lock:
+            owner = "Recorder.done"
+            scalar = False
+            if hasattr(index, "host_index"):
+                if view is not None:
+                    raise TypeError(f"{owner}: view= is only for a plain index; a Batch carries its own, got view={view!r}")
+                host_view = getattr(index, "host_view", None)
+                view = _inputs.host_long(owner, "batch.view", index.view if host_view is None else host_view)
+                idx = _inputs.host_long(owner, "batch.host_index", index.host_index)
+            elif isinstance(index, (int, np.integer)) and not isinstance(index, bool):
+                idx, scalar = np.array([index], np.int64), True
+            else:
+                idx = _inputs.host_long(owner, "index", index)
             if view is not None:
-                raise TypeError(f"{owner}: view= is only for a plain index; a Batch carries its own, got view={view!r}")
-            host_view = getattr(index, "host_view", None)
-            view = _inputs.host_long(owner, "batch.view", index.view if host_view is None else host_view)
-            idx = _inputs.host_long(owner, "batch.host_index", index.host_index)
-        elif isinstance(index, (int, np.integer)) and not isinstance(index, bool):
-            idx, scalar = np.array([index], np.int64), True
-        else:
-            idx = _inputs.host_long(owner, "index", index)
-        if view is not None:
-            view = _inputs.view_ids(owner, view, len(idx))
-            if len(view) != len(idx):
-                raise ValueError(f"{owner}: view must have one entry per index ({len(idx)}), got {len(view)}")
-            if len(view) and view.min() < 0:
-                raise ValueError(f"{owner}: views must be >= 0, got {view.min()}")
-        if len(idx) and (idx.min() < 0 or (self.num_items is not None and idx.max() >= self.num_items)):
-            bad = idx.min() if idx.min() < 0 else idx.max()
-            raise ValueError(f"{owner}: index must lie in range(num_items) = range({self.num_items}), got {bad}")
-        table = self._store.table
-        found = table.recorded(idx, view)
-        if table.disk is not None:
-            found |= table.recorded(idx, view, table.disk)
-        out = torch.from_numpy(found)
-        return out[0] if scalar else out
+                view = _inputs.view_ids(owner, view, len(idx))
+                if len(view) != len(idx):
+                    raise ValueError(f"{owner}: view must have one entry per index ({len(idx)}), got {len(view)}")
+                if len(view) and view.min() < 0:
+                    raise ValueError(f"{owner}: views must be >= 0, got {view.min()}")
+            if len(idx) and (idx.min() < 0 or (self.num_items is not None and idx.max() >= self.num_items)):
+                bad = idx.min() if idx.min() < 0 else idx.max()
+                raise ValueError(f"{owner}: index must lie in range(num_items) = range({self.num_items}), got {bad}")
+            table = self._store.table
+            found = table.recorded(idx, view)
+            if table.disk is not None:
+                found |= table.recorded(idx, view, table.disk)
+            out = torch.from_numpy(found)
+            return out[0] if scalar else out
 
 
 def _warn_distributed_padding(num_items: Optional[int], on_duplicate: str) -> None:
