@@ -49,8 +49,8 @@ from torch.utils.data import default_collate
 
 import provcollate as pc
 from provcollate import collate as collate_mod
-from common import (ALLOCATORS, RESULTS_DIR, best_of, machine, markdown_table, paired_ratio, rounds_of, set_allocator,
-                    write_markdown)
+from common import (ALLOCATORS, RESULTS_DIR, best_of, floors_module, machine, markdown_table, paired_ratio, rounds_of,
+                    set_allocator, write_markdown)
 
 SEED_TARGET = 3.0
 DCWP_TARGET = 50.0
@@ -66,13 +66,6 @@ FLOOR_PAD = "floor: bare C++ pad, no checks, no Batch"
 FLOOR_WRITE = "floor: write the batch's bytes once, read nothing"
 TOKEN_FIELDS = ["input_ids", "attention_mask"]
 
-
-def floors_module():
-    """benchmarks/floors.cpp, compiled on first use (about a minute) and cached by torch."""
-    from torch.utils.cpp_extension import load
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    return load(name="provcollate_bench_floors", sources=[os.path.join(here, "floors.cpp")], extra_cflags=["-O3"])
 
 
 def tokenizer():

@@ -40,6 +40,9 @@ The plain-index add (issue 12): ``rec.add(index, out)`` with ``out [256, 10]`` f
 index a tensor or a numpy array, the way users with their own collate call it, timed per call
 over every batch of case 1 (after the first, which fixes the outputs), into a Recorder of the
 case's 1,000,000 items and of 65,536 (whose storage stays in cache). Target: at most 4 us per add.
+``--floors`` adds the least work of that add, from benchmarks/floors.cpp: the same claims and
+row copies with the same prefetching, in a C++ loop timed inside C++ (no call from Python, no
+check, no bookkeeping) into fresh storage with the same huge-page advice.
 
 ``--baseline REV`` also times the provcollate rows of both cases and the plain-index add under
 git revision REV (e.g. the commit before a redesign), each tree in fresh subprocesses, rounds
@@ -434,14 +437,33 @@ ADD_TARGET_US = 4.0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def add_cost(items: int, kind: str, sizes: dict, seed: int, rounds: int) -> float:
-    """Best over ``rounds`` of the median microseconds of one plain-index ``rec.add`` (B=256, [10] float32)."""
+def add_inputs(items: int, kind: str, sizes: dict, seed: int):
+    """The plain-index add's outputs ``[256, 10]`` and its batches' indices (every batch of a shuffled order)."""
     gen = torch.Generator().manual_seed(seed)
     out = torch.randn(sizes["batch1"], 10, generator=gen)
     order = torch.randperm(items, generator=gen)
     index = [order[i:i + sizes["batch1"]] for i in range(0, items - sizes["batch1"] + 1, sizes["batch1"])]
     if kind == "numpy":
         index = [i.numpy() for i in index]
+    return out, index
+
+
+def add_floor(items: int, sizes: dict, seed: int, rounds: int, floors) -> float:
+    """:func:`add_cost` for floors.cpp's scatter_rows: the claims and copies alone, timed in C++."""
+    out, index = add_inputs(items, "tensor", sizes, seed)
+    best = float("inf")
+    for _ in range(rounds):
+        # storage as the Recorder's: fresh, with the same huge-page advice
+        dst = pc._store.huge_pages(torch.empty(items, *out.shape[1:], dtype=out.dtype))
+        took = floors.scatter_rows(dst, index, out)[1:]  # the first batch faults the storage in, as add's first does
+        assert torch.equal(dst[index[0]], out) and torch.equal(dst[index[-1]], out), "scatter_rows copied wrong rows"
+        best = min(best, float(took.median()))
+    return best
+
+
+def add_cost(items: int, kind: str, sizes: dict, seed: int, rounds: int) -> float:
+    """Best over ``rounds`` of the median microseconds of one plain-index ``rec.add`` (B=256, [10] float32)."""
+    out, index = add_inputs(items, kind, sizes, seed)
     best = float("inf")
     for _ in range(rounds):
         rec = pc.Recorder(num_items=items)
@@ -461,17 +483,31 @@ ADD_RUNS = [(items, kind) for items in (65_536, "items1") for kind in ("tensor",
 
 def add_section(args, sizes: dict) -> Tuple[str, List[str]]:
     rows, failures = [], []
+    floors = None
+    if args.floors:
+        from common import floors_module
+
+        floors = floors_module()
     for items, kind in ADD_RUNS:
         n = sizes["items1"] if items == "items1" else min(items, sizes["items1"])
         us = add_cost(n, kind, sizes, args.seed, args.rounds)
         ok = us <= ADD_TARGET_US
-        rows.append([f"{n:,}", kind, f"{us:.2f} us", f"{sizes['batch1'] / us:.1f} M rows/s", "yes" if ok else "**no**"])
-        print(f"  plain-index add, {n:,} items, {kind} index: {us:.2f} us per add", flush=True)
+        row = [f"{n:,}", kind, f"{us:.2f} us", f"{sizes['batch1'] / us:.1f} M rows/s", "yes" if ok else "**no**"]
+        note = ""
+        if floors is not None:
+            floor = add_floor(n, sizes, args.seed, args.rounds, floors)
+            row.append(f"{floor:.2f} us")
+            note = f" (floor: claims and copies alone, {floor:.2f} us)"
+        rows.append(row)
+        print(f"  plain-index add, {n:,} items, {kind} index: {us:.2f} us per add{note}", flush=True)
         if not ok:
             failures.append(f"plain-index add ({n:,} items, {kind} index): {us:.2f} us > {ADD_TARGET_US:g} us")
+    header = ["num_items", "index", "per add", "rows/s", f"<= {ADD_TARGET_US:g} us"]
+    if floors is not None:
+        header.append("floor: claims and copies alone (floors.cpp)")
     section = "\n\n".join([
         f"## plain-index add: rec.add(index, out [{sizes['batch1']}, 10] float32), median per call",
-        markdown_table(["num_items", "index", "per add", "rows/s", f"<= {ADD_TARGET_US:g} us"], rows),
+        markdown_table(header, rows),
     ])
     return section, failures
 
@@ -556,7 +592,9 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small sizes, one round, peak memory of provcollate only: a smoke test")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--case", choices=["1", "2"], default=None, help="run one case only")
+    p.add_argument("--floors", action="store_true",
+                   help="add the plain-index add's floor from benchmarks/floors.cpp (compiles it): its claims and copies alone")
+    p.add_argument("--case", choices=["1", "2", "add"], default=None, help="run one case only (add: the plain-index add)")
     p.add_argument("--write", action="store_true", help=f"write the tables to {os.path.relpath(RESULTS_DIR)}/bench_record.md")
     p.add_argument("--baseline", default=None, metavar="REV", help="also time the provcollate rows and the add under git revision REV")
     p.add_argument("--memory-child", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
@@ -577,16 +615,16 @@ def main() -> int:
     info = machine()
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), allocator {args.alloc}")
     sections, failures = [], []
-    for name in (["case 1", "case 2"] if args.case is None else [f"case {args.case}"]):
+    for name in (["case 1", "case 2"] if args.case is None else [f"case {args.case}"] if args.case != "add" else []):
         section, missed = run_case(Case(name, sizes, args.seed), args, sizes)
         sections.append(section)
         failures += missed
-    if args.case is None:
+    if args.case in (None, "add"):
         section, missed = add_section(args, sizes)
         sections.append(section)
         failures += missed
-        if args.baseline:
-            sections.append(baseline_section(args, sizes))
+    if args.case is None and args.baseline:
+        sections.append(baseline_section(args, sizes))
     if args.write:
         path = os.path.join(RESULTS_DIR, "bench_record.md")
         intro = (__doc__.split("\n\n    python")[0] + "\n\n"

@@ -207,3 +207,11 @@ def reset_peak_rss() -> None:
     """Reset this process's VmHWM to its current resident set, so that a later VmHWM is a peak since now."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def floors_module():
+    """benchmarks/floors.cpp, compiled on first use (about a minute) and cached by torch."""
+    from torch.utils.cpp_extension import load
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return load(name="provcollate_bench_floors", sources=[os.path.join(here, "floors.cpp")], extra_cflags=["-O3"])

@@ -31,3 +31,11 @@ def test_bench_collate_floors_quick_run():
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "floor: read every int" in out.stdout and "floor: bare C++ pad" in out.stdout
     assert "floor: write the batch's bytes once" in out.stdout
+
+
+def test_bench_record_floors_quick_run():
+    """floors.cpp's scatter_rows runs beside the plain-index add (and its rows are checked)."""
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_record.py"), "--quick", "--floors"], cwd=BENCH,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert out.stdout.count("floor: claims and copies alone") == 4
