@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 
 import provcollate as pc
-from common import ALLOCATORS, RESULTS_DIR, best_of, machine, markdown_table, set_allocator, status_kib, write_markdown
+from common import ALLOCATORS, RESULTS_DIR, best_of, floors_module, machine, markdown_table, set_allocator, status_kib, write_markdown
 
 try:
     from transformers.trainer_pt_utils import nested_concat
@@ -483,11 +483,7 @@ ADD_RUNS = [(items, kind) for items in (65_536, "items1") for kind in ("tensor",
 
 def add_section(args, sizes: dict) -> Tuple[str, List[str]]:
     rows, failures = [], []
-    floors = None
-    if args.floors:
-        from common import floors_module
-
-        floors = floors_module()
+    floors = floors_module() if args.floors else None
     for items, kind in ADD_RUNS:
         n = sizes["items1"] if items == "items1" else min(items, sizes["items1"])
         us = add_cost(n, kind, sizes, args.seed, args.rounds)
