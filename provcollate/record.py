@@ -11,8 +11,9 @@ the books on the host per *slot* ``index * V + view``, so recording never waits 
 - a per-token output (``[B, T, ...]`` padded, rows ``[total, ...]`` of a packed batch, or a
   nested jagged tensor) is unpadded into append-only chunks of rows, in arrival order;
 - the common batch (CPU outputs shaped as in the first ``add``, host storage, one view, no
-  repeats, no reduction) takes one compiled pass that checks, claims and copies with the GIL
-  released (csrc/record.cpp); every other batch, and every error, takes the Python path;
+  repeats, no reduction) takes one compiled pass that checks, claims and copies, with the GIL
+  released when it copies 64 KiB or more (csrc/record.cpp); every other batch, and every error,
+  takes the Python path;
 - outputs on a GPU with storage on the host are reduced and unpadded on the GPU, copied to
   pinned host buffers without blocking, and written when the copy has landed (``result``
   waits). ``device=`` keeps storage on a device instead.
@@ -250,7 +251,9 @@ class Recorder:
         item), an output is sparse, quantized or on the meta device, or the outputs differ from
         the first ``add``'s in names, dtype or row shape.
         """
-        with self._lock:  # one add at a time: a second thread waits its turn
+        lock = self._lock
+        lock.acquire()  # one add at a time: a second thread waits its turn (acquire/release cost half a `with`)
+        try:
             store = self._store
             fast = self._fast
             # The seed article's call, a plain index and one per-example tensor, in as few steps as it
@@ -285,6 +288,8 @@ class Recorder:
                 raise
             if self._stream is not None:
                 self._stream.added(store, len(slots.index))
+        finally:
+            lock.release()
 
     def _add_fast(self, batch, outputs, per_token, lengths, view, padding_side) -> bool:
         """The compiled pass for a batch it can take; False, with nothing changed, for any other."""

@@ -2,6 +2,9 @@
 packed and nested per-token outputs; max_len is checked; views counted once; the summary."""
 import dataclasses
 import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import numpy as np
@@ -453,21 +456,25 @@ def test_large_row_stores_are_advised_huge_pages(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("per_token", [True, False])
-def test_adds_from_two_threads_land_whole(per_token):
+@pytest.mark.parametrize("wide", [False, True], ids=["gil-kept", "gil-released"])
+def test_adds_from_two_threads_land_whole(per_token, wide):
     # Before the Recorder's lock, two threads' compiled passes (which release the GIL) wrote
-    # per-token rows over each other's: hundreds of items of 40,000 came back wrong.
+    # per-token rows over each other's: hundreds of items of 40,000 came back wrong. Wide rows
+    # make passes big enough to release the GIL (record.cpp kReleaseBytes); narrow ones keep it.
     import threading
 
-    n, B = 40_000, 16
+    n, B = (4_000, 16) if wide else (40_000, 16)
+    width = (256 if per_token else 2048) if wide else (1 if per_token else 4)
     gen = torch.Generator().manual_seed(3)
     lengths = torch.randint(1, 8, (n,), generator=gen)
     rec = pc.Recorder(num_items=n)
 
     def add(ix):
         if per_token:
-            rec.add(ix, ix.view(-1, 1).expand(-1, int(lengths[ix].max())).float(), per_token=True, lengths=lengths[ix])
+            out = ix.view(-1, 1, 1).expand(-1, int(lengths[ix].max()), width).float()
+            rec.add(ix, out, per_token=True, lengths=lengths[ix])
         else:
-            rec.add(ix.numpy(), ix.view(-1, 1).expand(-1, 4).float())
+            rec.add(ix.numpy(), ix.view(-1, 1).expand(-1, width).float())
 
     add(torch.arange(B))
     rest = torch.randperm(n - B, generator=gen) + B
@@ -492,3 +499,44 @@ def test_adds_from_two_threads_land_whole(per_token):
     assert len(preds) == n and preds.summary().missing == 0
     wrong = [i for i in range(n) if not bool((preds[i] == i).all()) or (per_token and preds[i].shape[0] != int(lengths[i]))]
     assert wrong == []
+
+
+def test_compiled_pass_releases_the_gil_only_for_big_copies():
+    # A busy Python thread runs only while the main thread lets the GIL go: with a long switch
+    # interval the interpreter never takes it away, so the counter moves during an add exactly
+    # when the compiled pass released the GIL. Small passes keep it (a release would hand it to
+    # the busy thread and the add would wait out the switch interval); big ones let it go.
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys, threading, time, torch, provcollate as pc
+        sys.setswitchinterval(0.5)
+        count, stop = [0], [False]
+        def busy():
+            while not stop[0]:
+                count[0] += 1
+        small, big = pc.Recorder(num_items=100_000), pc.Recorder(num_items=64)
+        # the first adds fix the layout and plan the compiled pass (their torch ops release the GIL)
+        for k in range(2):
+            small.add(torch.arange(256 * k, 256 * k + 256), torch.ones(256, 10))
+            big.add(torch.arange(4 * k, 4 * k + 4), torch.ones(4, 1 << 16))
+        # made before the busy thread starts: torch ops release the GIL too
+        small_index, small_rows = torch.arange(512, 256 * 102).split(256), torch.ones(256, 10)
+        big_index, big_rows = torch.arange(8, 16), torch.ones(8, 1 << 16)
+        t = threading.Thread(target=busy, daemon=True)
+        t.start()
+        time.sleep(0.05)  # the busy thread holds the GIL; main waits a switch interval to get it back
+        before = count[0]
+        for index in small_index:  # 100 passes of 10 KB
+            small.add(index, small_rows)
+        moved_small = count[0] - before
+        time.sleep(0.05)
+        before = count[0]
+        big.add(big_index, big_rows)  # one pass of 2 MiB
+        moved_big = count[0] - before
+        stop[0] = True
+        t.join()
+        assert bool((small.result().tensor()[:256 * 102] == 1).all()) and bool((big.result().tensor()[:16] == 1).all())
+        print(moved_small, moved_big)
+    """)], capture_output=True, text=True, timeout=120, env={**os.environ, "PROVCOLLATE_EXTENSION": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    moved_small, moved_big = map(int, r.stdout.split())
+    assert moved_small == 0 and moved_big > 0, (moved_small, moved_big)
