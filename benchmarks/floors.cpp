@@ -17,8 +17,9 @@
 //                                 the plain-index add's least work (bench_record.py --floors): for
 //                                 each index [B] in turn, claim each slot in a byte per row of dst
 //                                 (checked and set, touched 16 slots ahead) and copy row b of src to
-//                                 row index[b] of dst (touched 12 rows ahead), as csrc/record.cpp
-//                                 does, with no call from Python, no argument check and no books.
+//                                 row index[b] of dst as it is claimed (touched 12 rows ahead), as
+//                                 csrc/record.cpp does, with no call from Python, no argument check
+//                                 and no books.
 //                                 Returns the microseconds each batch took.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -145,11 +146,6 @@ torch::Tensor scatter_rows(torch::Tensor dst, const std::vector<torch::Tensor>& 
     TORCH_CHECK(indices[k].dtype() == torch::kInt64 && indices[k].numel() == B, "scatter_rows: int64 indices of B items");
     const int64_t* index = indices[k].data_ptr<int64_t>();
     const auto start = std::chrono::steady_clock::now();
-    for (int64_t b = 0; b < B; ++b) {
-      if (b + 16 < B) __builtin_prefetch(claimed.data() + index[b + 16], 1);
-      TORCH_CHECK(index[b] >= 0 && index[b] < N && !claimed[index[b]], "scatter_rows: each slot once");
-      claimed[index[b]] = 1;
-    }
     const auto touch = [&](int64_t b) {
       if (b < B) {
         __builtin_prefetch(out + index[b] * row, 1);
@@ -158,8 +154,11 @@ torch::Tensor scatter_rows(torch::Tensor dst, const std::vector<torch::Tensor>& 
     };
     for (int64_t b = 0; b < 12; ++b) touch(b);
     const bool words = row % 8 == 0 && row <= 128;  // copied inline, as record.cpp copies them
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = 0; b < B; ++b) {  // each row copied as its slot is claimed, as record.cpp does
+      if (b + 16 < B) __builtin_prefetch(claimed.data() + index[b + 16], 1);
       touch(b + 12);
+      TORCH_CHECK(index[b] >= 0 && index[b] < N && !claimed[index[b]], "scatter_rows: each slot once");
+      claimed[index[b]] = 1;
       char* d = out + index[b] * row;
       const char* s = in + b * row;
       if (words) {

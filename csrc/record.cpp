@@ -171,39 +171,38 @@ void populate(char* begin, int64_t bytes) {
 #endif
 }
 
-// Row b of `src` to row index[b] of `dst`, rows of `row` bytes. The destinations are random:
-// each row is touched kAhead rows before its copy (both cache lines a row may straddle: 40
-// bytes do in 3 of 5 slots), which keeps a steady number of misses in flight; touching them
-// all at once instead stalls on the misses queued first. Rows of whole 8-byte words up to
-// 128 bytes are copied inline rather than by a libc call per row.
-void copy_rows(char* dst, const char* src, const int64_t* index, int64_t B, int64_t row) {
-  constexpr int64_t kAhead = 12;
-  const auto touch = [&](int64_t b) {
-    if (b < B) {
-      __builtin_prefetch(dst + index[b] * row, 1);
-      __builtin_prefetch(dst + index[b] * row + row - 1, 1);
-    }
-  };
-  for (int64_t b = 0; b < kAhead; ++b) touch(b);
-  if (row % 8 == 0 && row <= 128) {
-    const int64_t words = row / 8;
-    for (int64_t b = 0; b < B; ++b) {
-      touch(b + kAhead);
-      char* d = dst + index[b] * row;
-      const char* s = src + b * row;
+// One per-example output's copies: row b of the batch to row index[b] of the dense storage.
+// The destinations are random: each row is touched (both cache lines a row may straddle: 40
+// bytes do in 3 of 5 slots) a few rows before its copy, which keeps a steady number of misses
+// in flight; touching them all at once instead stalls on the misses queued first. Rows of whole
+// 8-byte words up to 128 bytes are copied inline rather than by a libc call per row.
+struct DenseCopy {
+  char* dst;
+  const char* src;
+  int64_t row;
+  int64_t words;  // > 0: rows of that many whole words, copied inline
+
+  DenseCopy(char* d, const char* s, int64_t r) : dst(d), src(s), row(r), words(r % 8 == 0 && r <= 128 ? r / 8 : 0) {}
+
+  void touch(int64_t slot) const {
+    __builtin_prefetch(dst + slot * row, 1);
+    __builtin_prefetch(dst + slot * row + row - 1, 1);
+  }
+
+  void copy(int64_t b, int64_t slot) const {
+    char* d = dst + slot * row;
+    const char* s = src + b * row;
+    if (words > 0) {
       for (int64_t w = 0; w < words; ++w) {
         uint64_t v;
         std::memcpy(&v, s + 8 * w, 8);
         std::memcpy(d + 8 * w, &v, 8);
       }
+    } else {
+      std::memcpy(d, s, row);
     }
-    return;
   }
-  for (int64_t b = 0; b < B; ++b) {
-    touch(b + kAhead);
-    std::memcpy(dst + index[b] * row, src + b * row, row);
-  }
-}
+};
 
 // Checks, claims and copies, without Python objects (the caller released the GIL).
 template <typename count_t>
@@ -235,24 +234,41 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   } else if (any_token) {
     return kHandBack;
   }
-  // Claim every slot; a slot recorded before or twice in this batch undoes the claims made.
+  // Claim every slot, copying each slot's per-example rows as it is claimed: the misses of the
+  // counts and of the rows they land in overlap. A slot outside the storage, recorded before or
+  // twice in this batch undoes the claims made; the rows copied by then sit in slots no count
+  // marks, which nothing reads (a result or a shard takes recorded slots only).
   const auto release = [&](int64_t upto) {
     for (int64_t b = 0; b < upto; ++b) count[index[b]] = 0;
   };
-  // Slots are random: the counts and the dense rows they land in are cache misses. Touching
-  // them a few slots ahead overlaps the misses instead of taking them one at a time.
-  constexpr int64_t kAhead = 16;
+  c10::SmallVector<DenseCopy, 2> dense;
+  for (const Output& o : outputs) {
+    if (!o.per_token && o.row > 0) dense.emplace_back(o.dst, static_cast<const char*>(o.src.const_data_ptr()), o.row);
+  }
+  // Slots are random: their counts and rows are cache misses, touched a few slots ahead.
+  constexpr int64_t kCountAhead = 16, kRowAhead = 12;
+  const auto touch = [&](int64_t b) {
+    if (b < B) {
+      const int64_t slot = index[b];
+      if (slot >= 0 && slot < cap) {
+        for (const DenseCopy& d : dense) d.touch(slot);
+      }
+    }
+  };
+  for (int64_t b = 0; b < kRowAhead; ++b) touch(b);
   for (int64_t b = 0; b < B; ++b) {
-    if (b + kAhead < B) {
-      const int64_t ahead = index[b + kAhead];
+    if (b + kCountAhead < B) {
+      const int64_t ahead = index[b + kCountAhead];
       if (ahead >= 0 && ahead < cap) __builtin_prefetch(count + ahead, 1);
     }
+    touch(b + kRowAhead);
     const int64_t slot = index[b];
     if (slot < 0 || slot >= cap || count[slot] != 0) {
       release(b);
       return kHandBack;
     }
     count[slot] = 1;
+    for (const DenseCopy& d : dense) d.copy(b, slot);
   }
   for (const Output& o : outputs) {
     if (o.per_token && o.used + total > o.dst_rows) {
@@ -264,11 +280,8 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
     for (int64_t b = 0; b < B; ++b) token_len[index[b]] = lengths[b];
   }
   for (Output& o : outputs) {
+    if (!o.per_token) continue;  // copied with the claims
     const char* src = static_cast<const char*>(o.src.const_data_ptr());
-    if (!o.per_token) {
-      if (o.row > 0) copy_rows(o.dst, src, index, B, o.row);
-      continue;
-    }
     const int64_t first = o.base + o.used;
     for (int64_t b = 0; b < B; ++b) o.starts[index[b]] = first + dst_offsets[b];
     if (o.row == 0 || total == 0) continue;
