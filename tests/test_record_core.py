@@ -382,6 +382,39 @@ def test_numpy_indices_take_the_compiled_pass(monkeypatch):
     assert rec.result().index.tolist() == [0, 1, 2, 5] and rec.result()[5].tolist() == [2.0] * 3
 
 
+@pytest.mark.skipif(not pc.HAS_EXTENSION, reason="needs the compiled extension")
+@pytest.mark.parametrize("on_duplicate", ["error", "first", "last", "mean"])
+def test_a_batch_the_compiled_pass_hands_back_midway_lands_as_the_general_path_says(on_duplicate):
+    # The compiled pass copies each row as it claims its slot; a repeat at the batch's end hands
+    # the batch back after 63 rows were copied into unclaimed slots. Those rows must count for
+    # nothing: the general path then records (or refuses) the batch as if the pass never ran.
+    rec = pc.Recorder(num_items=100, on_duplicate=on_duplicate)
+    rec.add(torch.arange(0, 4), torch.full((4, 3), 1.0))
+    rec.add(torch.arange(4, 8), torch.full((4, 3), 2.0))  # the compiled pass is planned by now
+    index = torch.cat([torch.arange(8, 71), torch.tensor([5])])  # 63 new slots, then a recorded one
+    out = torch.arange(64.0).view(64, 1).expand(64, 3).contiguous() + 100
+    before = state(rec)
+    passes = []
+    plain_rows = rec._fast.plain_rows
+    rec._fast.plain_rows = lambda *args: passes.append(plain_rows(*args)) or passes[-1]
+    if on_duplicate == "error":
+        with pytest.raises(ValueError, match="5"):
+            rec.add(index, out)
+        assert passes == [-1]  # the compiled pass ran and handed the batch back
+        assert_unchanged(before, state(rec))
+        assert rec.result().missing().tolist() == list(range(8, 100))
+        rec.add(torch.arange(8, 71), torch.full((63, 3), 7.0))  # the same slots, recorded for real
+        assert bool((rec.result().tensor()[8:71] == 7.0).all())
+        return
+    rec.add(index, out)
+    assert passes == [-1]
+    preds = rec.result()
+    assert preds.index.tolist() == list(range(71))
+    assert torch.equal(preds.tensor()[8:71], out[:63])
+    expected5 = {"first": 2.0, "last": 163.0, "mean": (2.0 + 163.0) / 2}[on_duplicate]
+    assert preds[5].tolist() == [expected5] * 3
+
+
 def test_numpy_indices_of_any_layout_and_byte_order_are_read_right():
     out = torch.arange(12.0).view(4, 3)
     expected = pc.Recorder(num_items=10)
