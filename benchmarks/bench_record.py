@@ -32,7 +32,7 @@ writes into fresh pages as a one-pass inference run does, instead of into pages 
 left resident (which favours whichever method runs after a big one). Peak memory: each (case, method)
 runs again in a fresh subprocess that makes its batches one at a time; the figure is the rise of
 the process's resident-set high-water mark (VmHWM, reset before the run) over its resident set
-before the run. Targets (issue 4): case 1 >= 100x the seed loop; case 2 >= 10x the seed loop,
+before the run. Targets (issue 4; issue 12 raised case 1's from 100x): case 1 >= 150x the seed loop; case 2 >= 10x the seed loop,
 >= 3x pure PyTorch and within 3x of memcpy; in both, peak memory <= 1.25x the result's bytes
 plus one batch.
 
@@ -42,7 +42,8 @@ over every batch of case 1 (after the first, which fixes the outputs), into a Re
 case's 1,000,000 items and of 65,536 (whose storage stays in cache). Target: at most 4 us per add.
 ``--floors`` adds the least work of that add, from benchmarks/floors.cpp: the same claims and
 row copies with the same prefetching, in a C++ loop timed inside C++ (no call from Python, no
-check, no bookkeeping) into fresh storage with the same huge-page advice.
+check, no bookkeeping) into fresh storage with the same huge-page advice. The add's rounds and
+the floor's alternate, in rotating order.
 
 ``--baseline REV`` also times the provcollate rows of both cases and the plain-index add under
 git revision REV (e.g. the commit before a redesign), each tree in fresh subprocesses, rounds
@@ -78,7 +79,7 @@ except ImportError as exc:  # pragma: no cover - transformers is a dev requireme
 
 FULL = {"items1": 1_000_000, "items2": 100_000, "batch1": 256, "batch2": 64, "max_len": 512}
 QUICK = {"items1": 20_000, "items2": 2_000, "batch1": 256, "batch2": 64, "max_len": 64}
-TARGETS = {"case 1": {"seed": 100.0}, "case 2": {"seed": 10.0, "pure": 3.0}}
+TARGETS = {"case 1": {"seed": 150.0}, "case 2": {"seed": 10.0, "pure": 3.0}}  # case 1: issue 4 asked 100x, issue 12 150x
 MEMCPY_FACTOR = 3.0
 MEMORY_FACTOR = 1.25
 METHODS = ("provcollate", "seed", "pure", "nested_concat", "memcpy", "floor")
