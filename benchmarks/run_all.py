@@ -63,12 +63,21 @@ def run(name: str, args: list, quick: bool) -> tuple:
     return "ok", f"{took:.0f} s"
 
 
+def _written(path: str) -> float:
+    """When a results file was written: its last commit's time if git holds it unchanged (a fresh
+    clone's files all carry the clone's time), else its modification time."""
+    git = ["git", "-C", os.path.dirname(path)]
+    unchanged = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", path], capture_output=True).returncode == 0
+    committed = subprocess.run([*git, "log", "-1", "--format=%ct", "--", path], capture_output=True, text=True).stdout.strip()
+    return float(committed) if unchanged and committed else os.path.getmtime(path)
+
+
 def _earlier(name: str) -> str:
     """The status line of a benchmark this run left out: when its results were written."""
     if name == "bench_ops_cuda" and not torch.cuda.is_available():
         return "skipped: no CUDA device on this machine"
     pages = [os.path.join(RESULTS_DIR, f"{name}{ext}") for ext in (".md", ".json")]
-    written = [os.path.getmtime(p) for p in pages if os.path.exists(p)]
+    written = [_written(p) for p in pages if os.path.exists(p)]
     if not written:
         return "not run yet"
     return f"not rerun: its results were written {time.strftime('%Y-%m-%d %H:%M', time.localtime(max(written)))}"
@@ -79,8 +88,8 @@ def assemble(status: dict) -> None:
     parts = [
         "# provcollate benchmark results",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}. "
-        f"Written by `{command_line()}` on {time.strftime('%Y-%m-%d')}; each section below names its own command "
+        f"Assembled by `{command_line()}` on {time.strftime('%Y-%m-%d')} ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"Python {m['python']}); each section below names the machine it ran on, its own command "
         "and the load average when it started (other processes on the machine disturb timings).",
         "",
         "| benchmark | status |",
