@@ -66,6 +66,9 @@ struct Targets {
   int64_t count_itemsize = 0;
   int64_t* token_len_data = nullptr;
   int64_t cap = 0;
+  // The storage of new Targets is likely fresh (a first record, growth, rows dropped after a
+  // shard): their first pass may fault in many pages, so it releases the GIL whatever its size.
+  mutable bool first_pass = true;
 };
 
 // One output's source rows and where they go.
@@ -355,16 +358,19 @@ Outcome record_batch(const py::object& index_arg, const std::optional<at::Tensor
   const int64_t* view = views.defined() ? views.const_data_ptr<int64_t>() : nullptr;
   const int64_t* lens = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
   const bool wide = targets.count_itemsize == 4;
-  // The GIL is released for a pass that copies enough for other threads to gain from it. A
-  // small one (the seed article's 256 rows of 40 bytes: a few microseconds) keeps it: released,
-  // it goes to any other Python thread that waits for it, and the add then waits up to the
+  // The GIL is released for a pass that copies enough for other threads to gain from it, and
+  // for the first pass into new storage (its page faults can take milliseconds). A small one
+  // (the seed article's 256 rows of 40 bytes: a few microseconds) keeps it: released, it goes
+  // to any other Python thread that waits for it, and the add then waits up to the
   // interpreter's switch interval (5 ms) to take it back.
   int64_t bytes = 0;
   for (const Output& o : outputs) bytes += o.src.numel() * static_cast<int64_t>(o.src.element_size());
   int64_t rows;
   {
+    const bool release = bytes >= kReleaseBytes || targets.first_pass;
+    targets.first_pass = false;
     std::optional<py::gil_scoped_release> nogil;
-    if (bytes >= kReleaseBytes) nogil.emplace();
+    if (release) nogil.emplace();
     rows = wide ? record(idx, view, lens, left, B, cap, reinterpret_cast<int32_t*>(count), token_len, outputs)
                 : record(idx, view, lens, left, B, cap, reinterpret_cast<uint8_t*>(count), token_len, outputs);
   }

@@ -1047,8 +1047,9 @@ class Store:
 
 class FastPath:
     """``record_rows`` of csrc/record.cpp over a Store's host arrays: one compiled pass that checks,
-    claims and copies a plain batch, with the GIL released when it copies 64 KiB or more (a
-    smaller pass keeps it: released, it could wait a switch interval to come back).
+    claims and copies a plain batch, with the GIL released when it copies 64 KiB or more or is
+    the first pass of its targets (fresh storage: page faults); a smaller pass keeps it, since
+    released it could wait a switch interval to come back.
 
     It takes CPU tensors shaped as the first record fixed them, one view, no repeats, storage
     big enough and no reduction; for anything else :meth:`record` returns False having changed

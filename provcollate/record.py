@@ -12,8 +12,8 @@ the books on the host per *slot* ``index * V + view``, so recording never waits 
   nested jagged tensor) is unpadded into append-only chunks of rows, in arrival order;
 - the common batch (CPU outputs shaped as in the first ``add``, host storage, one view, no
   repeats, no reduction) takes one compiled pass that checks, claims and copies, with the GIL
-  released when it copies 64 KiB or more (csrc/record.cpp); every other batch, and every error,
-  takes the Python path;
+  released when it copies 64 KiB or more or first writes new storage (csrc/record.cpp); every
+  other batch, and every error, takes the Python path;
 - outputs on a GPU with storage on the host are reduced and unpadded on the GPU, copied to
   pinned host buffers without blocking, and written when the copy has landed (``result``
   waits). ``device=`` keeps storage on a device instead.

@@ -538,7 +538,8 @@ def test_compiled_pass_releases_the_gil_only_for_big_copies():
     # A busy Python thread runs only while the main thread lets the GIL go: with a long switch
     # interval the interpreter never takes it away, so the counter moves during an add exactly
     # when the compiled pass released the GIL. Small passes keep it (a release would hand it to
-    # the busy thread and the add would wait out the switch interval); big ones let it go.
+    # the busy thread and the add would wait out the switch interval); big ones let it go, and
+    # so does the first pass into new storage (its page faults can take milliseconds).
     r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
         import sys, threading, time, torch, provcollate as pc
         sys.setswitchinterval(0.5)
@@ -546,11 +547,13 @@ def test_compiled_pass_releases_the_gil_only_for_big_copies():
         def busy():
             while not stop[0]:
                 count[0] += 1
-        small, big = pc.Recorder(num_items=100_000), pc.Recorder(num_items=64)
+        small, big, fresh = pc.Recorder(num_items=100_000), pc.Recorder(num_items=64), pc.Recorder(num_items=1_000_000)
         # the first adds fix the layout and plan the compiled pass (their torch ops release the GIL)
         for k in range(2):
             small.add(torch.arange(256 * k, 256 * k + 256), torch.ones(256, 10))
             big.add(torch.arange(4 * k, 4 * k + 4), torch.ones(4, 1 << 16))
+        fresh.add(torch.arange(0, 1_000_000, 4096), torch.ones(245, 10))  # fixes the layout only
+        fresh_index, fresh_rows = torch.arange(1, 1_000_000, 4096), torch.ones(245, 10)
         # made before the busy thread starts: torch ops release the GIL too
         small_index, small_rows = torch.arange(512, 256 * 102).split(256), torch.ones(256, 10)
         big_index, big_rows = torch.arange(8, 16), torch.ones(8, 1 << 16)
@@ -565,11 +568,16 @@ def test_compiled_pass_releases_the_gil_only_for_big_copies():
         before = count[0]
         big.add(big_index, big_rows)  # one pass of 2 MiB
         moved_big = count[0] - before
+        time.sleep(0.05)
+        before = count[0]
+        fresh.add(fresh_index, fresh_rows)  # 10 KB, but the first compiled pass into 40 MB of fresh pages
+        moved_fresh = count[0] - before
         stop[0] = True
         t.join()
         assert bool((small.result().tensor()[:256 * 102] == 1).all()) and bool((big.result().tensor()[:16] == 1).all())
-        print(moved_small, moved_big)
+        assert bool((fresh.result().tensor()[1::4096] == 1).all())
+        print(moved_small, moved_big, moved_fresh)
     """)], capture_output=True, text=True, timeout=120, env={**os.environ, "PROVCOLLATE_EXTENSION": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    moved_small, moved_big = map(int, r.stdout.split())
-    assert moved_small == 0 and moved_big > 0, (moved_small, moved_big)
+    moved_small, moved_big, moved_fresh = map(int, r.stdout.split())
+    assert moved_small == 0 and moved_big > 0 and moved_fresh > 0, (moved_small, moved_big, moved_fresh)
