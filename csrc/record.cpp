@@ -207,7 +207,7 @@ struct DenseCopy {
   }
 };
 
-// Checks, claims and copies, without Python objects (the caller released the GIL).
+// Checks, claims and copies, without Python objects (the caller may have released the GIL).
 template <typename count_t>
 int64_t record(const int64_t* index, const int64_t* views, const int64_t* lengths, bool left,
                int64_t B, int64_t cap, count_t* count, int64_t* token_len,
