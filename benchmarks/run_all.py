@@ -67,8 +67,11 @@ def _written(path: str) -> float:
     """When a results file was written: its last commit's time if git holds it unchanged (a fresh
     clone's files all carry the clone's time), else its modification time."""
     git = ["git", "-C", os.path.dirname(path)]
-    unchanged = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", path], capture_output=True).returncode == 0
-    committed = subprocess.run([*git, "log", "-1", "--format=%ct", "--", path], capture_output=True, text=True).stdout.strip()
+    try:
+        unchanged = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", path], capture_output=True).returncode == 0
+        committed = subprocess.run([*git, "log", "-1", "--format=%ct", "--", path], capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on this machine
+        return os.path.getmtime(path)
     return float(committed) if unchanged and committed else os.path.getmtime(path)
 
 
