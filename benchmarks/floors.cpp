@@ -146,7 +146,8 @@ torch::Tensor scatter_rows(torch::Tensor dst, const std::vector<torch::Tensor>& 
     TORCH_CHECK(indices[k].dtype() == torch::kInt64 && indices[k].numel() == B, "scatter_rows: int64 indices of B items");
     const int64_t* index = indices[k].data_ptr<int64_t>();
     const auto start = std::chrono::steady_clock::now();
-    const auto touch = [&](int64_t b) {
+    // always_inline, as record.cpp's: GCC deletes calls of a function whose only effect is a prefetch.
+    const auto touch = [&](int64_t b) __attribute__((always_inline)) {
       if (b < B) {
         __builtin_prefetch(out + index[b] * row, 1);
         __builtin_prefetch(out + index[b] * row + row - 1, 1);

@@ -39,6 +39,14 @@ namespace py = pybind11;
 namespace provcollate {
 namespace {
 
+#if defined(__GNUC__) || defined(__clang__)
+#define PC_INLINE inline __attribute__((always_inline))
+#define PC_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define PC_INLINE inline
+#define PC_INLINE_LAMBDA
+#endif
+
 constexpr int64_t kHandBack = -1;  // internal: the batch goes back to the general path
 constexpr int64_t kReleaseBytes = int64_t{1} << 16;  // a pass over fewer source bytes keeps the GIL
 
@@ -179,6 +187,11 @@ void populate(char* begin, int64_t bytes) {
 // bytes do in 3 of 5 slots) a few rows before its copy, which keeps a steady number of misses
 // in flight; touching them all at once instead stalls on the misses queued first. Rows of whole
 // 8-byte words up to 128 bytes are copied inline rather than by a libc call per row.
+//
+// The touches must be inlined where they are used (PC_INLINE): GCC finds a function whose only
+// effect is a prefetch free of side effects and deletes its calls, and GCC 12 did so to the
+// lambda that called touch() before it was inlined: no row was ever prefetched (objdump showed
+// the count's prefetch alone in record_batch).
 struct DenseCopy {
   char* dst;
   const char* src;
@@ -187,7 +200,7 @@ struct DenseCopy {
 
   DenseCopy(char* d, const char* s, int64_t r) : dst(d), src(s), row(r), words(r % 8 == 0 && r <= 128 ? r / 8 : 0) {}
 
-  void touch(int64_t slot) const {
+  PC_INLINE void touch(int64_t slot) const {
     __builtin_prefetch(dst + slot * row, 1);
     __builtin_prefetch(dst + slot * row + row - 1, 1);
   }
@@ -206,6 +219,52 @@ struct DenseCopy {
     }
   }
 };
+
+// The dense outputs a pass copies as it claims: one (held by value) or any number.
+struct OneDense {
+  DenseCopy d;
+  PC_INLINE void touch(int64_t slot) const { d.touch(slot); }
+  PC_INLINE void copy(int64_t b, int64_t slot) const { d.copy(b, slot); }
+};
+struct ManyDense {
+  const DenseCopy* begin;
+  const DenseCopy* end;
+  PC_INLINE void touch(int64_t slot) const {
+    for (const DenseCopy* d = begin; d != end; ++d) d->touch(slot);
+  }
+  PC_INLINE void copy(int64_t b, int64_t slot) const {
+    for (const DenseCopy* d = begin; d != end; ++d) d->copy(b, slot);
+  }
+};
+
+// Claims the slots index[0..B) in turn, copying each one's dense rows as it is claimed: the
+// misses of the counts and of the rows they land in overlap. Stops at the first slot outside
+// the storage or recorded already (before, or earlier in this batch) and returns its position
+// (B if every slot was claimed); the claims made by then are the caller's to undo.
+template <typename count_t, typename Rows>
+int64_t claim_rows(const int64_t* index, int64_t B, int64_t cap, count_t* count, const Rows rows) {
+  // Slots are random: their counts and rows are cache misses, touched a few slots ahead.
+  constexpr int64_t kCountAhead = 16, kRowAhead = 12;
+  const auto touch = [&](int64_t b) PC_INLINE_LAMBDA {
+    if (b < B) {
+      const int64_t slot = index[b];
+      if (slot >= 0 && slot < cap) rows.touch(slot);
+    }
+  };
+  for (int64_t b = 0; b < kRowAhead; ++b) touch(b);
+  for (int64_t b = 0; b < B; ++b) {
+    if (b + kCountAhead < B) {
+      const int64_t ahead = index[b + kCountAhead];
+      if (ahead >= 0 && ahead < cap) __builtin_prefetch(count + ahead, 1);
+    }
+    touch(b + kRowAhead);
+    const int64_t slot = index[b];
+    if (slot < 0 || slot >= cap || count[slot] != 0) return b;
+    count[slot] = 1;
+    rows.copy(b, slot);
+  }
+  return B;
+}
 
 // Checks, claims and copies, without Python objects (the caller may have released the GIL).
 template <typename count_t>
@@ -248,30 +307,13 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   for (const Output& o : outputs) {
     if (!o.per_token && o.row > 0) dense.emplace_back(o.dst, static_cast<const char*>(o.src.const_data_ptr()), o.row);
   }
-  // Slots are random: their counts and rows are cache misses, touched a few slots ahead.
-  constexpr int64_t kCountAhead = 16, kRowAhead = 12;
-  const auto touch = [&](int64_t b) {
-    if (b < B) {
-      const int64_t slot = index[b];
-      if (slot >= 0 && slot < cap) {
-        for (const DenseCopy& d : dense) d.touch(slot);
-      }
-    }
-  };
-  for (int64_t b = 0; b < kRowAhead; ++b) touch(b);
-  for (int64_t b = 0; b < B; ++b) {
-    if (b + kCountAhead < B) {
-      const int64_t ahead = index[b + kCountAhead];
-      if (ahead >= 0 && ahead < cap) __builtin_prefetch(count + ahead, 1);
-    }
-    touch(b + kRowAhead);
-    const int64_t slot = index[b];
-    if (slot < 0 || slot >= cap || count[slot] != 0) {
-      release(b);
-      return kHandBack;
-    }
-    count[slot] = 1;
-    for (const DenseCopy& d : dense) d.copy(b, slot);
+  // The seed article's one output is copied from a local: its pointers and sizes then stay in
+  // registers (every row store is through a char*, which may alias anything in memory).
+  const int64_t claimed = dense.size() == 1 ? claim_rows(index, B, cap, count, OneDense{dense[0]})
+                                            : claim_rows(index, B, cap, count, ManyDense{dense.begin(), dense.end()});
+  if (claimed < B) {
+    release(claimed);
+    return kHandBack;
   }
   for (const Output& o : outputs) {
     if (o.per_token && o.used + total > o.dst_rows) {
