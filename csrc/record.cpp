@@ -307,8 +307,9 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   for (const Output& o : outputs) {
     if (!o.per_token && o.row > 0) dense.emplace_back(o.dst, static_cast<const char*>(o.src.const_data_ptr()), o.row);
   }
-  // The seed article's one output is copied from a local: its pointers and sizes then stay in
-  // registers (every row store is through a char*, which may alias anything in memory).
+  // The seed article's one output is held by value: a row store through a char* may alias
+  // anything in memory but a local whose address is never taken, so its pointers and sizes
+  // need not be reloaded after each row.
   const int64_t claimed = dense.size() == 1 ? claim_rows(index, B, cap, count, OneDense{dense[0]})
                                             : claim_rows(index, B, cap, count, ManyDense{dense.begin(), dense.end()});
   if (claimed < B) {

@@ -572,12 +572,12 @@ def test_compiled_pass_releases_the_gil_only_for_big_copies():
         # the first adds fix the layout and plan the compiled pass (their torch ops release the GIL)
         for k in range(2):
             small.add(torch.arange(256 * k, 256 * k + 256), torch.ones(256, 10))
-            big.add(torch.arange(4 * k, 4 * k + 4), torch.ones(4, 1 << 16))
-        fresh.add(torch.arange(0, 1_000_000, 4096), torch.ones(245, 10))  # fixes the layout only
-        fresh_index, fresh_rows = torch.arange(1, 1_000_000, 4096), torch.ones(245, 10)
+            big.add(torch.arange(4 * k, 4 * k + 4), torch.ones(4, 1 << 18))
+        fresh.add(torch.arange(245), torch.ones(245, 10))  # fixes the layout, touching its first page only
+        fresh_index, fresh_rows = torch.arange(245, 1_000_000, 4096), torch.ones(245, 10)
         # made before the busy thread starts: torch ops release the GIL too
         small_index, small_rows = torch.arange(512, 256 * 102).split(256), torch.ones(256, 10)
-        big_index, big_rows = torch.arange(8, 16), torch.ones(8, 1 << 16)
+        big_index, big_rows = torch.arange(8, 24), torch.ones(16, 1 << 18)
         t = threading.Thread(target=busy, daemon=True)
         t.start()
         time.sleep(0.05)  # the busy thread holds the GIL; main waits a switch interval to get it back
@@ -587,16 +587,16 @@ def test_compiled_pass_releases_the_gil_only_for_big_copies():
         moved_small = count[0] - before
         time.sleep(0.05)
         before = count[0]
-        big.add(big_index, big_rows)  # one pass of 2 MiB
+        big.add(big_index, big_rows)  # one pass of 16 MiB
         moved_big = count[0] - before
         time.sleep(0.05)
         before = count[0]
-        fresh.add(fresh_index, fresh_rows)  # 10 KB, but the first compiled pass into 40 MB of fresh pages
+        fresh.add(fresh_index, fresh_rows)  # 10 KB, but the first compiled pass: it faults in 40 MB of fresh pages
         moved_fresh = count[0] - before
         stop[0] = True
         t.join()
-        assert bool((small.result().tensor()[:256 * 102] == 1).all()) and bool((big.result().tensor()[:16] == 1).all())
-        assert bool((fresh.result().tensor()[1::4096] == 1).all())
+        assert bool((small.result().tensor()[:256 * 102] == 1).all()) and bool((big.result().tensor()[:24] == 1).all())
+        assert bool((fresh.result().tensor()[245::4096] == 1).all()) and bool((fresh.result().tensor()[:245] == 1).all())
         print(moved_small, moved_big, moved_fresh)
     """)], capture_output=True, text=True, timeout=120, env={**os.environ, "PROVCOLLATE_EXTENSION": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
