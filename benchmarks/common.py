@@ -1,6 +1,6 @@
 """Helpers shared by provcollate's benchmark scripts: the machine, timing, markdown results.
 
-    machine()                      -> dict: CPU model, cores, torch threads, versions, allocator policy
+    machine()                      -> dict: CPU model, caches, cores, torch threads, versions, allocator policy
     set_allocator(policy)          -> pins glibc malloc to "reuse" or "fresh" memory (see ALLOCATORS)
     median_time(fn, min_run_time)  -> median seconds of one call of fn (torch.utils.benchmark)
     cold_median_time(fn, calls)    -> the same with the caches flushed before every call (untimed)
@@ -51,6 +51,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _caches() -> str:
+    """cpu0's data and unified caches from sysfs, e.g. "L1d 48K, L2 1024K, L3 32768K" ("" where sysfs lacks them).
+
+    Recorder numbers depend on them: whether a result's random rows and counts stay in L2 or L3.
+    """
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    found = []
+    try:
+        for name in sorted(n for n in os.listdir(root) if n.startswith("index")):
+            fields = {}
+            for field in ("level", "type", "size"):
+                with open(os.path.join(root, name, field)) as f:
+                    fields[field] = f.read().strip()
+            if fields["type"] != "Instruction":
+                found.append(f"L{fields['level']}{'d' if fields['type'] == 'Data' else ''} {fields['size']}")
+    except OSError:
+        return ""
+    return ", ".join(found)
+
+
 def set_allocator(policy: str) -> None:
     """Pin glibc malloc (which torch's CPU allocator calls) to one of ALLOCATORS, for the whole process."""
     global _allocator
@@ -70,11 +90,12 @@ def set_allocator(policy: str) -> None:
 
 
 def machine() -> dict:
-    """What the numbers were measured on: CPU model, cores, torch threads, versions, allocator policy."""
+    """What the numbers were measured on: CPU model, its caches, cores, torch threads, versions, allocator policy."""
     import provcollate
 
     return {
         "cpu": _cpu_model(),
+        "caches": _caches(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -179,7 +200,7 @@ def write_markdown(path: str, title: str, sections: Sequence[str], machine_info:
     head = [
         f"# {title}",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"Machine: {m['cpu']}" + (f" ({m['caches']})" if m.get("caches") else "") + f", {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"Python {m['python']}, provcollate {m['provcollate']}"
         + (f", load average {m['load_average']} when it started" if m.get("load_average") is not None else "")
         + ("" if m["provcollate_compiled"] else " (reference fallback: extension not compiled)"),
