@@ -521,6 +521,8 @@ class TokenRows:
         self.used = 0  # rows used in the last chunk
         self.rows = 0  # rows handed out in all chunks
         self.starts = np.zeros((0, 1), np.int64)  # [capacity, V]: each slot's first global row
+        # lay_out's plan: slots in increasing order and their row offsets in chunk 0 ([E + 1]).
+        self.plan: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     def grown(self, old: Tuple[int, int], new: Tuple[int, int]) -> np.ndarray:
         starts = np.zeros(new, np.int64)
@@ -555,6 +557,31 @@ class TokenRows:
         chunk, start, base = self.reserve(rows.shape[0])
         chunk[start:start + rows.shape[0]].copy_(rows)
         return base + start
+
+    def lay_out(self, slots: np.ndarray, lengths: np.ndarray) -> None:
+        """Plan one chunk of exactly these slots' rows, in slot order (the order a result lists
+        them), for :meth:`place` to fill in any order: a store read back from shards then holds
+        each per-token column as a result takes it, with no copy and no spare rows.
+        ``slots`` distinct, increasing; only for a TokenRows that holds no rows yet."""
+        offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int64)
+        total = int(offsets[-1])
+        chunk = huge_pages(torch.empty((total, *self.spec.shape), dtype=self.spec.dtype, device=self.device))
+        self.chunks, self.bases, self.used, self.rows = [chunk], [0], total, total
+        self.plan = (slots, offsets)
+
+    def place(self, slots: np.ndarray, rows: torch.Tensor, lengths: np.ndarray) -> np.ndarray:
+        """Copy jagged ``rows`` (entry e: ``lengths[e]`` rows, for ``slots[e]``) to the rows the plan
+        gave those slots, or to fresh rows where it gave them none or other lengths (shards that
+        changed since they were planned from); returns each entry's first global row."""
+        if self.plan is not None and len(slots) and len(self.plan[0]):
+            planned, offsets = self.plan
+            at = np.minimum(np.searchsorted(planned, slots), len(planned) - 1)
+            if np.array_equal(planned[at], slots) and np.array_equal(offsets[at + 1] - offsets[at], lengths):
+                starts = offsets[at]
+                where = to_device(row_positions(starts, lengths), self.device)
+                self.chunks[0].index_copy_(0, where, rows)
+                return starts
+        return self.append(rows) + exclusive_cumsum(lengths)
 
     def gather(self, starts: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
         if not self.chunks or not len(starts):
@@ -906,6 +933,20 @@ class Store:
                 columns[name] = rows if everything else rows.index_select(0, flat_t)
         return SlotBlock(index, view, count, lengths, columns)
 
+    def lay_out(self, slots: np.ndarray, lengths: np.ndarray) -> bool:
+        """Plan every per-token column of a store that holds no rows yet for exactly these slots
+        (see :meth:`TokenRows.lay_out`), if no slot repeats in ``slots`` (``lengths``: their
+        token lengths); False, planning nothing, if one does or there is nothing to plan."""
+        if not self.tokens or any(rows.chunks for rows in self.tokens.values()) or not len(slots):
+            return False
+        order = np.argsort(slots, kind="stable")
+        slots, lengths = slots[order], lengths[order]
+        if np.any(slots[1:] == slots[:-1]):
+            return False
+        for rows in self.tokens.values():
+            rows.lay_out(slots, lengths)
+        return True
+
     def absorb(self, block: SlotBlock, source: str, repeat_hint: str = "") -> None:
         """Merge ``block`` under ``on_duplicate``, as a batch added now would be; ``source`` names it in errors.
 
@@ -938,7 +979,7 @@ class Store:
                 if keep is not None:
                     offsets = exclusive_cumsum(block.lengths)
                     col = col.index_select(0, to_device(row_positions(offsets[keep], lengths), col.device))
-                starts[name] = self.tokens[name].append(col.to(self.device)) + exclusive_cumsum(lengths)
+                starts[name] = self.tokens[name].place(kept, col.to(self.device), lengths)
             else:
                 rows = col if keep_rows is None else col.index_select(0, keep_rows.to(col.device))
                 self.dense[name].rows.index_copy_(0, kept_t, rows.to(self.device))

@@ -755,7 +755,12 @@ class Predictions:
         shards written by :meth:`Recorder.write` on any number of ranks, merged in dataset order
         under the shards' ``on_duplicate`` (or this one), a row group at a time. What was read
         (entries, source) is logged on the ``provcollate`` logger at INFO; ``progress=True``
-        shows a tqdm bar over the row groups read."""
+        shows a tqdm bar over the row groups read.
+
+        Reading holds the result and about one row group (4 MiB as written) besides. Where no
+        item repeats across the shards, each per-token output is read into one block in dataset
+        order (planned from the shards' index and length columns first), so :meth:`jagged`
+        returns it without a copy."""
         if os.path.isdir(path):
             store, ranks, files = shards.read(path, on_duplicate, progress=progress)
             preds = cls._from_table(store.columns("Predictions.read", ranks=ranks, shards=files))

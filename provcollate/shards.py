@@ -24,6 +24,7 @@ lowest rank, and within a rank the earliest write; ``"last"`` the highest rank's
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -42,7 +43,7 @@ __all__ = ["Stream", "write", "read", "resume", "shard_files"]
 _META_KEY = b"provcollate.shard"
 _FORMAT = 1
 _NAME = re.compile(r"^part-r(\d{5,})-(\d{6,})\.parquet$")
-_GROUP_BYTES = 16 << 20  # bytes of one row group: what reading holds besides the result
+_GROUP_BYTES = 4 << 20  # bytes of one row group: what reading holds besides the result
 _SETTINGS = ("on_duplicate", "views", "num_items")
 _INTS = ("index", "view", "count", "length")  # bookkeeping columns: sorted or small, delta-packed to a few bits
 
@@ -191,7 +192,8 @@ def _column(table, out: Dict[str, Any], n: int, lengths: Optional[np.ndarray], f
     row = _row_bytes(out)
     if not row:
         return torch.empty((rows, *shape), dtype=dtype)
-    array = table.column(out["name"]).combine_chunks()
+    column = table.column(out["name"])
+    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combine_chunks copies even one
     buffers = array.buffers()
     if out["per_token"]:
         offsets = np.frombuffer(buffers[1], np.int64)[array.offset:array.offset + n + 1]
@@ -227,12 +229,33 @@ def _blocks(file: str, meta: Dict[str, Any], owner: str, values: bool = True) ->
             count = np.array(table.column("count").to_numpy()) if "count" in names else None
             lengths = np.array(table.column("length").to_numpy()) if "length" in names else None
             columns = {o["name"]: _column(table, o, len(index), lengths, file, owner) for o in meta["outputs"]} if values else {}
+        del table  # the block's columns hold the buffers they use, and nothing here outlives the block
         yield SlotBlock(index, view, count, lengths, columns)
+        del columns
 
 
 def _grow_to(store: Store, metas: List[Dict[str, Any]]) -> None:
     """Size ``store`` once for every shard's largest index and view."""
     store.ensure(max(m["max_index"] for m in metas), max(m["max_view"] for m in metas))
+
+
+def _lay_out(store: Store, files: List[str], metas: List[Dict[str, Any]], owner: str,
+             extra: Optional[SlotBlock] = None) -> None:
+    """Plan the per-token rows of a fresh ``store`` that will absorb these shards (and ``extra``)
+    (see :meth:`Store.lay_out`) from their bookkeeping columns alone (a few bytes an entry): read
+    back, the rows then sit in the order a result lists them, so ``jagged()`` takes them as
+    they are instead of gathering a copy. Nothing is planned if an item repeats."""
+    if not store.tokens:
+        return
+    slots, lengths = [], []
+    blocks = (block for file, meta in zip(files, metas) for block in _blocks(file, meta, owner, values=False))
+    for block in itertools.chain(blocks, [extra] if extra is not None else []):
+        if block.lengths is None:
+            return
+        slots.append(store.table.slots(block.index, block.view))
+        lengths.append(block.lengths)
+    if slots:
+        store.lay_out(np.concatenate(slots), np.concatenate(lengths))
 
 
 def _records(meta: Dict[str, Any]) -> int:
@@ -242,8 +265,11 @@ def _records(meta: Dict[str, Any]) -> int:
 
 def _absorb_file(store: Store, file: str, meta: Dict[str, Any], owner: str, tick=None) -> None:
     extra = _records(meta) - int(meta["entries"])
+    pool = _pyarrow()[0].default_memory_pool()
     for block in _blocks(file, meta, owner):
         store.absorb(block, f"{owner}: {file}")
+        del block
+        pool.release_unused()  # the row group's buffers, before the next one's
         if tick is not None:
             tick()
     store.records += extra
@@ -332,11 +358,13 @@ class Stream:
         merged = store.empty_like()
         if store.specs is None:
             return merged
-        for file in self.owned:
-            _absorb_file(merged, file, _meta(file, owner), owner)
         store.staging.drain(wait=True)
         block = store.extract(self.unwritten(store))
         block.records = max(len(block), store.records - self.flushed)
+        metas = [_meta(file, owner) for file in self.owned]
+        _lay_out(merged, self.owned, metas, owner, block)
+        for file, meta in zip(self.owned, metas):
+            _absorb_file(merged, file, meta, owner)
         merged.absorb(block, f"{owner}: recorded since the last write")
         return merged
 
@@ -431,6 +459,7 @@ def read(path, on_duplicate: Optional[str] = None, progress: bool = False) -> Tu
     store = Store(common["num_items"], torch.device("cpu"), policy, common["views"])
     store.setup(specs_from_meta(common["outputs"]), common["single"], owner)
     _grow_to(store, metas)
+    _lay_out(store, files, metas, owner)
     groups = sum(_row_groups(f, owner) for f in files) if progress is True else None
     counter = _progress.Counter(owner, progress, groups, "reading shards", "row group")
     try:

@@ -186,6 +186,43 @@ def test_every_writes_by_itself_and_bounds_what_is_held(tmp_path):
     assert_same(pc.Predictions.read(tmp_path), feed(pc.Recorder(num_items=200), "float", 200, size=20).result())
 
 
+@pytest.mark.parametrize("views", [1, 3])
+def test_read_back_token_rows_lie_in_result_order(tmp_path, views):
+    """Shards read back hold each per-token column in one block of exactly its rows, in the order
+    the result lists them (planned from the shards' bookkeeping columns before any row is read):
+    jagged() takes it as it is. It gathered a copy before, so reading a per-token result back
+    peaked at twice its bytes. Likewise Recorder.result() after a write, with rows still in memory."""
+    settings = {"views": "none"} if views > 1 else {}
+    n = 120
+    expected = feed(pc.Recorder(num_items=n, **settings), "tokens", n, views=views).result()
+    streamed = feed(pc.Recorder(num_items=n, **settings), "tokens", n, views=views, write=tmp_path / "all", every=50)
+    partly = pc.Recorder(num_items=n, **settings)
+    for k, (index, view) in enumerate(batches(n, 16, 0, views=views)):
+        for v in ([0] if view is None else view.unique().tolist()):
+            sel = slice(None) if view is None else view == v
+            outs, extra = outputs(index[sel], "tokens", v)
+            partly.add(index[sel], outs, **({} if view is None else {"view": v}), **extra)
+        if k == 4:
+            partly.write(tmp_path / "part")  # the rest stays in memory
+    assert partly._stream.unwritten(partly._store).size
+    for got in (pc.Predictions.read(tmp_path / "all"), streamed.result(), partly.result()):
+        assert_same(got, expected)
+        values, offsets = got.jagged("tok")
+        again, _ = got.jagged("tok")
+        assert values.data_ptr() == again.data_ptr()  # the store's own rows, not a copy per call
+        assert values.untyped_storage().nbytes() == values.numel() * values.element_size()  # and no spare ones
+        assert offsets[-1] == len(values) > 0
+
+
+def test_read_back_token_rows_with_repeats_are_gathered(tmp_path):
+    """An item in two shards (on_duplicate='last'): nothing is planned, rows are appended as
+    before and the result is right."""
+    rec = feed(pc.Recorder(num_items=40, on_duplicate="last"), "tokens", 40, repeats=10, write=tmp_path)
+    expected = feed(pc.Recorder(num_items=40, on_duplicate="last"), "tokens", 40, repeats=10).result()
+    assert_same(pc.Predictions.read(tmp_path), expected)
+    assert_same(rec.result(), expected)
+
+
 def test_write_frees_recorded_rows(tmp_path):
     rec = pc.Recorder(num_items=100)
     rec.add(torch.arange(100), torch.ones(100, 4))
