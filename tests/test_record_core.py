@@ -605,10 +605,11 @@ def test_compiled_pass_releases_the_gil_only_for_big_copies():
         t.join()
         assert bool((small.result().tensor()[:256 * 102] == 1).all())
         done = big.result()
-        assert bool((done.tensor()[done.index < 8 + 16] == 1).all())
+        assert bool((done.tensor() == 1).all()) and len(done) >= 8 + 16
         for rec in fresh:
-            got = rec.result()
-            assert bool((got.tensor()[:245] == 1).all()) and (got.index[245:] % 4096 == 245 % 4096).all()
+            got = rec.result()  # the first 245 items, and the fresh pass's where it ran
+            assert bool((got.tensor() == 1).all()) and got.index[:245].tolist() == list(range(245))
+            assert len(got) in (245, 490) and bool((got.index[245:] % 4096 == 245).all())
         print(moved_small, moved_big, moved_fresh)
     """)], capture_output=True, text=True, timeout=120, env={**os.environ, "PROVCOLLATE_EXTENSION": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
