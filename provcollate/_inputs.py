@@ -172,6 +172,14 @@ def _check_tensor(what: str, t: torch.Tensor) -> None:
         raise TypeError(f"{what} has dtype {t.dtype}, which holds no numbers to record")
 
 
+def _ragged_dim(t: torch.Tensor) -> int:
+    """The dimension of a nested jagged tensor whose size varies per item."""
+    ragged = getattr(t, "_ragged_idx", None)
+    if ragged is not None:
+        return int(ragged)
+    return next(d for d in range(1, t.dim()) if not isinstance(t.size(d), int))
+
+
 def _per_token_rows(what: str, t: torch.Tensor, slots: BatchSlots) -> Output:
     """A per-token output as padded ``[B, T, ...]`` or as rows ``[total, ...]``, checked against the batch."""
     n = len(slots.index)
@@ -179,17 +187,31 @@ def _per_token_rows(what: str, t: torch.Tensor, slots: BatchSlots) -> Output:
     if t.is_nested:
         if t.layout != torch.jagged:
             raise TypeError(f"{what} is a nested tensor of layout {t.layout}; per-token nested outputs must use layout=torch.jagged")
-        values = t.values()
-        _check_tensor(f"{what}.values()", values)
+        ragged = _ragged_dim(t)
+        if ragged != 1:
+            shape = ", ".join("j" if d == ragged else str(t.size(d)) for d in range(t.dim()))
+            raise ValueError(f"{what} is a nested jagged tensor [{shape}] whose ragged dimension is dim {ragged}; per-token rows "
+                             f"run along dim 1 (one row per position): pass it as .transpose(1, {ragged}) to record its "
+                             f"positions, or per_token=False")
         if t.size(0) != n:
             raise ValueError(f"{what} has {t.size(0)} rows but the batch has {n} items")
         if lengths is None:
             raise ValueError(f"{what} is per token but the batch has no lengths (pass lengths= or offsets= with a plain index)")
+        _check_tensor(f"{what}.values()", t.values())
+        if t.offsets().is_cpu:
+            own = (t.lengths() if t.lengths() is not None else t.offsets().diff()).numpy()
+            if not np.array_equal(own, lengths):
+                b = int(np.flatnonzero(own != lengths)[0]) if len(own) == len(lengths) else 0
+                raise ValueError(f"{what} has items of lengths {own.tolist()[:8]}{'...' if len(own) > 8 else ''} but the batch's "
+                                 f"lengths are {lengths.tolist()[:8]}{'...' if len(lengths) > 8 else ''} (first difference at item {b})")
+        if not t.is_contiguous():
+            # A view whose items lie apart inside a larger buffer (torch.nested.narrow of a padded
+            # output): values() is that whole buffer, so the items' own rows are taken out first.
+            t = t.contiguous()
+        values = t.values()
         total = int(lengths.sum())
         if values.shape[0] != total:
             raise ValueError(f"{what} holds {values.shape[0]} rows in all, but the batch's lengths add up to {total}")
-        if values.is_cpu and not np.array_equal(np.diff(t.offsets().numpy()), lengths):
-            raise ValueError(f"{what}'s offsets do not match the batch's lengths")
         return Output(values, True, jagged=True)
     _check_tensor(what, t)
     if lengths is None:

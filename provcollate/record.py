@@ -212,12 +212,16 @@ class Recorder:
     def __repr__(self) -> str:
         with self._lock:
             table = self._store.table
-            recorded = int(np.count_nonzero(table.flat))
+            held = table.count > 0  # [capacity, V]: slots recorded in memory
             if self._stream is not None and table.disk is not None:
-                recorded = int(np.count_nonzero(table.disk.reshape(-1) | (table.flat > 0)))
+                held = held | table.disk  # or in a shard
+            items = int(np.count_nonzero(held.any(1)))
             records = self._store.records
+            repeats = records - int(np.count_nonzero(held))
+            missing = "" if self.num_items is None else f", missing={self.num_items - items}"
+            again = f", repeats={repeats}" if repeats > 0 else ""
             return (f"Recorder(num_items={self.num_items}, device={str(self.device)!r}, on_duplicate={self.on_duplicate!r}, "
-                    f"views={self.views!r}, reduce={self.reduce!r}, recorded={recorded}, records={records})")
+                    f"views={self.views!r}, reduce={self.reduce!r}, recorded={items}{missing}, records={records}{again})")
 
     # ---------------------------------------------------------------------------- add
 
@@ -234,7 +238,8 @@ class Recorder:
                 ``[B, ...]`` per example; per token, ``[B, max_len, ...]`` padded as the batch
                 is, rows ``[total, ...]`` or ``[1, total, ...]`` in ``batch.offsets`` order (a
                 packed batch, or a plain index with ``offsets=``), or a ``torch.nested`` jagged
-                tensor ``[B, j, ...]`` (any batch).
+                tensor ``[B, j, ...]`` with its ragged dimension at 1 (any batch; a view such as
+                ``torch.nested.narrow`` of a padded output too: its items' own rows are read).
             per_token: ``True`` if the outputs have a position dimension to unpad with the
                 batch's lengths; for a dict, ``True`` for every key or a set of the keys that do.
             lengths: with a plain index only: the real length of each item ``[B]``, needed for

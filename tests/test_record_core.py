@@ -216,8 +216,77 @@ def test_packed_rows_of_a_wrong_shape_name_the_forms():
     with pytest.raises(ValueError, match="lengths and offsets disagree"):
         rec.add(torch.tensor([0, 1]), torch.ones(5, 2), per_token=True, offsets=[0, 3, 5], lengths=[2, 3])
     nested = torch.nested.nested_tensor_from_jagged(torch.ones(4, 2), torch.tensor([0, 1, 4]))
-    with pytest.raises(ValueError, match="holds 4 rows in all, but the batch's lengths add up to 5"):
+    with pytest.raises(ValueError, match=r"has items of lengths \[1, 3\] but the batch's lengths are \[3, 2\] \(first difference at item 0\)"):
         rec.add(packed, nested, per_token=True)
+    spare = torch.nested.nested_tensor_from_jagged(torch.ones(7, 2), torch.tensor([0, 3, 5]))  # rows past its last item
+    with pytest.raises(ValueError, match="holds 7 rows in all, but the batch's lengths add up to 5"):
+        rec.add(packed, spare, per_token=True)
+    assert len(rec.result()) == 0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_nested_views_of_a_padded_output_record_their_own_rows(side):
+    """torch.nested.narrow(padded, 1, start, lengths, layout=torch.jagged): a view whose values()
+    is the whole padded buffer; each item's rows are its own, wherever they lie in it."""
+    gen = torch.Generator().manual_seed(5)
+    data = [torch.randint(1, 50, (int(n),), generator=gen) for n in torch.randint(1, 9, (40,), generator=gen)]
+    ds = pc.Indexed(data)
+    loader = DataLoader(ds, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(1),
+                        collate_fn=pc.Collator(padding_side=side))
+    embed = torch.nn.Embedding(50, 3)
+    rec = pc.Recorder(num_items=ds)
+    refused = 0
+    with torch.no_grad():
+        for batch in loader:
+            padded = embed(batch.data)  # [B, max_len, 3]
+            lengths = batch.lengths
+            start = torch.zeros_like(lengths) if side == "right" else batch.max_len - lengths
+            nested = torch.nested.narrow(padded, 1, start, lengths, layout=torch.jagged)
+            if side == "right":
+                assert not nested.is_contiguous()
+            meant = [padded[b, start[b]:start[b] + lengths[b]] for b in range(len(lengths))]
+            if not all(torch.equal(u, m) for u, m in zip(nested.unbind(), meant)):
+                # torch's narrow took some left-padded views for contiguous ones and lost their
+                # lengths: the tensor's own items are not the rows meant, and it must be refused.
+                before = repr(rec)
+                with pytest.raises(ValueError, match="has items of lengths .* but the batch's lengths are"):
+                    rec.add(batch, nested, per_token=True)
+                assert repr(rec) == before
+                rec.add(batch, padded, per_token=True)
+                refused += 1
+                continue
+            rec.add(batch, nested, per_token=True)
+    preds = rec.result()
+    assert preds.summary().exactly_once
+    with torch.no_grad():
+        for i, d in enumerate(data):
+            assert torch.equal(preds[i], embed(d)), i
+    assert refused < len(loader)  # most batches went through the views themselves
+
+
+def test_nested_jagged_output_with_its_ragged_dim_elsewhere_is_refused():
+    rows = [torch.randn(3, 5), torch.randn(2, 5)]
+    transposed = torch.nested.nested_tensor(rows, layout=torch.jagged).transpose(1, 2)  # [2, 5, j]: 5 == 3 + 2
+    rec = pc.Recorder(num_items=2)
+    with pytest.raises(ValueError, match=r"nested jagged tensor \[2, 5, j\] whose ragged dimension is dim 2; .*transpose\(1, 2\)"):
+        rec.add(torch.arange(2), transposed, per_token=True, lengths=torch.tensor([3, 2]))
+    assert len(rec.result()) == 0
+    rec.add(torch.arange(2), transposed.transpose(1, 2), per_token=True, lengths=torch.tensor([3, 2]))
+    preds = rec.result()
+    assert torch.equal(preds[0], rows[0]) and torch.equal(preds[1], rows[1])
+
+
+def test_recorder_repr_says_what_is_missing_and_repeated():
+    rec = pc.Recorder(num_items=10)
+    rec.add(torch.arange(7), torch.zeros(7, 2))
+    assert repr(rec).endswith("recorded=7, missing=3, records=7)")
+    rec = pc.Recorder(num_items=10, on_duplicate="first", views="none")
+    rec.add(torch.tensor([0, 1, 1, 2]), torch.zeros(4, 2), view=torch.tensor([0, 0, 0, 1]))
+    rec.add(torch.tensor([2]), torch.zeros(1, 2))
+    assert repr(rec).endswith("recorded=3, missing=7, records=5, repeats=1)")  # item 2 in views 0 and 1: one item
+    rec = pc.Recorder()
+    rec.add(torch.tensor([3, 5]), torch.zeros(2))
+    assert repr(rec).endswith("recorded=2, records=2)")
 
 
 def test_packed_batches_through_a_dataloader_match_each_example_alone():
