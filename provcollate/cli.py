@@ -34,9 +34,9 @@ def summary(path: str) -> str:
         raise ValueError(f"provcollate inspect: no shards (part-r*-*.parquet) in {path!r}")
     import pyarrow.parquet as pq
 
+    preds = Predictions.read(path)  # first: it checks every shard and names a damaged one
     rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
     size = sum(os.path.getsize(f) for f in files)
-    preds = Predictions.read(path)
     s = preds.summary()
     lines = [
         f"directory: {os.path.abspath(path)}",
@@ -71,7 +71,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not os.path.isdir(args.path):
                 raise ValueError(f"provcollate export: path must be a directory of shards, got {args.path!r}")
             preds = Predictions.read(args.path)
-            preds.to_parquet(args.out)
+            try:
+                preds.to_parquet(args.out)
+            except TypeError as exc:  # an output dtype Parquet has no type for (complex): nothing is written
+                raise ValueError(f"provcollate export: {args.path} cannot be written to {args.out} as one Parquet table "
+                                 f"({exc}); read it with provcollate.Predictions.read instead") from exc
             print(f"wrote {len(preds)} entries to {args.out}")
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

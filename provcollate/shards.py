@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import re
+import stat
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -95,6 +96,11 @@ def _reading(file: str, owner: str):
 def _meta(file: str, owner: str) -> Dict[str, Any]:
     _, pq = _pyarrow()
     with _reading(file, owner):
+        mode = os.stat(file).st_mode
+        if not stat.S_ISREG(mode):  # opening a FIFO waits for a writer: refuse before any open
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a device")
+            raise ValueError(f"{owner}: {file} is {kind}, not a regular file; a shard is a file written by Recorder.write")
         raw = (pq.read_schema(file).metadata or {}).get(_META_KEY)
         if raw is None:
             raise ValueError(f"{owner}: {file} has no provcollate shard metadata; it was not written by Recorder.write")

@@ -1,4 +1,5 @@
 """``python -m provcollate inspect|export`` on a shard directory."""
+import os
 import subprocess
 import sys
 
@@ -73,3 +74,63 @@ def test_recorder_write_logs_each_shard(tmp_path, caplog):
     assert len(lines) == 2
     assert lines[0].startswith("Recorder.write: 2 entries, ") and "part-r00000-000000.parquet" in lines[0]
     assert lines[1].startswith("Recorder.write: 3 entries, ")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+@pytest.mark.parametrize("command", ["inspect", "export"])
+def test_a_damaged_shard_is_named(tmp_path, capsys, damage, command):
+    out, _ = _run(tmp_path)
+    shard = out / "part-r00000-000001.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    target = tmp_path / "preds.parquet"
+    assert cli.main([command, str(out)] + ([str(target)] if command == "export" else [])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line
+    assert str(shard) in err, err
+    assert not target.exists()
+
+
+def test_a_fifo_named_like_a_shard_is_refused_without_blocking(tmp_path):
+    out, _ = _run(tmp_path)
+    fifo = out / "part-r00000-000002.parquet"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer that never comes
+    target = tmp_path / "preds.parquet"
+    script = (
+        "import sys, provcollate as pc\n"
+        "from provcollate import cli\n"
+        "out, target = sys.argv[1:]\n"
+        "assert cli.main(['inspect', out]) == 1\n"
+        "assert cli.main(['export', out, target]) == 1\n"
+        "try:\n"
+        "    pc.Predictions.read(out)\n"
+        "except ValueError as exc:\n"
+        "    print(f'read: {exc}', file=sys.stderr)\n"
+        "else:\n"
+        "    raise AssertionError('Predictions.read accepted a FIFO')\n"
+    )
+    try:
+        proc = subprocess.run([sys.executable, "-c", script, str(out), str(target)],
+                              capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"reading a shard directory holding the FIFO {fifo} did not return within 120 s")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3, proc.stderr
+    for line in lines:
+        assert str(fifo) in line and "not a regular file" in line, line
+    assert not target.exists()
+
+
+def test_export_of_outputs_parquet_cannot_hold_is_a_one_line_error(tmp_path):
+    out = tmp_path / "out"
+    rec = pc.Recorder(num_items=2)
+    rec.add(torch.tensor([0, 1]), torch.tensor([1 + 2j, 3j], dtype=torch.complex64))
+    rec.write(out)
+    target = tmp_path / "preds.parquet"
+    proc = subprocess.run([sys.executable, "-m", "provcollate", "export", str(out), str(target)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "complex64" in proc.stderr and str(target) in proc.stderr
+    assert proc.stdout == "" and not target.exists()
