@@ -6,7 +6,7 @@
 namespace provcollate {
 
 // Adds `collate(samples, walk, leaves, left, pad_to_multiple_of, packed, pin_memory,
-// float_dtype)` to the module; provcollate/collate.py builds its plan arguments.
+// float_dtype, primary)` to the module; provcollate/collate.py builds its plan arguments.
 void bind_collate(pybind11::module_& m);
 
 }  // namespace provcollate

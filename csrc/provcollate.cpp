@@ -1,5 +1,5 @@
 // The module and the dispatcher schemas of every op. Kernels register themselves per backend
-// (cpu/, cuda/); fake kernels and autograd are registered in provcollate/ops.py.
+// (cpu/, cuda/) and autograd in autograd.cpp; fake kernels are registered in provcollate/ops.py.
 #include <torch/library.h>
 
 #include "collate.h"
