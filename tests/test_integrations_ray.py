@@ -3,10 +3,15 @@
 Every item exactly once and equal to the model run on that example alone, per example and per
 token, with preserve_order off, 2 actors, an actor killed by its first call and the task retried,
 blocks written twice and half-written files, and a resumed run that writes only what is missing.
+The python blocks of docs/ray.md run too, in order, as one script.
 """
 import os
+import re
 import shutil
+import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +24,11 @@ ray = pytest.importorskip("ray")
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 import ray.data  # noqa: E402
+from ray.util.annotations import RayDeprecationWarning  # noqa: E402
 
 from provcollate.integrations import ray as pc_ray  # noqa: E402
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "ray.md"
 
 NUM_ITEMS = 90
 VOCAB = 50
@@ -106,14 +114,21 @@ def cluster():
 
 
 def run(source, out, *, skip=None, crash_marker=None, calls=None, **predict):
-    """source -> Predict on 2 actors (half a CPU each, so reads and writes still get a CPU) -> out."""
+    """source -> Predict on 2 actors (half a CPU each, so reads and writes still get a CPU) -> out.
+
+    As docs/ray.md says: no remote arguments for retries (Ray 2.60 deprecates them), the actor pool
+    restarts a lost actor and retries its task by default; using no deprecated argument is checked.
+    """
     predict.setdefault("inputs", "tokens")
     predict.setdefault("per_token", {"tokens"})
-    source.map_batches(
-        pc_ray.Predict, fn_constructor_kwargs=dict(model=lambda: TinyModel(crash_marker, calls), skip=skip, **predict),
-        compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5, batch_size=16, batch_format="pyarrow",
-        ray_remote_args_fn=lambda: dict(max_restarts=2, max_task_retries=2),
-    ).write_parquet(str(out))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapped = source.map_batches(
+            pc_ray.Predict, fn_constructor_kwargs=dict(model=lambda: TinyModel(crash_marker, calls), skip=skip, **predict),
+            compute=ray.data.ActorPoolStrategy(size=2), num_cpus=0.5, batch_size=16, batch_format="pyarrow",
+        )
+    assert not [str(w.message) for w in caught if issubclass(w.category, RayDeprecationWarning)]
+    mapped.write_parquet(str(out))
 
 
 def test_padded_buckets_two_actors_and_a_killed_actor_retried(cluster, tmp_path):
@@ -141,13 +156,13 @@ def test_packed_max_tokens_own_id_column_and_resume(cluster, tmp_path):
     first = ray.data.read_parquet(str(src), override_num_blocks=3).filter(lambda row: row["doc"] % 3 == 0)  # a first run that stopped a third of the way
     run(first, out, **packed)
     before = set(out.glob("*.parquet"))
-    done = pc_ray.written(out, id_column="doc")
+    done = pc_ray.written(out)  # the files name their id column "doc"
     assert len(done) == len([i for i in ids if i % 3 == 0])
     run(ray.data.read_parquet(str(src), override_num_blocks=3), out, skip=ray.put(done), **packed)  # the same input again
     new = set(out.glob("*.parquet")) - before
     rerun_ids = sorted(i for f in new for i in pq.read_table(f, columns=["doc"]).column("doc").to_pylist())
     assert rerun_ids == [i for i in ids if i % 3 != 0]  # only what was missing, by id
-    preds = pc_ray.read(out, id_column="doc")  # "error": nothing written twice
+    preds = pc_ray.read(out)  # "error": nothing written twice; the id column "doc" from the files
     check_against_alone(preds, rows, ids)
 
 
@@ -255,3 +270,75 @@ def test_predict_and_written_errors():
     assert done.contains([4, 5, 7, 8, 9, 9], [0, 0, 0, 0, 0, 1]).tolist() == [False, True, True, False, False, True]
     assert (done.covers(5, 8), done.covers(5, 9), done.covers(9, 10, view=1), len(done)) == (True, False, True, 4)
     assert len(pc_ray.written(Path("/nonexistent/provcollate-out"))) == 0
+
+
+def test_read_and_written_take_the_id_column_predict_wrote(tmp_path):
+    rows = token_rows(20, seed=6)
+    ids = (500 + 3 * np.arange(20)).tolist()
+    predict = pc_ray.Predict(TinyModel, inputs="tokens", id_column="doc_id", per_token={"tokens"})
+    table = predict(pa.table({"doc_id": ids, "tokens": pa.array(rows)}))
+    assert table.column_names == ["doc_id", "view", "pooled", "tokens"]  # named as Predict's id_column, not "id"
+    pq.write_table(table.slice(0, 12), tmp_path / "a.parquet")
+    pq.write_table(table.slice(12), tmp_path / "b.parquet")
+    preds = pc_ray.read(tmp_path)
+    check_against_alone(preds, rows, ids)
+    done = pc_ray.written(tmp_path)
+    assert len(done) == 20 and done.contains(ids).all()
+    empty = predict(pa.table({"doc_id": ids[:2], "tokens": pa.array(rows[:2])}).slice(0, 0))
+    pq.write_table(empty, tmp_path / "c.parquet")  # a batch with nothing left to run names its id column too
+    assert len(pc_ray.written(tmp_path)) == 20
+    # An explicit id_column= wins over what the files say.
+    with pytest.raises(ValueError, match=r"read: .*a\.parquet has no id column 'id'; its columns are \['doc_id'"):
+        pc_ray.read(tmp_path, id_column="id")
+    with pytest.raises(ValueError, match=r"written: .*a\.parquet has no id column 'id'"):
+        pc_ray.written(tmp_path, id_column="id")
+
+
+def test_files_that_do_not_name_their_id_column_need_id_column(tmp_path):
+    rows = token_rows(6, seed=7)
+    table = pc_ray.Predict(TinyModel, inputs="tokens", per_token={"tokens"})(pa.table({"id": np.arange(6), "tokens": pa.array(rows)}))
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"provcollate.ray"}  # Predictions' own metadata only
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "plain.parquet")
+    for call in (pc_ray.read, pc_ray.written):
+        with pytest.raises(ValueError, match=r"plain\.parquet does not name its id column .*pass id_column=, one of its columns \['id', 'view'"):
+            call(tmp_path)
+    check_against_alone(pc_ray.read(tmp_path, id_column="id"), rows, list(range(6)))
+    assert len(pc_ray.written(tmp_path, id_column="id")) == 6
+
+
+def test_read_mean_refuses_integer_outputs_first_and_last_take_them(tmp_path):
+    rows = token_rows(8, seed=8)
+    model = lambda: (lambda batch: TinyModel()(batch)["pooled"].argmax(-1))  # noqa: E731  class ids, int64
+    table = pc_ray.Predict(model, inputs="tokens")(pa.table({"id": np.arange(8), "tokens": pa.array(rows)}))
+    pq.write_table(table, tmp_path / "a.parquet")
+    pq.write_table(table, tmp_path / "a-again.parquet")  # every id written twice
+    with pytest.raises(TypeError, match="on_duplicate='mean' averages floating-point outputs, got 'prediction' of dtype torch.int64"):
+        pc_ray.read(tmp_path, num_items=8, on_duplicate="mean")
+    for policy in ("first", "last"):
+        preds = pc_ray.read(tmp_path, num_items=8, on_duplicate=policy)
+        assert preds.summary().repeats == 8
+        assert preds.tensor().tolist() == [int(alone(TinyModel(), r)["pooled"].argmax()) for r in rows]
+
+
+def test_docs_ray_md_blocks_run(tmp_path):
+    """docs/ray.md's python blocks, in order, in one namespace, in a fresh process (its own local
+    Ray; a hang fails at the timeout) where a deprecated Ray argument is an error."""
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert len(blocks) >= 4 and not [b for b in blocks if b.startswith("# (sketch)")]  # every block runs
+    script = (
+        "import re, sys, warnings\n"
+        "from ray.util.annotations import RayDeprecationWarning\n"
+        "warnings.filterwarnings('error', category=RayDeprecationWarning)\n"
+        "text = open(sys.argv[1]).read()\n"
+        "namespace = {'__name__': '__main__'}\n"
+        "for k, block in enumerate(re.findall(r'```python\\n(.*?)```', text, re.S)):\n"
+        "    exec(compile(block, f'docs/ray.md block {k}', 'exec'), namespace)\n"
+        "print('ran', k + 1, 'blocks')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the cluster of this process
+    env.setdefault("RAY_TMPDIR", tempfile.gettempdir())  # Ray's sockets stay under a short path
+    env["TMPDIR"] = str(tmp_path)  # the page's tempfile.mkdtemp() directories
+    proc = subprocess.run([sys.executable, "-c", script, str(DOCS)], capture_output=True, text=True, timeout=600,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"ran {len(blocks)} blocks" in proc.stdout

@@ -9,20 +9,23 @@ id column through it instead, and reads what Ray wrote back in dataset order:
   the source files, a key that is the same on every run over the same files;
 - :class:`Predict`: the callable class for ``Dataset.map_batches``: collates each batch with a
   :class:`provcollate.Collator` (padded or packed, length-bucketed within the batch), runs the
-  model (built once per actor) and returns the columns ``id, view, <outputs>``, per-token
-  outputs unpadded as list columns;
+  model (built once per actor) and returns the columns ``<id_column>, view, <outputs>``
+  (``id, view, ...`` by default), per-token outputs unpadded as list columns;
 - :func:`read`: the Parquet files of ``write_parquet`` as :class:`provcollate.Predictions` in
   dataset order, under a :class:`provcollate.Recorder`'s duplicate policy, missing ids reported;
 - :func:`written`: the ids already in an output directory, so that a rerun skips them
   (``Predict(skip=...)``, ``read_parquet(skip=...)``): resuming is keyed by id.
 
 The columns ``Predict`` returns are :meth:`provcollate.Predictions.to_arrow`'s, with ``index``
-renamed ``id``: the schema metadata keeps every output's dtype and row shape, so reading gives
-back exactly what the model returned. See docs/ray.md.
+renamed to its ``id_column``: the schema metadata keeps every output's dtype and row shape, so
+reading gives back exactly what the model returned, and names the id column (key
+``provcollate.ray``), so that :func:`read` and :func:`written` find it without being told.
+See docs/ray.md.
 """
 from __future__ import annotations
 
 import collections.abc
+import json
 import os
 import warnings
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -39,12 +42,25 @@ import provcollate as pc
 __all__ = ["Predict", "read_parquet", "read", "written", "Written"]
 
 _INDEX = "index"  # the entry column of Predictions.to_arrow, renamed to the id column
+_META_KEY = b"provcollate.ray"  # schema metadata of Predict's tables: {"id_column": name}
 
 
 def _check_column(owner: str, name: str, value) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"{owner}: {name} must be a column name (a non-empty str), got {value!r}")
     return value
+
+
+def _id_column(owner: str, file: str, schema: pa.Schema, id_column: Optional[str]) -> str:
+    """The id column of one output file: ``id_column`` when given, else the one ``Predict`` named
+    in the file's schema metadata."""
+    if id_column is not None:
+        return id_column
+    raw = (schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ValueError(f"{owner}: {file} does not name its id column (its schema metadata has no "
+                         f"{_META_KEY.decode()!r} key, which Predict writes); pass id_column=, one of its columns {schema.names}")
+    return json.loads(raw)["id_column"]
 
 
 def _parquet_files(owner: str, path) -> List[str]:
@@ -132,14 +148,18 @@ def _readable(owner: str, file: str) -> Optional[pq.ParquetFile]:
         return None
 
 
-def written(path, *, id_column: str = "id", view_column: str = "view") -> Written:
+def written(path, *, id_column: Optional[str] = None, view_column: str = "view") -> Written:
     """The (id, view) pairs that the Parquet files under ``path`` hold: what a rerun may skip.
 
-    Reads only the id and view columns (a view column absent means view 0). ``path`` may not
-    exist yet: then nothing is written. Unreadable files (a write killed half-way) are skipped
-    with a warning, so their ids are run again.
+    Reads only the id and view columns (a view column absent means view 0). ``id_column``
+    None: the column that ``Predict(id_column=...)`` wrote, as each file's schema metadata names
+    it (ValueError naming the file when it does not: files not written from ``Predict``'s
+    columns need ``id_column=``). ``path`` may not exist yet: then nothing is written.
+    Unreadable files (a write killed half-way) are skipped with a warning, so their ids are run
+    again.
     """
-    _check_column("written", "id_column", id_column)
+    if id_column is not None:
+        _check_column("written", "id_column", id_column)
     _check_column("written", "view_column", view_column)
     if isinstance(path, (str, os.PathLike)) and not os.path.exists(path):
         return Written(np.zeros(0, np.int64))
@@ -149,10 +169,11 @@ def written(path, *, id_column: str = "id", view_column: str = "view") -> Writte
         if pf is None:
             continue
         names = pf.schema_arrow.names
-        if id_column not in names:
-            raise ValueError(f"written: {file} has no id column {id_column!r}; its columns are {names}")
-        table = pf.read(columns=[c for c in (id_column, view_column) if c in names])
-        ids.append(table.column(id_column).to_numpy())
+        id_name = _id_column("written", file, pf.schema_arrow, id_column)
+        if id_name not in names:
+            raise ValueError(f"written: {file} has no id column {id_name!r}; its columns are {names}")
+        table = pf.read(columns=[c for c in (id_name, view_column) if c in names])
+        ids.append(table.column(id_name).to_numpy())
         views.append(table.column(view_column).to_numpy() if view_column in names else np.zeros(table.num_rows, np.int64))
     if not ids:
         return Written(np.zeros(0, np.int64))
@@ -335,8 +356,10 @@ class Predict:
     4. records the outputs (a tensor, or a dict of tensors: ``[B, ...]`` per example, ``[B, T, ...]``
        per token, or with a packed Collator ``[total, ...]`` in ``batch.offsets`` order) with a
        :class:`provcollate.Recorder`, which unpads per-token ones;
-    5. returns a ``pyarrow.Table`` of the columns ``id``, ``view``, then one per output: per-token
-       outputs are list columns of each row's real positions only.
+    5. returns a ``pyarrow.Table`` of the columns ``id_column``, ``view``, then one per output:
+       per-token outputs are list columns of each row's real positions only. Its schema metadata
+       names ``id_column``, so :func:`read` and :func:`written` of what ``write_parquet`` made
+       of it need no ``id_column=``.
 
     Args:
         model: a factory, called once per actor, returning the model: a callable taking a
@@ -344,7 +367,7 @@ class Predict:
         inputs: the column (a str) or columns (a list) given to the model; None: every column
             but the id and view columns.
         id_column: the int column holding each row's id (from :func:`read_parquet`, or one of
-            the data's own, such as a document number).
+            the data's own, such as a document number); the output's id column has this name too.
         view_column: an int column of test-time-augmentation view ids; None: every row is view 0.
         per_token: as :meth:`provcollate.Recorder.add`: True, or the set of output names, for
             outputs with a position dimension.
@@ -369,6 +392,7 @@ class Predict:
         if bucket_size is not None and max_tokens is not None:
             raise ValueError(f"Predict: give bucket_size or max_tokens, not both (got {bucket_size} and {max_tokens})")
         self.id_column = _check_column("Predict", "id_column", id_column)
+        self._meta = json.dumps({"id_column": id_column}).encode()
         self.view_column = None if view_column is None else _check_column("Predict", "view_column", view_column)
         if inputs is not None and not isinstance(inputs, str):
             inputs = list(inputs)
@@ -419,7 +443,8 @@ class Predict:
             if not keep.all():
                 table, ids = table.filter(pa.array(keep)), ids[keep]
         if table.num_rows == 0:
-            return pa.table({self.id_column: pa.array([], pa.int64()), "view": pa.array([], pa.int64())})
+            empty = pa.table({self.id_column: pa.array([], pa.int64()), "view": pa.array([], pa.int64())})
+            return empty.replace_schema_metadata({_META_KEY: self._meta})
         samples = self._samples(table)
         # Rows are recorded under their position in this batch: the Recorder's storage is then
         # the batch's size, whatever the ids are (a billion, or sparse).
@@ -430,7 +455,8 @@ class Predict:
                 recorder.add(collated, self.model(collated), per_token=self.per_token)
         out = recorder.result().to_arrow()
         entries = out.column(_INDEX).to_numpy()
-        return out.set_column(out.schema.get_field_index(_INDEX), self.id_column, pa.array(ids[entries]))
+        out = out.set_column(out.schema.get_field_index(_INDEX), self.id_column, pa.array(ids[entries]))
+        return out.replace_schema_metadata({**out.schema.metadata, _META_KEY: self._meta})
 
 
 def _lengths(samples: List[pc.Sample], field: str) -> List[int]:
@@ -472,7 +498,7 @@ def _add_entries(recorder: pc.Recorder, preds: pc.Predictions, rows_per_add: int
                      view=None if view is None else view[start:stop])
 
 
-def read(path, num_items=None, *, on_duplicate: str = "error", views: str = "mean", id_column: str = "id",
+def read(path, num_items=None, *, on_duplicate: str = "error", views: str = "mean", id_column: Optional[str] = None,
          view_column: str = "view", rows_per_add: int = 65536) -> pc.Predictions:
     """The predictions that ``Predict`` -> ``write_parquet`` left under ``path``, in dataset order.
 
@@ -483,17 +509,22 @@ def read(path, num_items=None, *, on_duplicate: str = "error", views: str = "mea
     - an (id, view) written more than once (a rerun without ``skip``, two drivers on one job, a
       block copied twice) is resolved by ``on_duplicate``: ``"error"`` raises ValueError naming
       the file and the id, ``"first"`` keeps the oldest file's value, ``"last"`` the newest's,
-      ``"mean"`` averages them; never doubled;
+      ``"mean"`` averages them (floating-point outputs only: integer or bool outputs, such as
+      class ids, raise TypeError; use ``"first"`` or ``"last"`` for those); never doubled;
     - ``result.missing()`` lists the ids of ``range(num_items)`` that no file holds (give
       ``num_items``: the number of input rows, or an Indexed dataset);
     - a file that is not readable Parquet (a write killed half-way) is skipped with a warning,
       so its ids come out missing and a resumed run writes them again.
 
+    ``id_column`` None: the column that ``Predict(id_column=...)`` wrote, as each file's schema
+    metadata names it (ValueError naming the file when it does not); a name: that column.
+
     Memory: the result (dense per-example outputs, per-token rows) plus one row group; rows
     go to the Recorder ``rows_per_add`` entries at a time, per-token ones as they are stored
     (``offsets=``), never padded.
     """
-    _check_column("read", "id_column", id_column)
+    if id_column is not None:
+        _check_column("read", "id_column", id_column)
     _check_column("read", "view_column", view_column)
     if isinstance(rows_per_add, bool) or not isinstance(rows_per_add, int) or rows_per_add < 1:
         raise ValueError(f"read: rows_per_add must be an int >= 1, got {rows_per_add!r}")
@@ -504,11 +535,12 @@ def read(path, num_items=None, *, on_duplicate: str = "error", views: str = "mea
         pf = _readable("read", file)
         if pf is None:
             continue
+        id_name = _id_column("read", file, pf.schema_arrow, id_column)
         for g in range(pf.metadata.num_row_groups):
             table = pf.read_row_group(g)
-            if id_column not in table.column_names:
-                raise ValueError(f"read: {file} has no id column {id_column!r}; its columns are {table.column_names}")
-            names = [_INDEX if n == id_column else "view" if n == view_column else n for n in table.column_names]
+            if id_name not in table.column_names:
+                raise ValueError(f"read: {file} has no id column {id_name!r}; its columns are {table.column_names}")
+            names = [_INDEX if n == id_name else "view" if n == view_column else n for n in table.column_names]
             # Ray concatenates blocks into row groups: sorted, they are a valid Predictions (increasing keys).
             order = [(n, "ascending") for n in (_INDEX, "view") if n in names]
             table = table.rename_columns(names).sort_by(order).replace_schema_metadata(table.schema.metadata)
