@@ -455,7 +455,7 @@ def add_floor(items: int, sizes: dict, seed: int, rounds: int, floors) -> float:
     best = float("inf")
     for _ in range(rounds):
         # storage as the Recorder's: fresh, with the same huge-page advice
-        dst = pc._store.huge_pages(torch.empty(items, *out.shape[1:], dtype=out.dtype))
+        dst = pc.store.huge_pages(torch.empty(items, *out.shape[1:], dtype=out.dtype))
         took = floors.scatter_rows(dst, index, out)[1:]  # the first batch faults the storage in, as add's first does
         assert torch.equal(dst[index[0]], out) and torch.equal(dst[index[-1]], out), "scatter_rows copied wrong rows"
         best = min(best, float(took.median()))

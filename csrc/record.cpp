@@ -1,5 +1,5 @@
 // Recorder.add in one compiled pass: the batch is checked against the Store's host bookkeeping
-// (provcollate/_store.py), its slots are claimed and its rows copied into host storage, with the
+// (provcollate/store/), its slots are claimed and its rows copied into host storage, with the
 // GIL released. It takes only the batches that need none of the general path's work (growth,
 // repeats, views, reductions, outputs or storage on a GPU) and hands every other one back
 // untouched, for that path to do the work or raise the error: the messages live in one place.
@@ -7,8 +7,10 @@
 // Python meets C++ through two named records:
 //   Targets: where each output goes (the dense rows [cap, ...] per example; per token each
 //            slot's first row `starts` [cap, 1] and, set before each pass, the last chunk with
-//            its first free row and global first row), and the slot table's `count` [cap, 1]
-//            and `token_len` [cap, 1]. Made once per storage layout (FastPath.plan).
+//            its `cursor` (TokenRows.cursor: [first free row, rows handed out], which a pass
+//            advances as it claims the rows it then writes) and global first row), and the slot
+//            table's `count` [cap, 1] and `token_len` [cap, 1]. Made once per storage layout
+//            (FastPath.refresh).
 //   Outcome: `recorded` (the batch is in), `rows` (the rows each per-token output took) and
 //            `needs_rows` (> 0: a last chunk has no room for that many rows; nothing changed).
 #include "record.h"
@@ -58,8 +60,9 @@ struct Outcome {
 
 // One per-token output's last chunk, as FastPath sets it before a pass.
 struct Chunk {
-  py::object chunk;  // a tensor, or None before the first chunk
-  int64_t used = 0;
+  py::object chunk;   // a tensor, or None before the first chunk
+  py::object cursor;  // int64 numpy [2]: rows used in the chunk, rows handed out in all chunks
+  int64_t* cursor_data = nullptr;
   int64_t base = 0;
 };
 
@@ -92,6 +95,7 @@ struct Output {
   char* dst = nullptr;
   int64_t dst_rows = 0;  // rows of the dense storage, or of the last chunk
   int64_t used = 0;      // per token: first free row of the last chunk
+  int64_t* cursor = nullptr;  // per token: the chunk's cursor, advanced by the rows claimed
   int64_t base = 0;      // per token: global row of the chunk's row 0
   int64_t* starts = nullptr;
 };
@@ -159,7 +163,9 @@ std::optional<Output> parse_output(const py::handle& source, const py::handle& s
     o.dst_owner = rows;
     o.dst_rows = rows.size(0);
   }
-  o.used = chunk->used;
+  if (chunk->cursor_data == nullptr) return std::nullopt;
+  o.cursor = chunk->cursor_data;
+  o.used = o.cursor[0];
   o.base = chunk->base;
   o.starts_owner = py::reinterpret_borrow<py::object>(storage);
   o.starts = reinterpret_cast<int64_t*>(host_array(o.starts_owner, cap, {8}));
@@ -325,6 +331,12 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   if (lengths != nullptr) {
     for (int64_t b = 0; b < B; ++b) token_len[index[b]] = lengths[b];
   }
+  // Claim each per-token output's rows before writing them.
+  for (Output& o : outputs) {
+    if (!o.per_token) continue;
+    o.cursor[0] += total;
+    o.cursor[1] += total;
+  }
   for (Output& o : outputs) {
     if (!o.per_token) continue;  // copied with the claims
     const char* src = static_cast<const char*>(o.src.const_data_ptr());
@@ -366,20 +378,29 @@ const int64_t* index_data(const py::object& arg, int64_t& B, py::object& owner, 
   return static_cast<const int64_t*>(a.data());
 }
 
+// An optional [B] array beside the index (views, lengths): None, or as index_data takes it.
+bool optional_data(const py::object& arg, int64_t B, const int64_t*& data, py::object& owner, at::Tensor& tensor) {
+  data = nullptr;
+  if (arg.is_none()) return true;
+  int64_t n = -1;
+  data = index_data(arg, n, owner, tensor);
+  return data != nullptr && n == B;
+}
+
 // record_rows and record_plain: `n` sources, in the Targets' output order.
-Outcome record_batch(const py::object& index_arg, const std::optional<at::Tensor>& views_arg,
-                     const std::optional<at::Tensor>& lengths_arg, bool left, const py::handle* sources, size_t n,
-                     const Targets& targets, int64_t* batch_size = nullptr) {
+Outcome record_batch(const py::object& index_arg, const py::object& views_arg, const py::object& lengths_arg, bool left,
+                     const py::handle* sources, size_t n, const Targets& targets, int64_t* batch_size = nullptr) {
   Outcome handed_back;
   if (n != targets.storage.size() || n == 0) return handed_back;
   int64_t B = 0;
-  py::object index_owner;
-  at::Tensor index;
+  py::object index_owner, views_owner, lengths_owner;
+  at::Tensor index, views_tensor, lengths_tensor;
   const int64_t* idx = index_data(index_arg, B, index_owner, index);
   if (idx == nullptr) return handed_back;
-  const at::Tensor views = views_arg ? host_index(*views_arg, B) : at::Tensor();
-  const at::Tensor lengths = lengths_arg ? host_index(*lengths_arg, B) : at::Tensor();
-  if ((views_arg && !views.defined()) || (lengths_arg && !lengths.defined())) {
+  const int64_t* view = nullptr;
+  const int64_t* lens = nullptr;
+  if (!optional_data(views_arg, B, view, views_owner, views_tensor) ||
+      !optional_data(lengths_arg, B, lens, lengths_owner, lengths_tensor)) {
     return handed_back;
   }
   // The Targets (and the arrays they hold) stay alive while the GIL is released: the caller's
@@ -398,8 +419,6 @@ Outcome record_batch(const py::object& index_arg, const std::optional<at::Tensor
     if (!o) return handed_back;
     outputs.push_back(std::move(*o));
   }
-  const int64_t* view = views.defined() ? views.const_data_ptr<int64_t>() : nullptr;
-  const int64_t* lens = lengths.defined() ? lengths.const_data_ptr<int64_t>() : nullptr;
   const bool wide = targets.count_itemsize == 4;
   // The GIL is released for a pass that copies enough for other threads to gain from it, and
   // for the first pass into new storage (its page faults can take milliseconds). A small one
@@ -428,9 +447,8 @@ Outcome record_batch(const py::object& index_arg, const std::optional<at::Tensor
   return outcome;
 }
 
-Outcome record_rows(const py::object& index_arg, const std::optional<at::Tensor>& views_arg,
-                    const std::optional<at::Tensor>& lengths_arg, bool left, const py::list& sources,
-                    const Targets& targets) {
+Outcome record_rows(const py::object& index_arg, const py::object& views_arg, const py::object& lengths_arg, bool left,
+                    const py::list& sources, const Targets& targets) {
   std::vector<py::handle> handles(sources.begin(), sources.end());
   return record_batch(index_arg, views_arg, lengths_arg, left, handles.data(), handles.size(), targets);
 }
@@ -439,7 +457,7 @@ Outcome record_rows(const py::object& index_arg, const std::optional<at::Tensor>
 // Returns the batch size, or -1: handed back, nothing changed.
 int64_t record_plain(const py::object& index_arg, const py::handle& output, const Targets& targets) {
   int64_t B = -1;
-  return record_batch(index_arg, std::nullopt, std::nullopt, false, &output, 1, targets, &B).recorded ? B : -1;
+  return record_batch(index_arg, py::none(), py::none(), false, &output, 1, targets, &B).recorded ? B : -1;
 }
 
 }  // namespace
@@ -475,15 +493,18 @@ void bind_record(py::module_& m) {
              std::vector<Chunk> next;
              for (const py::handle h : chunks) {
                const py::tuple c = py::reinterpret_borrow<py::tuple>(h);
-               if (c.size() != 3) throw py::value_error("RecordTargets.set_chunks: (chunk or None, used, base) per per-token output");
-               next.push_back(Chunk{py::reinterpret_borrow<py::object>(c[0]), c[1].cast<int64_t>(), c[2].cast<int64_t>()});
+               if (c.size() != 3) throw py::value_error("RecordTargets.set_chunks: (chunk or None, cursor, base) per per-token output");
+               Chunk chunk{py::reinterpret_borrow<py::object>(c[0]), py::reinterpret_borrow<py::object>(c[1]), nullptr,
+                           c[2].cast<int64_t>()};
+               chunk.cursor_data = reinterpret_cast<int64_t*>(host_array(chunk.cursor, 2, {8}));
+               next.push_back(std::move(chunk));
              }
              t.chunks = std::move(next);
            },
            py::arg("chunks"));
   m.def("record_rows", &record_rows, py::arg("index"), py::arg("views"), py::arg("lengths"), py::arg("left"),
         py::arg("sources"), py::arg("targets"),
-        "Recorder.add's fast path (provcollate/_store.py FastPath): checks, claims and copies one batch "
+        "Recorder.add's fast path (provcollate.store.FastPath): checks, claims and copies one batch "
         "into host storage; the RecordOutcome says whether it did, or how many rows a chunk lacks.");
   m.def("record_plain", &record_plain, py::arg("index"), py::arg("output"), py::arg("targets"),
         "record_rows(index, None, None, False, [output], targets) without building its arguments and outcome "

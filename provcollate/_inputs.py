@@ -1,23 +1,25 @@
 """What ``Recorder.add`` and ``Recorder.done`` are given, checked once at the edge.
 
-:func:`batch_slots` turns a Batch or a plain index (with ``lengths=``, ``offsets=``, ``view=``,
-``padding_side=``) into host arrays (:class:`BatchSlots`); :func:`batch_outputs` turns the
-outputs into checked :class:`provcollate._store.Output` records, reduced as the Recorder says,
-and compares them with the outputs the first add fixed. Neither changes any state: an add
-whose arguments pass both can only be refused by the duplicate policy.
+:func:`identify` turns a Batch or a plain index (with ``lengths=``, ``offsets=``, ``view=``,
+``padding_side=``) into host arrays (:class:`provcollate.store.Identity`), once for the compiled
+pass and the general path alike; :func:`checked` checks its values for the general path;
+:func:`batch_outputs` turns the outputs into checked :class:`provcollate.store.Output` records,
+reduced as the Recorder says, and compares them with the outputs the first add fixed. None of
+them changes any state: an add whose arguments pass them can only be refused by the duplicate
+policy.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
-from ._store import SINGLE, Output, Spec
 from .dataset import Sample
+from .store import SINGLE, Identity, Output, Spec
 
-__all__ = ["BatchSlots", "host_long", "index_arrays", "batch_slots", "batch_outputs", "parse_reduce", "view_ids"]
+__all__ = ["host_long", "index_arrays", "identify", "checked", "check_views", "batch_outputs", "parse_reduce", "view_ids"]
 
 
 def host_long(owner: str, name: str, value) -> np.ndarray:
@@ -61,62 +63,32 @@ def view_ids(owner: str, view, n: int) -> Optional[np.ndarray]:
     return host_long(owner, "view", view)
 
 
-class BatchSlots(NamedTuple):
-    """A batch's identity on the host: int64 arrays, checked against each other.
-
-    ``lengths`` are the items' real lengths (None without any); ``max_len`` the padded length of
-    a Batch (None for a plain index); ``jagged`` whether per-token outputs may come as rows
-    ``[total, ...]`` in item order (a packed Batch, or ``offsets=``).
-    """
-
-    index_t: Optional[torch.Tensor]
-    index: np.ndarray
-    views: Optional[np.ndarray]
-    lengths: Optional[np.ndarray]
-    left: bool
-    max_len: Optional[int]
-    jagged: bool
-
-
 def _check_lengths(owner: str, name: str, lengths: np.ndarray, n: int) -> None:
     if len(lengths) != n:
         raise ValueError(f"{owner}: {name} must have one entry per index ({n}), got {len(lengths)}")
-    if len(lengths) and lengths.min() < 0:
-        raise ValueError(f"{owner}: {name} must be >= 0, got {name}[{int(np.argmin(lengths))}] = {lengths.min()}")
 
 
-def batch_slots(owner: str, batch, lengths=None, view=None, padding_side: Optional[str] = None, offsets=None) -> BatchSlots:
-    """The identity of ``batch`` (a Batch or a plain index with its keyword arguments), checked."""
-    if isinstance(batch, Sample) or (isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Sample)):
-        raise TypeError(
-            f"{owner}: batch must be a pc.Collator batch or an index tensor [B], got "
-            f"{'a Sample of collated fields' if isinstance(batch, Sample) else type(batch).__name__ + ' of Samples'}: "
-            "the DataLoader used its default collate; pass DataLoader(..., collate_fn=pc.Collator(...))"
-        )
+def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[str] = None, offsets=None) -> Identity:
+    """The identity of ``batch`` (a Batch, or a plain index with its keyword arguments): its
+    structure checked (types, dtypes, sizes that agree); :func:`checked` checks the values."""
     if isinstance(batch, (torch.Tensor, np.ndarray, list, tuple, range)):
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Sample):
+            raise TypeError(f"{owner}: batch must be a pc.Collator batch or an index tensor [B], got {type(batch).__name__} of "
+                            "Samples: the DataLoader used its default collate; pass DataLoader(..., collate_fn=pc.Collator(...))")
         index_t, index = index_arrays(owner, "index", batch)
         item_lengths = None
         if lengths is not None:
             item_lengths = host_long(owner, "lengths", lengths)
             _check_lengths(owner, "lengths", item_lengths, len(index))
         if offsets is not None:
-            offs = host_long(owner, "offsets", offsets)
-            if len(offs) != len(index) + 1 or (len(offs) and offs[0] != 0):
-                raise ValueError(f"{owner}: offsets must be [B+1] = [{len(index) + 1}] starting at 0, got {len(offs)} entries"
-                                 + (f" starting at {offs[0]}" if len(offs) else ""))
-            from_offsets = np.diff(offs)
-            if len(from_offsets) and from_offsets.min() < 0:
-                b = int(np.argmin(from_offsets))
-                raise ValueError(f"{owner}: offsets must not decrease, got offsets[{b}] = {offs[b]} > offsets[{b + 1}] = {offs[b + 1]}")
-            if item_lengths is not None and not np.array_equal(item_lengths, from_offsets):
-                raise ValueError(f"{owner}: lengths and offsets disagree (lengths {item_lengths.tolist()[:8]}..., offsets give "
-                                 f"{from_offsets.tolist()[:8]}...); pass one of them")
-            item_lengths = from_offsets
-        views = view_ids(owner, view, len(index))
+            item_lengths = _offsets_lengths(owner, offsets, item_lengths, len(index))
         if padding_side not in (None, "right", "left"):
             raise ValueError(f"{owner}: padding_side must be 'right' or 'left', got {padding_side!r}")
-        left, max_len, jagged = padding_side == "left", None, offsets is not None
-    elif hasattr(batch, "host_index"):
+        views = view_ids(owner, view, len(index))
+        if views is not None and len(views) != len(index):
+            raise ValueError(f"{owner}: view must have one entry per index ({len(index)}), got {len(views)}")
+        return Identity(index_t, index, views, item_lengths, padding_side == "left", None, offsets is not None)
+    if hasattr(batch, "host_index"):
         for name, value in (("lengths", lengths), ("view", view), ("padding_side", padding_side), ("offsets", offsets)):
             if value is not None:
                 raise TypeError(f"{owner}: {name}= is only for a plain index; a Batch carries its own, got {name}={value!r}")
@@ -127,21 +99,53 @@ def batch_slots(owner: str, batch, lengths=None, view=None, padding_side: Option
         # A Collator batch keeps its view ids on the host too; batch.view may sit on a GPU.
         host_view = getattr(batch, "host_view", None)
         views = host_long(owner, "batch.view", batch.view if host_view is None else host_view)
-        left = batch.padding_side == "left"
-        max_len = getattr(batch, "max_len", None)
-        jagged = getattr(batch, "offsets", None) is not None
-        if item_lengths is not None and max_len is not None and len(item_lengths) and item_lengths.max() > max_len:
-            raise ValueError(f"{owner}: the batch's lengths reach {item_lengths.max()}, past its max_len {max_len}")
-    else:
-        raise TypeError(f"{owner}: batch must be a provcollate.Batch or an index tensor [B], got {type(batch).__name__}")
-    if views is not None:
         if len(views) != len(index):
             raise ValueError(f"{owner}: the batch has {len(index)} indices but {len(views)} view ids")
+        return Identity(index_t, index, views, item_lengths, batch.padding_side == "left", getattr(batch, "max_len", None),
+                        getattr(batch, "offsets", None) is not None)
+    if isinstance(batch, Sample):
+        raise TypeError(f"{owner}: batch must be a pc.Collator batch or an index tensor [B], got a Sample of collated fields: "
+                        "the DataLoader used its default collate; pass DataLoader(..., collate_fn=pc.Collator(...))")
+    raise TypeError(f"{owner}: batch must be a provcollate.Batch or an index tensor [B], got {type(batch).__name__}")
+
+
+def _offsets_lengths(owner: str, offsets, lengths: Optional[np.ndarray], n: int) -> np.ndarray:
+    """The lengths that ``offsets`` [n+1] give (checked against ``lengths`` when both are given)."""
+    offs = host_long(owner, "offsets", offsets)
+    if len(offs) != n + 1 or (len(offs) and offs[0] != 0):
+        raise ValueError(f"{owner}: offsets must be [B+1] = [{n + 1}] starting at 0, got {len(offs)} entries"
+                         + (f" starting at {offs[0]}" if len(offs) else ""))
+    from_offsets = np.diff(offs)
+    if len(from_offsets) and from_offsets.min() < 0:
+        b = int(np.argmin(from_offsets))
+        raise ValueError(f"{owner}: offsets must not decrease, got offsets[{b}] = {offs[b]} > offsets[{b + 1}] = {offs[b + 1]}")
+    if lengths is not None and not np.array_equal(lengths, from_offsets):
+        raise ValueError(f"{owner}: lengths and offsets disagree (lengths {lengths.tolist()[:8]}..., offsets give "
+                         f"{from_offsets.tolist()[:8]}...); pass one of them")
+    return from_offsets
+
+
+def checked(owner: str, ids: Identity) -> Identity:
+    """``ids`` with its values checked (lengths >= 0 and within ``max_len``, views >= 0) and its
+    views None when every one is 0. The compiled pass checks the same values itself and hands
+    back a batch that fails them, so that these messages are the only ones."""
+    lengths, views = ids.lengths, ids.views
+    if lengths is not None and len(lengths):
+        if lengths.min() < 0:
+            name = "lengths" if ids.max_len is None else "batch.host_lengths"
+            raise ValueError(f"{owner}: {name} must be >= 0, got {name}[{int(np.argmin(lengths))}] = {lengths.min()}")
+        if ids.max_len is not None and lengths.max() > ids.max_len:
+            raise ValueError(f"{owner}: the batch's lengths reach {lengths.max()}, past its max_len {ids.max_len}")
+    if views is not None:
+        check_views(owner, views)
         if not np.count_nonzero(views):
-            views = None
-        elif views.min() < 0:
-            raise ValueError(f"{owner}: view ids must be >= 0, got view {views.min()} at position {int(np.argmin(views))}")
-    return BatchSlots(index_t, index, views, item_lengths, left, max_len, jagged)
+            return ids._replace(views=None)
+    return ids
+
+
+def check_views(owner: str, views: np.ndarray) -> None:
+    if len(views) and views.min() < 0:
+        raise ValueError(f"{owner}: view ids must be >= 0, got view {views.min()} at position {int(np.argmin(views))}")
 
 
 def parse_reduce(reduce):
@@ -180,7 +184,7 @@ def _ragged_dim(t: torch.Tensor) -> int:
     return next(d for d in range(1, t.dim()) if not isinstance(t.size(d), int))
 
 
-def _per_token_rows(what: str, t: torch.Tensor, slots: BatchSlots) -> Output:
+def _per_token_rows(what: str, t: torch.Tensor, slots: Identity) -> Output:
     """A per-token output as padded ``[B, T, ...]`` or as rows ``[total, ...]``, checked against the batch."""
     n = len(slots.index)
     lengths = slots.lengths
@@ -258,7 +262,7 @@ def _reduced(reduce, reduce_text: str, key: str, out: Output, single: bool) -> D
     return {f"{prefix}values": out._replace(tensor=values), f"{prefix}indices": out._replace(tensor=indices)}
 
 
-def batch_outputs(outputs, per_token, slots: BatchSlots, reduce, reduce_text: str, specs: Optional[Dict[str, Spec]],
+def batch_outputs(outputs, per_token, slots: Identity, reduce, reduce_text: str, specs: Optional[Dict[str, Spec]],
                   on_duplicate: str, views_mode: str) -> Tuple[Dict[str, Output], Optional[Dict[str, Spec]], bool]:
     """(checked outputs after the reduction, their specs on a first add (else None), single)."""
     owner = "Recorder.add"

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from . import _progress
 from ._checks import check_int
-from ._store import SlotBlock, Store, specs_from_meta, specs_to_meta, to_device
+from .store import SlotBlock, Store, specs_from_meta, specs_to_meta, to_device
 
 __all__ = ["gather"]
 

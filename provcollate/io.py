@@ -1,5 +1,5 @@
 """Finished column tables (what :class:`provcollate.Predictions` holds) to and from Arrow,
-Parquet and pandas. This module sees only :class:`provcollate._store.ColumnTable`.
+Parquet and pandas. This module sees only :class:`provcollate.store.ColumnTable`.
 
 Arrow layout: an ``index`` column (int64), a ``view``
 column when views were kept apart, then one column per output. A per-example output with row
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._checks import io_extra
-from ._store import ColumnTable, Jagged
+from .store import ColumnTable, Jagged
 from .dataset import Indexed, Sample
 
 __all__ = ["to_arrow", "from_arrow", "to_pandas", "write_parquet", "read_parquet"]

@@ -3,7 +3,7 @@
 ``Recorder.add(batch, outputs)`` files each row of a batch's outputs under its dataset index;
 ``Recorder.result()`` hands back a :class:`Predictions`, keyed by dataset index.
 
-Both are thin public classes over the storage core (``provcollate/_store.py``), which keeps
+Both are thin public classes over the storage core (``provcollate/store/``), which keeps
 the books on the host per *slot* ``index * V + view``, so recording never waits on a GPU:
 
 - a per-example output ``[B, ...]`` is scattered to a dense tensor ``[num_items * V, ...]``
@@ -36,15 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import _inputs, _progress, distributed, io, ops, shards
+from . import _inputs, _progress, distributed, io, shards
 from ._checks import check_int
-from ._store import ON_DUPLICATE, SINGLE, VIEWS, ColumnTable, FastPath, Jagged, Store
 from .dataset import Indexed
-
-if ops.HAS_EXTENSION:
-    from ._C import RecordTargets, record_plain, record_rows
-else:  # no compiled extension, or PROVCOLLATE_EXTENSION=0 (ops.py warns): add() takes the general path only
-    RecordTargets = record_plain = record_rows = None
+from .store import ON_DUPLICATE, SINGLE, VIEWS, ColumnTable, Jagged, Store
 
 __all__ = ["Recorder", "Predictions", "Summary"]
 
@@ -185,10 +180,9 @@ class Recorder:
         self.num_items = num_items
         self.views = views
         self.reduce = reduce
-        self._store = Store(num_items, device, on_duplicate, views)
+        # add() writes in one compiled pass what needs no reduction (the store decides the rest).
+        self._store = Store(num_items, device, on_duplicate, views, compiled=self._reduce is None)
         self._lock = threading.RLock()  # add, result, gather, write, done, on_duplicate=: one thread at a time
-        # add() writes in one compiled pass what needs neither a reduction nor a GPU copy.
-        self._fast = FastPath(self._store, record_rows, RecordTargets, record_plain) if record_rows is not None and self._reduce is None and device.type == "cpu" else None
         self._stream: Optional[shards.Stream] = None
         if resume is not None:
             self._stream = shards.resume(self._store, resume)
@@ -211,10 +205,7 @@ class Recorder:
 
     def __repr__(self) -> str:
         with self._lock:
-            table = self._store.table
-            held = table.count > 0  # [capacity, V]: slots recorded in memory
-            if self._stream is not None and table.disk is not None:
-                held = held | table.disk  # or in a shard
+            held = self._store.table.held()  # [capacity, V]: slots recorded in memory or in a shard
             items = int(np.count_nonzero(held.any(1)))
             records = self._store.records
             repeats = records - int(np.count_nonzero(held))
@@ -260,94 +251,35 @@ class Recorder:
         lock.acquire()  # one add at a time: a second thread waits its turn (acquire/release cost half a `with`)
         try:
             store = self._store
-            fast = self._fast
-            # The seed article's call, a plain index and one per-example tensor, in as few steps as it
-            # takes: these checks are the ones FastPath.plain_rows relies on (see FastPath).
-            if (fast is not None and type(outputs) is _Tensor and (type(batch) is _Tensor or type(batch) is _ndarray)
-                    and per_token is False and lengths is None and view is None and padding_side is None and offsets is None
-                    and fast.plain and fast.version == store.version and not store.shared and not store.staging.pending):
-                n = fast.plain_rows(batch, outputs, fast.targets)  # the batch size, or -1: handed back, nothing changed
-                if n >= 0:
-                    store.records += n
-                    if self._stream is not None:
-                        self._stream.added(store, n)
-                    return
-            if store.staging.pending:
-                store.staging.drain(wait=False)
-            if fast is not None and offsets is None and store.specs is not None and not (store.shared or store.staging.pending):
-                if self._add_fast(batch, outputs, per_token, lengths, view, padding_side):
-                    return
-            slots = _inputs.batch_slots("Recorder.add", batch, lengths, view, padding_side, offsets)
-            named, specs, single = _inputs.batch_outputs(outputs, per_token, slots, self._reduce, self.reduce, store.specs,
-                                                         store.on_duplicate, self.views)
-            per_token_any = any(o.per_token for o in named.values())
-            claim = store.table.claim(slots.index, slots.views, slots.lengths, per_token_any, self.views != "none")
-            first = store.specs is None
-            try:
-                if first:
-                    store.setup(specs, single, "Recorder.add")
-                store.record(slots.index, slots.index_t, slots.views, slots.lengths if per_token_any else None, slots.left, named, claim)
-            except BaseException:
-                if first:
-                    store.forget_outputs()
-                raise
+            fast = store.fast
+            if (fast is not None and fast.plain and type(outputs) is _Tensor and (type(batch) is _Tensor or type(batch) is _ndarray)
+                    and per_token is False and lengths is None and view is None and padding_side is None and offsets is None):
+                # The seed article's call, a plain index and one per-example tensor, straight to the compiled pass.
+                n = fast.add_plain(batch, outputs)
+                if n < 0:  # handed back: the general path takes it
+                    n = self._add(batch, outputs, per_token, lengths, view, padding_side, offsets, compiled=False)
+            else:
+                n = self._add(batch, outputs, per_token, lengths, view, padding_side, offsets, compiled=fast is not None)
             if self._stream is not None:
-                self._stream.added(store, len(slots.index))
+                self._stream.added(n)
         finally:
             lock.release()
 
-    def _add_fast(self, batch, outputs, per_token, lengths, view, padding_side) -> bool:
-        """The compiled pass for a batch it can take; False, with nothing changed, for any other."""
-        if type(batch) is torch.Tensor or type(batch) is np.ndarray:
-            if view is not None or not (lengths is None or type(lengths) is torch.Tensor):
-                return False
-            if padding_side is None or padding_side == "right":
-                left = False
-            elif padding_side == "left":
-                left = True
-            else:
-                return False
-            index, views, lens = batch, None, lengths  # record_rows reads int64 numpy arrays as they are
-        elif lengths is None and view is None and padding_side is None and hasattr(batch, "host_index"):
-            if getattr(batch, "offsets", None) is not None:
-                return False  # packed: its per-token rows take the general path
-            index, lens, left = batch.host_index, batch.host_lengths, batch.padding_side == "left"
-            views = getattr(batch, "host_view", None)
-            if views is None:
-                views = batch.view
-            if not (type(index) is torch.Tensor and type(views) is torch.Tensor and (lens is None or type(lens) is torch.Tensor)):
-                return False
-            max_len = getattr(batch, "max_len", None)
-        else:
-            return False
-        fast = self._fast
-        names, token_names = fast.plan()
-        if type(outputs) is torch.Tensor:
-            if names != (SINGLE,) or per_token is not bool(token_names):
-                return False
-            sources = [outputs]
-        elif type(outputs) is dict and len(outputs) == len(names):
-            if per_token is True or per_token is False:
-                if token_names != (frozenset(names) if per_token else frozenset()):
-                    return False
-            elif not (type(per_token) in (set, frozenset) and per_token == token_names):
-                return False
-            try:
-                sources = [outputs[name] for name in names]
-            except KeyError:
-                return False
-        else:
-            return False
-        if token_names and type(batch) is not torch.Tensor and type(batch) is not np.ndarray and max_len is not None:
-            if any(s.dim() < 2 or s.shape[1] != max_len for n, s in zip(names, sources) if n in token_names):
-                return False  # the general path names the mismatch
-        if not token_names:
-            lens = None  # lengths only matter to per-token outputs, on either path
-        if not fast.record(index, views, lens, left, sources):
-            return False
-        if self._stream is not None:
-            self._stream.added(self._store, index.shape[0])
-        return True
+    def _add(self, batch, outputs, per_token, lengths, view, padding_side, offsets, compiled: bool) -> int:
+        """``add`` for any batch: identify its rows, try the compiled pass (if ``compiled``), check
+        the outputs, record. Returns the batch size."""
+        owner = "Recorder.add"
+        store = self._store
+        ids = _inputs.identify(owner, batch, lengths, view, padding_side, offsets)
+        if compiled:
+            n = store.fast.add(ids, outputs, per_token)
+            if n >= 0:
+                return n
+        ids = _inputs.checked(owner, ids)
+        named, specs, single = _inputs.batch_outputs(outputs, per_token, ids, self._reduce, self.reduce, store.specs,
+                                                     store.on_duplicate, self.views)
+        store.record(ids, named, specs, single, combine_views=self.views != "none")
+        return len(ids.index)
 
     # ---------------------------------------------------------------------------- result
 
@@ -355,7 +287,7 @@ class Recorder:
         """A store holding everything recorded: the shards read back, then what is in memory."""
         if self._stream is None:
             return self._store
-        return self._stream.collected(self._store)
+        return self._stream.collected()
 
     def result(self) -> "Predictions":
         """Everything recorded so far, as :class:`Predictions` in dataset order.
@@ -423,31 +355,19 @@ class Recorder:
         """
         with self._lock:
             owner = "Recorder.done"
-            scalar = False
-            if hasattr(index, "host_index"):
-                if view is not None:
-                    raise TypeError(f"{owner}: view= is only for a plain index; a Batch carries its own, got view={view!r}")
-                host_view = getattr(index, "host_view", None)
-                view = _inputs.host_long(owner, "batch.view", index.view if host_view is None else host_view)
-                idx = _inputs.host_long(owner, "batch.host_index", index.host_index)
-            elif isinstance(index, (int, np.integer)) and not isinstance(index, bool):
-                idx, scalar = np.array([index], np.int64), True
-            else:
-                idx = _inputs.host_long(owner, "index", index)
-            if view is not None:
-                view = _inputs.view_ids(owner, view, len(idx))
-                if len(view) != len(idx):
-                    raise ValueError(f"{owner}: view must have one entry per index ({len(idx)}), got {len(view)}")
-                if len(view) and view.min() < 0:
-                    raise ValueError(f"{owner}: views must be >= 0, got {view.min()}")
+            scalar = isinstance(index, (int, np.integer)) and not isinstance(index, bool)
+            if scalar:
+                index = np.array([index], np.int64)
+            elif not hasattr(index, "host_index"):
+                index = _inputs.host_long(owner, "index", index)
+            ids = _inputs.identify(owner, index, view=view)
+            idx, views = ids.index, ids.views
+            if views is not None:
+                _inputs.check_views(owner, views)
             if len(idx) and (idx.min() < 0 or (self.num_items is not None and idx.max() >= self.num_items)):
                 bad = idx.min() if idx.min() < 0 else idx.max()
                 raise ValueError(f"{owner}: index must lie in range(num_items) = range({self.num_items}), got {bad}")
-            table = self._store.table
-            found = table.recorded(idx, view)
-            if table.disk is not None:
-                found |= table.recorded(idx, view, table.disk)
-            out = torch.from_numpy(found)
+            out = torch.from_numpy(self._store.table.held_at(idx, views))
             return out[0] if scalar else out
 
 
@@ -533,7 +453,7 @@ class Predictions:
 
     @classmethod
     def _from_table(cls, table: ColumnTable) -> "Predictions":
-        """Internal: Predictions over a finished :class:`provcollate._store.ColumnTable`."""
+        """Internal: Predictions over a finished :class:`provcollate.store.ColumnTable`."""
         self = cls.__new__(cls)
         self._init(table)
         return self

@@ -17,8 +17,8 @@ settings. Every data page carries a CRC checksum that reading verifies, so a fli
 truncated file raises ValueError naming the file instead of coming back as data. Byte columns are written and read at close to disk speed, several times faster than
 Arrow's nested lists; ``Predictions.read(dir).to_parquet(file)`` gives one typed table.
 
-Reading merges shards in (rank, seq) order, one row group (about 64 MiB) at a time, into storage
-allocated once: memory is the result plus one row group. ``"first"`` keeps the value of the
+Reading merges shards in (rank, seq) order, one row group (about 4 MiB as written) at a time, into
+storage allocated once: memory is the result plus one row group. ``"first"`` keeps the value of the
 lowest rank, and within a rank the earliest write; ``"last"`` the highest rank's latest.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 
 from . import _progress
 from ._checks import io_extra
-from ._store import ON_DUPLICATE, SlotBlock, Store, first_last, specs_from_meta, specs_to_meta
+from .store import ON_DUPLICATE, SlotBlock, Store, specs_from_meta, specs_to_meta
 
 __all__ = ["Stream", "write", "read", "resume", "shard_files"]
 
@@ -269,16 +269,25 @@ def _records(meta: Dict[str, Any]) -> int:
     return int(meta.get("records", meta["entries"]))
 
 
+def _counted(blocks: Iterator[SlotBlock], extra: int) -> Iterator[SlotBlock]:
+    """``blocks`` with the records they stand for: one per slot, and the first also the ``extra``
+    records of repeats resolved before the shard was written."""
+    for block in blocks:
+        block.records = len(block) + extra
+        extra = 0
+        yield block
+    if extra:
+        yield SlotBlock(np.zeros(0, np.int64), None, None, None, {}, records=extra)
+
+
 def _absorb_file(store: Store, file: str, meta: Dict[str, Any], owner: str, tick=None) -> None:
-    extra = _records(meta) - int(meta["entries"])
     pool = _pyarrow()[0].default_memory_pool()
-    for block in _blocks(file, meta, owner):
+    for block in _counted(_blocks(file, meta, owner), _records(meta) - int(meta["entries"])):
         store.absorb(block, f"{owner}: {file}")
         del block
         pool.release_unused()  # the row group's buffers, before the next one's
         if tick is not None:
             tick()
-    store.records += extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,16 +297,14 @@ def _absorb_file(store: Store, file: str, meta: Dict[str, Any], owner: str, tick
 class Stream:
     """A Recorder's link to its shard directory.
 
-    The store's ``table.disk`` marks the slots found in any shard (read at resume, or written
-    since). Under ``"error"`` and ``"first"`` the store keeps counting written slots, so that
-    ``add`` still rejects or ignores them; under ``"last"`` and ``"mean"`` their counts go back to
-    0, so that a later record is a new slot that reading merges with the written one.
-    ``owned`` lists the shards whose slots this Recorder's ``result()`` and ``gather()`` hold;
-    ``flushed`` is the store's record count when the last of them was written.
+    The store books the slots found in any shard (read at resume, or written since):
+    :meth:`Store.mark_written` and :meth:`Store.load_index`. ``owned`` lists the shards whose
+    slots this Recorder's ``result()`` and ``gather()`` hold; ``flushed`` is the store's record
+    count when the last of them was written.
     """
 
-    def __init__(self, path: str, rank: int) -> None:
-        self.path, self.rank = path, rank
+    def __init__(self, path: str, rank: int, store: Store) -> None:
+        self.path, self.rank, self.store = path, rank, store
         self.seq = 0
         self.every: Optional[int] = None
         self.since = 0  # rows added since the last shard
@@ -305,26 +312,19 @@ class Stream:
         self.flushed = 0
         self.checked = False  # the directory was checked for an earlier run's shards
 
-    def added(self, store: Store, rows: int) -> None:
+    def added(self, rows: int) -> None:
         """Called by ``Recorder.add``: writes a shard once ``every`` rows have come in since the last."""
         self.since += rows
         if self.every is not None and self.since >= self.every:
-            self.flush(store)
+            self.flush()
 
-    def unwritten(self, store: Store) -> np.ndarray:
-        """The slots recorded in memory and not yet in a shard, sorted."""
-        recorded = store.table.flat > 0
-        if store.on_duplicate in ("error", "first"):
-            recorded &= ~store.table.link_disk().reshape(-1)
-        return np.flatnonzero(recorded)
-
-    def flush(self, store: Store, progress: bool = False) -> None:
+    def flush(self, progress: bool = False) -> None:
         """Write the unwritten slots to a new shard, then drop them from memory."""
-        store.staging.drain(wait=True)
+        store = self.store
         self.since = 0
         if store.specs is None:
             return
-        flat = self.unwritten(store)
+        flat = store.unwritten()
         if not len(flat):
             return
         block = store.extract(flat)
@@ -344,10 +344,7 @@ class Stream:
         self.seq += 1
         self.owned.append(file)
         self.flushed = store.records
-        store.table.link_disk().reshape(-1)[flat] = True
-        if store.on_duplicate not in ("error", "first"):
-            store.table.flat[flat] = 0
-        store.drop_rows()
+        store.mark_written(flat)
 
     def _check_fresh(self) -> None:
         """A first write must not mix into an earlier run's shards: those of this rank, or of ranks
@@ -358,14 +355,14 @@ class Stream:
             raise ValueError(f"Recorder.write: {self.path} already holds shards of an earlier run ({os.path.basename(old[0])}, ...); "
                              f"continue it with Recorder(..., resume={self.path!r}) or write to another directory")
 
-    def collected(self, store: Store) -> Store:
-        """A store holding everything ``store`` recorded: its shards read back, then what is in memory."""
+    def collected(self) -> Store:
+        """A store holding everything the Recorder recorded: its shards read back, then what is in memory."""
         owner = "Recorder.result"
+        store = self.store
         merged = store.empty_like()
         if store.specs is None:
             return merged
-        store.staging.drain(wait=True)
-        block = store.extract(self.unwritten(store))
+        block = store.extract(store.unwritten())
         block.records = max(len(block), store.records - self.flushed)
         metas = [_meta(file, owner) for file in self.owned]
         _lay_out(merged, self.owned, metas, owner, block)
@@ -388,11 +385,10 @@ def write(store: Store, stream: Optional[Stream], path, every: Optional[int] = N
     if not isinstance(progress, bool):
         raise TypeError(f"{owner}: progress must be a bool, got {type(progress).__name__}")
     if stream is None:
-        stream = Stream(path, _rank_world()[0])
-        stream.flushed = 0
+        stream = Stream(path, _rank_world()[0], store)
     elif stream.path != path:
         raise ValueError(f"{owner}: this Recorder writes to {stream.path!r} (resumed from or written to before), got {path!r}")
-    stream.flush(store, progress)
+    stream.flush(progress)
     if every is not None:
         stream.every = int(every)
     return stream
@@ -403,7 +399,7 @@ def resume(store: Store, path) -> Stream:
     owner = "Recorder: resume"
     path = _directory(owner, path)
     rank, world = _rank_world()
-    stream = Stream(path, rank)
+    stream = Stream(path, rank, store)
     stream.checked = True
     found = shard_files(path) if os.path.isdir(path) else []
     if os.path.isdir(path):
@@ -421,25 +417,18 @@ def resume(store: Store, path) -> Stream:
                                  f"but this Recorder has {key}={getattr(store, key)!r}")
         store.setup(specs_from_meta(common["outputs"]), common["single"], owner)
         _grow_to(store, metas)
-        disk = store.table.link_disk().reshape(-1)
-        keep_counts = store.on_duplicate in ("error", "first")
-        for file, meta in zip(files, metas):
-            for block in _blocks(file, meta, owner, values=False):
-                slots = store.table.slots(block.index, block.view)
-                again = disk[slots] | ~first_last(slots)[0] if store.on_duplicate == "error" else None
-                if again is not None and again.any():
-                    b = int(np.flatnonzero(again)[0])
-                    raise ValueError(f"{owner}: item {block.index[b]} is in more than one shard (found again in {file}) "
-                                     f"but the shards were written with on_duplicate='error'")
-                disk[slots] = True
-                if keep_counts:
-                    store.table.flat[slots] = 1
-                if block.lengths is not None:
-                    store.table.token_len.reshape(-1)[slots] = block.lengths
         stream.owned = [f for r, _, f in found if r % world == rank]
-        stream.seq = 1 + max((s for r, s, _ in found if r == rank), default=-1)
         owned = set(stream.owned)
-        store.records = sum(_records(m) for f, m in zip(files, metas) if f in owned)
+        for file, meta in zip(files, metas):
+            # Every rank's shards are recorded; this rank counts the records of its own.
+            blocks = _blocks(file, meta, owner, values=False)
+            if file in owned:
+                blocks = _counted(blocks, _records(meta) - int(meta["entries"]))
+            for block in blocks:
+                if file not in owned:
+                    block.records = 0
+                store.load_index(block, f"{owner}: {file}")
+        stream.seq = 1 + max((s for r, s, _ in found if r == rank), default=-1)
         stream.flushed = store.records
     return stream
 

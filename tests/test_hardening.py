@@ -199,8 +199,9 @@ def test_provcollate_extension_0_runs_the_python_paths():
         import warnings
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            import provcollate as pc, provcollate.collate as c, provcollate.record as r
-        assert not pc.HAS_EXTENSION and c._native is None and r.record_rows is None
+            import provcollate as pc, provcollate.collate as c
+            from provcollate.store import FastPath
+        assert not pc.HAS_EXTENSION and c._native is None and not FastPath.available()
         assert [str(x.message) for x in w if "PROVCOLLATE_EXTENSION=0" in str(x.message)], [str(x.message) for x in w]
         b = pc.Collator()([pc.Sample(0, 0, [1, 2]), pc.Sample(1, 0, [3])])
         assert b.data.tolist() == [[1, 2], [3, 0]]

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import provcollate as pc
-from provcollate import _inputs, _store, record
+from provcollate import _inputs, record
+from provcollate.store import SINGLE, FastPath, Store, memory, staging, rows as store_rows
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -184,10 +185,10 @@ def test_empty_batches_and_empty_recorder():
 def test_known_num_items_allocates_once():
     rec = pc.Recorder(num_items=1000, on_duplicate="last")
     rec.add([5], torch.ones(1, 4))
-    ptr = rec._store.dense[record.SINGLE].rows.data_ptr()
+    ptr = rec._store.dense[SINGLE].rows.data_ptr()
     for start in range(0, 1000, 50):
         rec.add(torch.arange(start, start + 50).flip(0), torch.randn(50, 4))
-    assert rec._store.dense[record.SINGLE].rows.data_ptr() == ptr
+    assert rec._store.dense[SINGLE].rows.data_ptr() == ptr
 
 
 def test_unknown_num_items_grows_geometrically():
@@ -195,16 +196,16 @@ def test_unknown_num_items_grows_geometrically():
     reallocations, ptr = 0, None
     for start in range(0, 20000, 100):
         rec.add(torch.arange(start, start + 100), torch.full((100, 2), float(start)))
-        if rec._store.dense[record.SINGLE].rows.data_ptr() != ptr:
-            reallocations, ptr = reallocations + 1, rec._store.dense[record.SINGLE].rows.data_ptr()
+        if rec._store.dense[SINGLE].rows.data_ptr() != ptr:
+            reallocations, ptr = reallocations + 1, rec._store.dense[SINGLE].rows.data_ptr()
     assert reallocations <= 2 + math.log2(20000 / 1024)
     preds = rec.result()
     assert len(preds) == 20000 and torch.equal(preds[12345], torch.full((2,), 12300.0))
 
 
 def test_token_chunks_grow_geometrically_and_are_never_copied(monkeypatch):
-    monkeypatch.setattr(_store, "MIN_CHUNK_BYTES", 64)
-    monkeypatch.setattr(_store, "GATHER_ROWS", 37)  # many gather steps, segments across chunks
+    monkeypatch.setattr(store_rows, "MIN_CHUNK_BYTES", 64)
+    monkeypatch.setattr(memory, "GATHER_ROWS", 37)  # many gather steps, segments across chunks
     gen = torch.Generator().manual_seed(3)
     rec = pc.Recorder()
     rows, seen = {}, {}
@@ -214,9 +215,9 @@ def test_token_chunks_grow_geometrically_and_are_never_copied(monkeypatch):
         items = [torch.randint(0, 1000, (int(n),), generator=gen) for n in lengths]
         rows.update({int(i): r for i, r in zip(chunk, items)})
         rec.add(chunk, pad_rows(items), per_token=True, lengths=lengths)
-        for c in rec._store.tokens[record.SINGLE].chunks:
+        for c in rec._store.tokens[SINGLE].chunks:
             seen.setdefault(id(c), c.data_ptr())
-    chunks = rec._store.tokens[record.SINGLE].chunks
+    chunks = rec._store.tokens[SINGLE].chunks
     assert all(seen[id(c)] == c.data_ptr() for c in chunks)
     total = sum(r.numel() for r in rows.values())
     assert 3 < len(chunks) <= 3 + math.log(total / 8) / math.log(1.25)
@@ -232,7 +233,7 @@ def test_result_copies_nothing_and_later_adds_leave_it_unchanged():
     rec = pc.Recorder(num_items=4, on_duplicate="last")
     rec.add([0, 1, 2, 3], torch.arange(4.0).view(4, 1))
     first = rec.result()
-    assert first.tensor().data_ptr() == rec._store.dense[record.SINGLE].rows.data_ptr()  # zero-copy
+    assert first.tensor().data_ptr() == rec._store.dense[SINGLE].rows.data_ptr()  # zero-copy
     rec.add([2], torch.tensor([[9.0]]))
     assert first[2].item() == 2.0 and rec.result()[2].item() == 9.0
 
@@ -564,12 +565,12 @@ def test_views_grow_after_the_first_batches():
 # the compiled pass (csrc/record.cpp): taken for common batches, identical to the general path
 # --------------------------------------------------------------------------------------------
 
-needs_compiled = pytest.mark.skipif(record.record_rows is None, reason="needs the compiled extension")
+needs_compiled = pytest.mark.skipif(not FastPath.available(), reason="needs the compiled extension")
 
 
 @needs_compiled
 def test_common_batches_take_the_compiled_pass(monkeypatch):
-    monkeypatch.setattr(_store, "MIN_CHUNK_BYTES", 64)  # a new chunk every few batches
+    monkeypatch.setattr(store_rows, "MIN_CHUNK_BYTES", 64)  # a new chunk every few batches
     gen = torch.Generator().manual_seed(10)
     lengths = torch.randint(0, 9, (60,), generator=gen)
     rows = [torch.randn(int(n), 2, generator=gen) for n in lengths]
@@ -578,7 +579,7 @@ def test_common_batches_take_the_compiled_pass(monkeypatch):
     order = torch.randperm(60, generator=gen)
     first = order[:4]
     rec.add(first, {"tok": pad_rows([rows[i] for i in first]), "label": label[first]}, per_token={"tok"}, lengths=lengths[first])
-    monkeypatch.setattr(_inputs, "batch_slots", lambda *args: pytest.fail("the general path was taken"))
+    monkeypatch.setattr(_inputs, "batch_outputs", lambda *args: pytest.fail("the general path was taken"))
     for k, chunk in enumerate(order[4:].split(7)):
         left = k % 2 == 1
         out = {"tok": pad_rows([rows[i] for i in chunk], left=left, pad=5, extra=k % 3), "label": label[chunk]}
@@ -643,7 +644,7 @@ def test_compiled_pass_copies_rows_of_every_size(monkeypatch, dtype, row):
     order = torch.randperm(n, generator=gen)
     plain.add(order[:5], values[order[:5]])
     named.add(order[:5].numpy(), {"v": values[order[:5]], "e": extra[order[:5]]})
-    monkeypatch.setattr(_inputs, "batch_slots", lambda *args: pytest.fail("the general path was taken"))
+    monkeypatch.setattr(_inputs, "batch_outputs", lambda *args: pytest.fail("the general path was taken"))
     for chunk in order[5:].split(37):
         plain.add(chunk, values[chunk])
         named.add(chunk.numpy(), {"v": values[chunk], "e": extra[chunk]})
@@ -663,7 +664,7 @@ def test_compiled_pass_matches_the_general_path(data):
     batches = data.draw(st.lists(st.lists(st.integers(0, n - 1), max_size=6), max_size=7), label="batches")
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
     fast, slow = pc.Recorder(num_items=n if known else None, on_duplicate=policy), pc.Recorder(num_items=n if known else None, on_duplicate=policy)
-    slow._fast = None
+    slow._store.fast = None
     lengths_of = torch.randint(0, 5, (n,), generator=gen)  # one length per item: "mean" averages repeats
     for k, items in enumerate(batches):
         index = torch.tensor(items, dtype=torch.long)
@@ -712,8 +713,8 @@ def test_staged_writes_land_in_order_and_result_waits(monkeypatch):
         events.append(event)
         return src.clone(), event
 
-    monkeypatch.setattr(_store.Staging, "pinned_copy", staticmethod(fake_pinned_copy))
-    monkeypatch.setattr(_store.Store, "needs_staging", lambda self, src: True)
+    monkeypatch.setattr(staging.Staging, "pinned_copy", staticmethod(fake_pinned_copy))
+    monkeypatch.setattr(Store, "needs_staging", lambda self, src: True)
     rec = pc.Recorder(num_items=6, on_duplicate="mean")
     rec.add(torch.tensor([0, 1]), torch.tensor([[1.0], [2.0]]))
     rec.add(torch.tensor([1, 2]), {"prediction": torch.tensor([[4.0], [3.0]])}.pop("prediction"))
@@ -732,12 +733,12 @@ def test_staged_writes_land_in_order_and_result_waits(monkeypatch):
 
 def test_staged_copies_in_flight_are_bounded(monkeypatch):
     fired = [False]
-    monkeypatch.setattr(_store.Staging, "pinned_copy", staticmethod(lambda src: (src.clone(), ManualEvent(fired))))
-    monkeypatch.setattr(_store.Store, "needs_staging", lambda self, src: True)
+    monkeypatch.setattr(staging.Staging, "pinned_copy", staticmethod(lambda src: (src.clone(), ManualEvent(fired))))
+    monkeypatch.setattr(Store, "needs_staging", lambda self, src: True)
     rec = pc.Recorder(num_items=100)
     for i in range(20):
         rec.add(torch.tensor([i]), torch.tensor([[float(i)]]))
-        assert len(rec._store.staging.pending) <= _store.MAX_PENDING
+        assert len(rec._store.staging.pending) <= staging.MAX_PENDING
     assert rec.result().tensor().flatten().tolist() == [float(i) for i in range(20)]
 
 

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import provcollate as pc
-from provcollate import _store, ops
+from provcollate import ops
+from provcollate.store import SINGLE, Jagged, Spec, Store, memory, rows as store_rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def test_a_rejected_first_add_fixes_no_outputs():
 def test_whatever_raises_inside_the_copy_leaves_the_state(monkeypatch, on_duplicate, per_token):
     """The write itself fails (here: the op raises): counts, lengths and rows stay as they were."""
     rec = pc.Recorder(num_items=6, on_duplicate=on_duplicate)
-    rec._fast = None  # the general path's writes are the ones under test
+    rec._store.fast = None  # the general path's writes are the ones under test
     out = torch.arange(12.0).view(2, 3, 2) if per_token else torch.arange(6.0).view(2, 3)
     kwargs = {"per_token": True, "lengths": [3, 2]} if per_token else {}
     rec.add(torch.tensor([0, 1]), out, **kwargs)
@@ -136,8 +137,8 @@ def test_whatever_raises_inside_the_copy_leaves_the_state(monkeypatch, on_duplic
 
     monkeypatch.setattr(ops, "unpad_scatter_", broken)
     monkeypatch.setattr(ops, "unpad", broken)
-    monkeypatch.setattr(_store.TokenRows, "mean_into", broken)
-    monkeypatch.setattr(_store.DenseRows, "mean_into", broken)
+    monkeypatch.setattr(store_rows.TokenRows, "mean_into", broken)
+    monkeypatch.setattr(store_rows.DenseRows, "mean_into", broken)
     index = torch.tensor([2, 3]) if on_duplicate == "error" else torch.tensor([1, 2])
     bad = {"per_token": True, "lengths": [2, 2]} if per_token else {}  # item 1 keeps its length (mean needs it)
     with pytest.raises(RuntimeError, match="the copy failed"):
@@ -447,7 +448,7 @@ def test_numpy_indices_take_the_compiled_pass(monkeypatch):
 
     rec = pc.Recorder(num_items=8)
     rec.add(np.array([0, 1]), torch.ones(2, 3))
-    monkeypatch.setattr(_inputs, "batch_slots", lambda *a, **k: pytest.fail("the general path was taken"))
+    monkeypatch.setattr(_inputs, "batch_outputs", lambda *a, **k: pytest.fail("the general path was taken"))
     rec.add(np.array([5, 2], dtype=np.int64), torch.full((2, 3), 2.0))
     monkeypatch.undo()
     assert rec.result().index.tolist() == [0, 1, 2, 5] and rec.result()[5].tolist() == [2.0] * 3
@@ -466,8 +467,8 @@ def test_a_batch_the_compiled_pass_hands_back_midway_lands_as_the_general_path_s
     out = torch.arange(64.0).view(64, 1).expand(64, 3).contiguous() + 100
     before = state(rec)
     passes = []
-    plain_rows = rec._fast.plain_rows
-    rec._fast.plain_rows = lambda *args: passes.append(plain_rows(*args)) or passes[-1]
+    add_plain = rec._store.fast.add_plain
+    rec._store.fast.add_plain = lambda *args: passes.append(add_plain(*args)) or passes[-1]
     if on_duplicate == "error":
         with pytest.raises(ValueError, match="5"):
             rec.add(index, out)
@@ -510,7 +511,7 @@ def test_from_arrow_refuses_unsorted_or_repeated_entries():
 
 
 # --------------------------------------------------------------------------------------------
-# large row stores ask for transparent huge pages (provcollate._store.huge_pages)
+# large row stores ask for transparent huge pages (provcollate.store.memory.huge_pages)
 # --------------------------------------------------------------------------------------------
 
 def vm_flags_at(address):
@@ -531,7 +532,7 @@ def vm_flags_at(address):
 def test_large_row_stores_are_advised_huge_pages(monkeypatch):
     rec = pc.Recorder(num_items=1_000_000)
     rec.add(torch.tensor([5]), torch.ones(1, 10))
-    rows = rec._store.dense[_store.SINGLE].rows
+    rows = rec._store.dense[SINGLE].rows
     size = rows.numel() * rows.element_size()
     assert "hg" in vm_flags_at(rows.data_ptr() + size // 2)  # MADV_HUGEPAGE over the aligned middle
     assert rec.result()[5].tolist() == [1.0] * 10
@@ -543,13 +544,13 @@ def test_large_row_stores_are_advised_huge_pages(monkeypatch):
             self.calls.append((start.value, length.value, advice))
             return 0
 
-    monkeypatch.setattr(_store, "_libc", Libc())
+    monkeypatch.setattr(memory, "_libc", Libc())
     small = pc.Recorder(num_items=100_000)  # 4 MB: one whole aligned huge page at most, left alone
     small.add(torch.tensor([5]), torch.ones(1, 10))
     assert Libc.calls == []
     big = pc.Recorder(num_items=300_000)  # 12 MB: the aligned middle is advised, and nothing outside the store
     big.add(torch.tensor([5]), torch.ones(1, 10))
-    rows = big._store.dense[_store.SINGLE].rows
+    rows = big._store.dense[SINGLE].rows
     [(start, length, advice)] = Libc.calls
     assert start % (2 << 20) == 0 and length % (2 << 20) == 0 and length >= 2 * (2 << 20)
     assert rows.data_ptr() <= start and start + length <= rows.data_ptr() + rows.numel() * rows.element_size()
@@ -694,8 +695,8 @@ def test_token_rows_follow_their_plan_or_else_append():
     """TokenRows.lay_out plans one chunk of exactly the slots' rows in slot order; place() puts
     rows there whatever order they come in, and appends rows the plan did not foresee (another
     slot, another length) instead of writing them over planned rows."""
-    spec = _store.Spec(True, torch.float32, (2,))
-    rows = _store.TokenRows(spec, torch.device("cpu"))
+    spec = Spec(True, torch.float32, (2,))
+    rows = store_rows.TokenRows(spec, torch.device("cpu"))
     slots, lengths = np.array([1, 4, 7]), np.array([2, 0, 3])
     rows.lay_out(slots, lengths)
     assert len(rows.chunks) == 1 and rows.chunks[0].shape == (5, 2)
@@ -710,13 +711,13 @@ def test_token_rows_follow_their_plan_or_else_append():
     assert rows.place(np.array([2]), r1, np.array([2])).tolist() == [9]  # a slot it did not plan
     assert torch.equal(rows.chunks[0], planned)
     starts, lens = np.array([0, 2, 2]), lengths
-    values, offsets = _store.Jagged(rows.chunks, np.asarray(rows.bases), starts, lens).contiguous()
+    values, offsets = Jagged(rows.chunks, np.asarray(rows.bases), starts, lens).contiguous()
     assert values.data_ptr() == rows.chunks[0].data_ptr() and offsets.tolist() == [0, 2, 2, 5]
 
 
 def test_a_store_plans_nothing_for_repeated_slots_or_after_rows():
-    store = _store.Store(10, torch.device("cpu"), "last", "none")
-    store.setup({"t": _store.Spec(True, torch.float32, (1,))}, True, "test")
+    store = Store(10, torch.device("cpu"), "last", "none")
+    store.setup({"t": Spec(True, torch.float32, (1,))}, True, "test")
     assert not store.lay_out(np.array([3, 1, 3]), np.array([1, 1, 1]))
     assert store.tokens["t"].plan is None and not store.tokens["t"].chunks
     assert store.lay_out(np.array([3, 1]), np.array([2, 1]))
@@ -725,12 +726,12 @@ def test_a_store_plans_nothing_for_repeated_slots_or_after_rows():
 
 
 # --------------------------------------------------------------------------------------------
-# row storage of its own (provcollate._store.host_empty)
+# row storage of its own (provcollate.store.memory.host_empty)
 # --------------------------------------------------------------------------------------------
 
 HEAP_AFTER_FREE = """
 import sys, torch
-from provcollate import _store
+from provcollate.store import memory
 def in_heap(ptr):
     for line in open('/proc/self/maps'):
         if line.rstrip().endswith('[heap]'):
@@ -739,7 +740,7 @@ def in_heap(ptr):
                 return True
     return False
 size = (8 << 20,)
-t = _store.host_empty(size, torch.uint8, torch.device('cpu')) if sys.argv[1] == 'mapped' else torch.empty(size, dtype=torch.uint8)
+t = memory.host_empty(size, torch.uint8, torch.device('cpu')) if sys.argv[1] == 'mapped' else torch.empty(size, dtype=torch.uint8)
 t.fill_(1)
 del t
 print(in_heap(torch.empty((4 << 20,), dtype=torch.uint8).data_ptr()))
@@ -759,10 +760,10 @@ def test_freed_row_storage_leaves_the_allocator_as_it_was():
     if not heap("torch"):
         pytest.skip("this allocator does not move big blocks to the heap after a free")
     assert not heap("mapped")
-    t = _store.host_empty((300, 1000), torch.float32, torch.device("cpu"))
+    t = memory.host_empty((300, 1000), torch.float32, torch.device("cpu"))
     flags = vm_flags_at(t.data_ptr())
     assert "sh" not in flags and "mr" in flags  # private, like malloc's
     t.fill_(2.0)
     assert float(t.sum()) == 600_000.0 and t.is_contiguous()
-    small = _store.host_empty((3, 4), torch.bfloat16, torch.device("cpu"))  # under 1 MiB: torch.empty
+    small = memory.host_empty((3, 4), torch.bfloat16, torch.device("cpu"))  # under 1 MiB: torch.empty
     assert small.shape == (3, 4) and small.dtype == torch.bfloat16

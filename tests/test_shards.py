@@ -179,7 +179,7 @@ def test_every_writes_by_itself_and_bounds_what_is_held(tmp_path):
     assert shard_files(tmp_path) == []
     for index, _ in batches(200, 20, 0):
         rec.add(index, outputs(index, "float")[0])
-        assert len(rec._stream.unwritten(rec._store)) < 50  # what memory holds between shards
+        assert len(rec._store.unwritten()) < 50  # what memory holds between shards
     assert len(shard_files(tmp_path)) == 3  # after 60, 120 and 180 rows (3 batches of 20 >= 50)
     rec.write(tmp_path)
     assert len(shard_files(tmp_path)) == 4
@@ -204,7 +204,7 @@ def test_read_back_token_rows_lie_in_result_order(tmp_path, views):
             partly.add(index[sel], outs, **({} if view is None else {"view": v}), **extra)
         if k == 4:
             partly.write(tmp_path / "part")  # the rest stays in memory
-    assert partly._stream.unwritten(partly._store).size
+    assert partly._store.unwritten().size
     for got in (pc.Predictions.read(tmp_path / "all"), streamed.result(), partly.result()):
         assert_same(got, expected)
         values, offsets = got.jagged("tok")
@@ -229,7 +229,7 @@ def test_write_frees_recorded_rows(tmp_path):
     before = rec._store.dense["prediction"].rows
     rec.write(tmp_path)
     assert rec._store.dense["prediction"].rows is not before  # the written rows' memory went with the old tensor
-    assert not rec._stream.unwritten(rec._store).size
+    assert not rec._store.unwritten().size
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def test_done_with_views_and_batches(tmp_path):
     (([0.5],), TypeError, "must hold integers"),
     (("01",), TypeError, "must be a 1-D integer"),
     (([1, 2], [0]), ValueError, "one entry per index"),
-    (([1], -1), ValueError, "views must be >= 0"),
+    (([1], -1), ValueError, "view ids must be >= 0"),
 ])
 def test_done_bad_arguments(args, error, match):
     with pytest.raises(error, match=match):

@@ -1,0 +1,100 @@
+"""A store's records as a finished :class:`ColumnTable`: each slot's rows in slot order, the
+test-time views of an item combined as the store's ``views`` says. Reads the store, never
+writes it."""
+from __future__ import annotations
+
+from typing import Any, Dict, Tuple
+
+import numpy as np
+import torch
+
+from .memory import exclusive_cumsum, row_positions, to_device
+from .records import ColumnTable, Jagged
+from .rows import combine_views
+
+__all__ = ["finished_table"]
+
+
+def finished_table(store, owner: str, ranks: int, shards: int) -> Tuple[ColumnTable, bool]:
+    """(the table, whether it holds the store's own dense rows: then they must be copied before
+    they are next written). Copies nothing when every slot was recorded once and views are kept
+    as they are."""
+    table = store.table
+    cap, vcap = table.shape
+    slots = int(np.count_nonzero(table.flat))
+    incomplete = 0
+    if vcap > 1:
+        views_present = (table.count > 0).sum(1)
+        incomplete = int(np.count_nonzero((views_present > 0) & (views_present < vcap)))
+    common = dict(num_items=store.num_items, records=store.records, slots=slots, incomplete=incomplete,
+                  ranks=ranks, shards=shards, views=vcap, on_duplicate=store.on_duplicate)
+    if store.specs is None:
+        return ColumnTable(np.zeros(0, np.int64), None, {}, False, stacked_views=None, size=0, **common), False
+    table.check_view_lengths(owner, store.views)
+    if vcap == 1 or store.views == "none":
+        return _slot_columns(store, slots == cap * vcap, common)
+    return _combined_views(store, owner, common), False
+
+
+def _slot_columns(store, everything: bool, common: Dict[str, Any]) -> Tuple[ColumnTable, bool]:
+    """One entry per recorded slot."""
+    table = store.table
+    cap, vcap = table.shape
+    # Every item recorded once, views combined: the entries are range(cap), left implicit
+    # (an index array would add 8 bytes per item to a result of maybe 40).
+    implicit = everything and store.views != "none"
+    flat = None if implicit else np.flatnonzero(table.flat)
+    lengths = table.token_len.reshape(-1)
+    columns: Dict[str, Any] = {}
+    for name, spec in store.specs.items():
+        if spec.per_token:
+            starts = store.tokens[name].starts.reshape(-1)
+            s, ln = (starts.copy(), lengths.copy()) if implicit else (starts[flat], lengths[flat])
+            columns[name] = store.tokens[name].column(s, ln)
+        else:
+            rows = store.dense[name].rows
+            columns[name] = rows if everything else rows.index_select(0, to_device(flat, store.device))
+    if implicit:
+        return ColumnTable(None, None, columns, store.single, stacked_views=None, size=cap, **common), everything
+    view = flat % vcap if store.views == "none" else None
+    return ColumnTable(flat // vcap, view, columns, store.single, stacked_views=None, size=len(flat), **common), everything
+
+
+def _combined_views(store, owner: str, common: Dict[str, Any]) -> ColumnTable:
+    """One entry per recorded item, its views combined (or stacked)."""
+    table = store.table
+    cap, vcap = table.shape
+    present = table.count > 0
+    items = np.flatnonzero(present.any(1))
+    mask = present[items]
+    if store.views == "stack" and not mask.all():
+        r = int(np.flatnonzero(~mask.all(1))[0])
+        raise ValueError(f"{owner}: views='stack' needs all {vcap} views of every recorded item; "
+                         f"item {items[r]} has views {np.flatnonzero(mask[r]).tolist()}")
+    items_t = to_device(items, store.device)
+    mask_t = to_device(mask, store.device)
+    columns: Dict[str, Any] = {}
+    for name, spec in store.specs.items():
+        if spec.per_token:
+            # Views of an item share one length (checked): rows [total, V, ...].
+            lengths = np.where(mask, table.token_len[items], 0).max(1)
+            offsets = exclusive_cumsum(lengths)
+            rows = torch.empty((int(lengths.sum()), vcap, *spec.shape), dtype=spec.dtype, device=store.device)
+            starts = store.tokens[name].starts[items]
+            for v in range(vcap):
+                has = mask[:, v]
+                part = store.tokens[name].gather(starts[has, v], lengths[has])
+                if has.all():
+                    rows[:, v] = part
+                else:
+                    where = to_device(row_positions(offsets[has], lengths[has]), store.device)
+                    rows[:, v].index_copy_(0, where, part)
+            if store.views != "stack":
+                token_mask = torch.repeat_interleave(mask_t, to_device(lengths, store.device), dim=0)
+                rows = combine_views(rows, token_mask, store.views)
+            columns[name] = Jagged([rows], np.zeros(1, np.int64), offsets, lengths)
+        else:
+            values = store.dense[name].rows.view(cap, vcap, *spec.shape).index_select(0, items_t)
+            columns[name] = values if store.views == "stack" else combine_views(values, mask_t, store.views)
+    return ColumnTable(items, None, columns, store.single, stacked_views=vcap if store.views == "stack" else None,
+                       size=len(items), **common)

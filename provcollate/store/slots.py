@@ -1,0 +1,257 @@
+"""The slot table: host bookkeeping of every slot ``index * V + view`` (how many records it
+holds, its per-token length, whether a shard holds it), and :meth:`SlotTable.claim`, the one
+place where the duplicate policy is applied, to a batch, a shard, a rank or a resumed index."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from .memory import first_last
+
+__all__ = ["Claim", "SlotTable"]
+
+class Claim(NamedTuple):
+    """What :meth:`SlotTable.claim` decided for a block of n slots (nothing is changed yet).
+
+    ``keep`` masks the rows to write (None: all); ``prev`` holds the slots' record counts before
+    (None for an empty block); ``merge`` says rows are averaged into their slots; ``top`` and
+    ``vmax`` are the largest index and view.
+    """
+
+    keep: Optional[np.ndarray]
+    prev: Optional[np.ndarray]
+    merge: bool
+    top: int
+    vmax: int
+
+
+_KEEP_ONE = "; pass on_duplicate='first', 'last' or 'mean' to keep one"
+
+
+def _what(index, views, b: int) -> str:
+    return f"item {index[b]}" + ("" if views is None or not views[b] else f" view {views[b]}")
+
+
+class SlotTable:
+    """Host bookkeeping of every slot: ``count``, ``token_len`` and ``disk`` arrays ``[capacity, V]``."""
+
+    def __init__(self, num_items: Optional[int], on_duplicate: str) -> None:
+        self.num_items = num_items
+        self.on_duplicate = on_duplicate
+        # Counts above 1 only matter for averaging: one byte per slot otherwise keeps it in cache.
+        self.count = np.zeros((0, 1), self.count_dtype(on_duplicate))
+        self.flat = self.count.reshape(-1)
+        self.token_len = np.zeros((0, 1), np.int64)
+        self.disk: Optional[np.ndarray] = None  # slots a shard on disk holds, once a directory is linked
+
+    @staticmethod
+    def count_dtype(on_duplicate: str):
+        return np.int32 if on_duplicate == "mean" else np.uint8
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.count.shape
+
+    def slots(self, index: np.ndarray, views: Optional[np.ndarray]) -> np.ndarray:
+        vcap = self.count.shape[1]
+        return index if vcap == 1 else index * vcap + (0 if views is None else views)
+
+    def new_shape(self, top: int, vmax: int) -> Optional[Tuple[int, int]]:
+        """The shape that holds index ``top`` and view ``vmax``, None if this one does: all of
+        num_items at once when known, else at least twice the items; views exactly."""
+        cap, vcap = self.count.shape
+        if top < cap and vmax < vcap:
+            return None
+        new_cap = self.num_items if self.num_items is not None else (cap if top < cap else max(top + 1, 2 * cap, 1024))
+        return new_cap, max(vcap, vmax + 1)
+
+    def grow(self, shape: Tuple[int, int]) -> None:
+        cap, vcap = self.count.shape
+        count = np.zeros(shape, self.count.dtype)
+        count[:cap, :vcap] = self.count
+        token_len = np.zeros(shape, np.int64)
+        token_len[:cap, :vcap] = self.token_len
+        if self.disk is not None:
+            disk = np.zeros(shape, bool)
+            disk[:cap, :vcap] = self.disk
+            self.disk = disk
+        self.count, self.flat, self.token_len = count, count.reshape(-1), token_len
+
+    def recount(self, on_duplicate: str) -> None:
+        """Counts in the width ``on_duplicate`` needs (narrowed counts saturate)."""
+        dtype = self.count_dtype(on_duplicate)
+        count = self.count
+        if np.iinfo(dtype).max < np.iinfo(count.dtype).max:
+            count = np.minimum(count, np.iinfo(dtype).max)
+        self.count = count.astype(dtype)
+        self.flat = self.count.reshape(-1)
+
+    def mark(self, slots: np.ndarray, lengths: Optional[np.ndarray], count=None, disk: bool = False) -> None:
+        """Book ``slots`` (flat) as recorded: their ``count`` (one value or one per slot; None leaves
+        it), per-token ``lengths`` (None: none) and, with ``disk``, as held by a shard."""
+        if count is not None:
+            self.flat[slots] = count
+        if lengths is not None:
+            self.token_len.reshape(-1)[slots] = lengths
+        if disk:
+            if self.disk is None:
+                self.disk = np.zeros(self.count.shape, bool)
+            self.disk.reshape(-1)[slots] = True
+
+    def mark_written(self, slots: np.ndarray) -> None:
+        """``slots`` are now in a shard; under ``"last"`` and ``"mean"`` they hold no record in memory."""
+        self.mark(slots, None, count=None if self.on_duplicate in ("error", "first") else 0, disk=True)
+
+    def unwritten(self) -> np.ndarray:
+        """The slots recorded in memory and not in a shard (under ``"last"`` and ``"mean"``, a
+        written slot recorded again is a new record: it is unwritten too), sorted."""
+        recorded = self.flat > 0
+        if self.disk is not None and self.on_duplicate in ("error", "first"):
+            recorded &= ~self.disk.reshape(-1)
+        return np.flatnonzero(recorded)
+
+    def held_at(self, index: np.ndarray, views: Optional[np.ndarray]) -> np.ndarray:
+        """Per (index, view): recorded in memory or in a shard, in any view when ``views`` is None."""
+        found = self.recorded(index, views)
+        if self.disk is not None:
+            found |= self.recorded(index, views, self.disk)
+        return found
+
+    def held(self) -> np.ndarray:
+        """Bool ``[capacity, V]``: slots recorded in memory or in a shard."""
+        held = self.count > 0
+        return held if self.disk is None else held | self.disk
+
+    def recorded(self, index: np.ndarray, views: Optional[np.ndarray], table: Optional[np.ndarray] = None) -> np.ndarray:
+        """Per (index, view): recorded in memory (or in ``table``), in any view when ``views`` is None."""
+        table = self.count if table is None else table
+        cap, vcap = table.shape
+        inside = index < cap
+        if views is not None:
+            inside &= views < vcap
+        found = np.zeros(len(index), bool)
+        rows = index[inside]
+        found[inside] = (table[rows] != 0).any(1) if views is None else table[rows, views[inside]] != 0
+        return found
+
+    def _prev(self, index: np.ndarray, views: Optional[np.ndarray]) -> np.ndarray:
+        cap, vcap = self.count.shape
+        if len(index) and int(index.max()) < cap and (views is None or int(views.max()) < vcap):
+            return self.flat[index if vcap == 1 else index * vcap + (0 if views is None else views)]
+        v = np.zeros(len(index), np.int64) if views is None else views
+        inside = (index < cap) & (v < vcap)
+        prev = np.zeros(len(index), np.int32)
+        prev[inside] = self.count[index[inside], v[inside]]
+        return prev
+
+    def claim(self, index: np.ndarray, views: Optional[np.ndarray], lengths: Optional[np.ndarray], per_token: bool,
+              combine_views: bool, source: Optional[str] = None, repeat_hint: str = "") -> Claim:
+        """Check a block of (index, view) pairs against what is recorded and apply ``on_duplicate``.
+
+        ``source`` None means a batch of ``Recorder.add`` (its messages name batch positions),
+        else it names the shard or rank the block came from; ``repeat_hint`` ends the message of a
+        repeat under ``"error"`` in a block (how its sender recovers). ``combine_views`` checks that the
+        views of an item agree in per-token length. Raises ValueError, changing nothing, for an
+        index outside ``range(num_items)``, a repeat under ``"error"`` or lengths that clash.
+        """
+        if not len(index):
+            return Claim(None, None, False, -1, 0)
+        vmax = 0 if views is None else int(views.max())
+        width = vmax + 1
+        slot = index if views is None else index * width + views  # this block's own slot numbering
+        low, top = int(index.min()), int(index.max())
+        n = self.num_items
+        if low < 0 or (n is not None and top >= n):
+            b = int(np.flatnonzero((index < 0) | (index >= (n if n is not None else np.iinfo(np.int64).max)))[0])
+            if source is not None:
+                raise ValueError(f"{source}: indices must lie in range(num_items) = range({n}), got {index[b]}")
+            if n is None:
+                raise ValueError(f"Recorder.add: indices must be >= 0, got index[{b}] = {index[b]}")
+            raise ValueError(f"Recorder.add: index[{b}] = {index[b]} is outside range(num_items) = range({n})")
+        prev = self._prev(index, views)
+        seen = bool(np.count_nonzero(prev))
+        # Blocks from a shard or a rank come in slot order, each slot once: no sort needed then.
+        repeats = len(slot) > 1 and not (slot[1:] > slot[:-1]).all() and bool(np.count_nonzero(np.diff(np.sort(slot)) == 0))
+        if (seen or repeats) and self.on_duplicate == "error":
+            if source is not None:
+                again = prev > 0
+                if repeats:
+                    again |= ~first_last(slot)[0]
+                b = int(np.flatnonzero(again)[0])
+                raise ValueError(f"{source}: {_what(index, views, b)} is recorded more than once "
+                                 f"(on_duplicate='error'){repeat_hint or _KEEP_ONE}")
+            b = int(np.flatnonzero(prev)[0]) if seen else int(np.flatnonzero(~first_last(slot)[0])[0])
+            where = "is already recorded (batch position" if seen else "appears more than once in this batch (again at position"
+            raise ValueError(f"Recorder.add: {_what(index, views, b)} {where} {b}); "
+                             "pass on_duplicate='first', 'last' or 'mean' to allow repeats")
+        if lengths is not None and per_token:
+            self._check_lengths(index, views, lengths, slot, combine_views, source)
+        if not (seen or repeats) or self.on_duplicate == "mean":
+            return Claim(None, prev, seen or repeats, top, vmax)
+        first, last = first_last(slot) if repeats else (None, None)
+        if self.on_duplicate == "first":
+            keep = prev == 0
+            if repeats:
+                keep &= first
+        else:
+            keep = last
+        return Claim(None if keep is None or keep.all() else keep, prev, False, top, vmax)
+
+    def _check_lengths(self, index, views, lengths, slot, combine_views: bool, source: Optional[str]) -> None:
+        """Slots that will be combined (views of one item, or averaged repeats) share one length."""
+        merge = self.on_duplicate == "mean"
+        combine_views = combine_views and (views is not None or self.count.shape[1] > 1)
+        if not (combine_views or merge):
+            return
+        if source is not None:  # a block: the views of an item are checked once all blocks are in
+            combine_views = False
+            if not merge:
+                return
+        group = index if combine_views else slot
+        order = np.argsort(group, kind="stable")
+        sg, sl = group[order], lengths[order]
+        clash = (sg[1:] == sg[:-1]) & (sl[1:] != sl[:-1])
+        where = "in this batch" if source is None else "here"
+        if clash.any():
+            b = int(order[np.flatnonzero(clash)[0] + 1])
+            if source is not None:
+                raise ValueError(f"{source}: {_what(index, views, b)} has length {lengths[b]} {where} and another length elsewhere; "
+                                 "repeats must have one length to be averaged (on_duplicate='mean')")
+            raise ValueError(f"Recorder.add: item {index[b]} appears in this batch with lengths {sorted(set(lengths[index == index[b]].tolist()))}; "
+                             + ("its views must have one length to be combined (or use views='none')" if combine_views
+                                else "repeats of a slot must have one length to be averaged"))
+        cap, vcap = self.count.shape
+        inside = index < cap
+        if not inside.any():
+            return
+        rows = index[inside]
+        recorded = self.count[rows] > 0  # [n, vcap]
+        v = np.zeros(len(rows), np.int64) if views is None else views[inside]
+        if not combine_views:
+            recorded &= np.arange(vcap)[None, :] == v[:, None]
+        elif not merge:
+            recorded &= np.arange(vcap)[None, :] != v[:, None]  # one's own slot is replaced or ignored
+        bad = recorded & (self.token_len[rows] != lengths[inside][:, None])
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            b = int(np.flatnonzero(inside)[r])
+            if source is not None:
+                raise ValueError(f"{source}: {_what(index, views, b)} has length {lengths[b]} {where} and another length elsewhere; "
+                                 "repeats must have one length to be averaged (on_duplicate='mean')")
+            raise ValueError(f"Recorder.add: item {index[b]} has length {lengths[b]} in this batch but {self.token_len[rows[r], c]} "
+                             f"in its recorded view {c}; " + ("its views must have one length to be combined (or use views='none')"
+                                                              if combine_views else "repeats must have one length to be averaged"))
+
+    def check_view_lengths(self, owner: str, views_mode: str) -> None:
+        """Raise ValueError if combining the views of an item would meet two per-token lengths."""
+        if views_mode == "none" or self.count.shape[1] == 1:
+            return
+        present = self.count > 0
+        low = np.where(present, self.token_len, np.iinfo(np.int64).max).min(1)
+        high = np.where(present, self.token_len, -1).max(1)
+        bad = np.flatnonzero(present.any(1) & (low != high))
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"{owner}: item {i} has views of lengths {sorted(set(self.token_len[i][present[i]].tolist()))}; "
+                             f"its views must have one length to be combined (views={views_mode!r}), or use views='none'")

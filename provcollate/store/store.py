@@ -1,0 +1,387 @@
+"""The store: slots, rows and staging for one set of outputs, and the only writer of them.
+
+Records come in three ways and all take the same steps (claim, make room, write the rows,
+then the books): :meth:`Store.record` (a checked batch of ``Recorder.add``),
+:meth:`Store.absorb` (a :class:`SlotBlock` from a shard or a rank) and
+:meth:`Store.load_index` (a shard's bookkeeping on resume, rows left on disk). They go out as a
+block (:meth:`Store.extract`) or as a finished table (:meth:`Store.columns`). Every change is
+checked first, so an error leaves the store as it was, and every replacement of storage goes
+through :meth:`Store._storage_changed`, so the compiled view (:class:`FastPath`) is never stale.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .. import ops
+from .fast import FastPath
+from .memory import exclusive_cumsum, host_empty, row_positions, to_device
+from .records import ColumnTable, Identity, Output, SlotBlock, Spec
+from .result import finished_table
+from .rows import DenseRows, TokenRows
+from .slots import Claim, SlotTable
+from .staging import Staging
+
+__all__ = ["Store"]
+
+
+class Store:
+    """Slots, rows and staging for one Recorder's outputs (fixed by :meth:`setup` or the first record).
+
+    ``compiled=True`` gives a store on the host a :class:`FastPath` (``self.fast``) where the
+    compiled extension is built; it is None otherwise.
+    """
+
+    def __init__(self, num_items: Optional[int], device: torch.device, on_duplicate: str, views: str,
+                 compiled: bool = False) -> None:
+        self.device = device
+        self.views = views
+        self.table = SlotTable(num_items, on_duplicate)
+        self.specs: Optional[Dict[str, Spec]] = None
+        self.single = False
+        self.dense: Dict[str, DenseRows] = {}
+        self.tokens: Dict[str, TokenRows] = {}
+        self.staging = Staging()
+        self.on_host = device.type == "cpu"
+        self.shared = False  # the dense rows are also held by a returned result
+        self.records = 0  # every record taken in, repeats included
+        self._ones: Dict[int, torch.Tensor] = {}
+        self.fast = FastPath(self) if compiled and self.on_host and FastPath.available() else None
+
+    @property
+    def num_items(self) -> Optional[int]:
+        return self.table.num_items
+
+    @property
+    def on_duplicate(self) -> str:
+        return self.table.on_duplicate
+
+    def _storage_changed(self) -> None:
+        """Storage was replaced or handed out: the compiled view is rebuilt before its next pass."""
+        if self.fast is not None:
+            self.fast.invalidate()
+
+    def set_on_duplicate(self, policy: str) -> None:
+        """Change the duplicate policy (counts widen or narrow with it); checked before anything changes."""
+        if policy == "mean" and self.specs is not None:
+            bad = [n for n, s in self.specs.items() if not s.dtype.is_floating_point]
+            if bad:
+                raise TypeError(f"Recorder: on_duplicate='mean' averages floating-point outputs, got {bad[0]!r} of dtype {self.specs[bad[0]].dtype}")
+        if SlotTable.count_dtype(policy) != self.table.count.dtype:
+            self.staging.drain(wait=True)
+            self.table.recount(policy)
+            self._storage_changed()
+        self.table.on_duplicate = policy
+
+    # ---------------------------------------------------------------------------- outputs and room
+
+    def describe(self) -> str:
+        return "; ".join(f"{n}: {s.describe()}" for n, s in (self.specs or {}).items())
+
+    def setup(self, specs: Dict[str, Spec], single: bool, owner: str) -> None:
+        """Fix the outputs (as a first record does), or check that they are these."""
+        if self.specs is not None:
+            if list(self.specs) != list(specs) or any(self.specs[n] != s for n, s in specs.items()):
+                got = "; ".join(f"{n}: {s.describe()}" for n, s in specs.items())
+                raise ValueError(f"{owner}: the outputs must be the Recorder's {{{self.describe()}}}, got {{{got}}}")
+            return
+        dense = {n: DenseRows(s, self.device) for n, s in specs.items() if not s.per_token}
+        tokens = {n: TokenRows(s, self.device) for n, s in specs.items() if s.per_token}
+        shape = self.table.shape
+        for rows in dense.values():
+            rows.rows = rows.grown((0, 0), shape) if shape[0] else rows.rows
+        for rows in tokens.values():
+            rows.starts = np.zeros(shape, np.int64)
+        self.specs, self.single, self.dense, self.tokens = specs, single, dense, tokens
+        self._storage_changed()
+
+    def _forget_outputs(self) -> None:
+        """Undo :meth:`setup` (a first record that failed): the outputs are not fixed after all."""
+        self.specs, self.single, self.dense, self.tokens = None, False, {}, {}
+        self._storage_changed()
+
+    def ensure(self, top: int, vmax: int) -> None:
+        """Room for index ``top`` and view ``vmax``: every new array is made before any replaces the old."""
+        new = self.table.new_shape(top, vmax)
+        if new is None:
+            return
+        self.staging.drain(wait=True)
+        old = self.table.shape
+        dense = {n: r.grown(old, new) for n, r in self.dense.items()}
+        starts = {n: r.grown(old, new) for n, r in self.tokens.items()}
+        self.table.grow(new)
+        for n, rows in dense.items():
+            self.dense[n].rows = rows
+        for n, s in starts.items():
+            self.tokens[n].starts = s
+        self.shared = False
+        self._storage_changed()
+
+    def unshare(self) -> None:
+        """Copy the dense rows a returned result holds before they are written again."""
+        if self.shared:
+            self.staging.drain(wait=True)
+            for rows in self.dense.values():
+                rows.rows = rows.rows.clone()
+            self.shared = False
+            self._storage_changed()
+
+    def empty_like(self) -> "Store":
+        """A store with these settings and outputs and storage of this size, nothing recorded."""
+        fresh = Store(self.num_items, self.device, self.on_duplicate, self.views)
+        if self.specs is not None:
+            fresh.setup(self.specs, self.single, "Recorder")
+            cap, vcap = self.table.shape
+            if cap:
+                fresh.ensure(cap - 1, vcap - 1)
+        return fresh
+
+    # ---------------------------------------------------------------------------- records in
+
+    def record(self, ids: Identity, outputs: Dict[str, Output], specs: Optional[Dict[str, Spec]], single: bool,
+               combine_views: bool) -> None:
+        """Claim and write a checked batch; ``specs`` fixes the outputs on a first record (else None).
+
+        Raises ValueError, changing nothing, for an index outside ``range(num_items)``, a repeat
+        under ``"error"`` or lengths that clash with what is recorded.
+        """
+        per_token = any(o.per_token for o in outputs.values())
+        lengths = ids.lengths if per_token else None
+        claim = self.table.claim(ids.index, ids.views, lengths, per_token, combine_views)
+        first = self.specs is None
+        if first:
+            self.setup(specs, single, "Recorder.add")
+        try:
+            self._take(ids, outputs, claim, len(ids.index))
+        except BaseException:
+            if first:
+                self._forget_outputs()
+            raise
+
+    def absorb(self, block: SlotBlock, source: str, repeat_hint: str = "") -> None:
+        """Merge ``block`` under ``on_duplicate``, as a batch added now would be; ``source`` names it in errors.
+
+        Raises ValueError, changing nothing, for an index outside ``range(num_items)``, a repeated
+        slot under ``"error"``, or averaged per-token slots of different lengths.
+        """
+        records = len(block) if block.records is None else block.records
+        if not len(block):
+            self.records += records
+            return
+        claim = self.table.claim(block.index, block.view, block.lengths, block.lengths is not None, False, source, repeat_hint)
+        ids = Identity(None, block.index, block.view, block.lengths, False, None, True)
+        outputs = {name: Output(block.columns[name], spec.per_token, jagged=spec.per_token) for name, spec in self.specs.items()}
+        self._take(ids, outputs, claim, records, block.count)
+
+    def load_index(self, block: SlotBlock, source: str) -> None:
+        """Count the slots of a shard on disk as recorded (``block`` holds bookkeeping only).
+
+        Under ``"error"`` and ``"first"`` they keep their counts, so that ``add`` rejects or
+        ignores them; under ``"last"`` and ``"mean"`` a later record is a slot of its own that
+        reading merges with the shard's. Raises ValueError, changing nothing, as :meth:`absorb` does.
+        """
+        keep_counts = self.on_duplicate in ("error", "first")
+        claim = self.table.claim(block.index, block.view, block.lengths, block.lengths is not None, False, source,
+                                 "; shards written under on_duplicate='error' hold each item once")
+        if len(block):
+            self.ensure(claim.top, claim.vmax)
+            slots = self.table.slots(block.index, block.view)
+            keep = claim.keep if keep_counts else None
+            kept = slots if keep is None else slots[keep]
+            lengths = block.lengths if keep is None or block.lengths is None else block.lengths[keep]
+            self.table.mark(kept, lengths, count=1 if keep_counts else None, disk=True)
+        self.records += len(block) if block.records is None else block.records
+
+    def _take(self, ids: Identity, outputs: Dict[str, Output], claim: Claim, records: int,
+              weight: Optional[np.ndarray] = None) -> None:
+        """Write claimed rows: rows first, bookkeeping last, so that an error in a copy leaves the
+        slots as they were (a per-token reservation is given back)."""
+        index = ids.index
+        if len(index):
+            self.ensure(claim.top, claim.vmax)
+            self.unshare()
+            slots = self.table.slots(index, ids.views)
+            if claim.merge:
+                self._take_mean(slots, ids, outputs, claim.prev, weight)
+            else:
+                self._take_rows(slots, ids, outputs, claim.keep)
+        self.records += records
+
+    def _take_rows(self, slots: np.ndarray, ids: Identity, outputs: Dict[str, Output], keep: Optional[np.ndarray]) -> None:
+        kept = slots if keep is None else slots[keep]
+        if not len(kept):
+            return
+        index_t = ids.index_t if self.table.shape[1] == 1 else None
+        starts: Dict[str, np.ndarray] = {}
+        for name, out in outputs.items():
+            if out.per_token:
+                starts[name] = self._write_tokens(name, out, slots, keep, ids.lengths, ids.left)
+            else:
+                self._write_examples(name, out.tensor, slots, index_t, keep)
+        lengths = None
+        if ids.lengths is not None and any(o.per_token for o in outputs.values()):
+            lengths = ids.lengths if keep is None else ids.lengths[keep]
+        self.table.mark(kept, lengths, count=1)
+        for name, s in starts.items():
+            self.tokens[name].starts.reshape(-1)[kept] = s
+
+    def _ones_of(self, size: int) -> torch.Tensor:
+        ones = self._ones.get(size)
+        if ones is None:
+            ones = self._ones[size] = torch.ones(size, dtype=torch.int64, device=self.device)
+        return ones
+
+    def needs_staging(self, src: torch.Tensor) -> bool:
+        """Outputs on a GPU with storage on the host go through pinned buffers, written once landed."""
+        return src.is_cuda and self.on_host
+
+    def _deliver(self, src: torch.Tensor, work) -> None:
+        """``work(src on the storage device)``: now, or once its copy from a GPU has landed."""
+        if self.needs_staging(src):
+            staged, event = Staging.pinned_copy(src)
+            self.staging.defer(event, lambda: work(staged))
+            self._storage_changed()  # a compiled pass must not write before the staged rows land
+        else:
+            work(src if (src.is_cpu and self.on_host) or src.device == self.device else src.to(self.device, non_blocking=True))
+
+    def _write_examples(self, name: str, src: torch.Tensor, slots: np.ndarray, slots_t, keep) -> None:
+        """Rows of a per-example output to their slots: items of length 1 (0 for rows not kept)."""
+        dst = self.dense[name].rows
+        lengths = self._ones_of(len(slots)) if keep is None else to_device(keep.astype(np.int64), self.device)
+        if slots_t is None or not self.on_host or src.is_cuda:
+            # A private copy: the caller may refill its index tensor before a deferred write runs.
+            slots_t = to_device(slots.copy(), self.device)
+        self._deliver(src, lambda rows: ops.unpad_scatter_(dst, rows.unsqueeze(1), lengths, slots_t))
+
+    def _write_tokens(self, name: str, out: Output, slots, keep, lengths, left: bool) -> np.ndarray:
+        """Real rows of a per-token output to rows of its chunks, in batch order; returns the kept
+        slots' first global rows. Rows are reserved before they are written."""
+        store = self.tokens[name]
+        src = out.tensor
+        if out.jagged and keep is not None:
+            src = src.index_select(0, to_device(row_positions(exclusive_cumsum(lengths)[keep], lengths[keep]), src.device))
+        if out.jagged and store.plan is not None and not self.needs_staging(src):
+            kept = slots if keep is None else slots[keep]
+            return store.place(kept, src.to(self.device), lengths if keep is None else lengths[keep])
+        written = lengths if keep is None else np.where(keep, lengths, 0)
+        ends = np.cumsum(written)
+        total = int(ends[-1])
+        chunk, start, base = store.reserve(total)
+        local = ends - written + start
+        try:
+            if out.jagged:
+                self._deliver(src, lambda rows: chunk[start:start + total].copy_(rows))
+            elif self.needs_staging(src):
+                # Unpad on the GPU so that only real rows cross to the host.
+                rows = ops.unpad(src, to_device(np.concatenate(([0], ends)), src.device), total, left)
+                self._deliver(rows, lambda landed: chunk[start:start + total].copy_(landed))
+            else:
+                lengths_t, local_t = to_device(written, self.device), to_device(local, self.device)
+                self._deliver(src, lambda padded: ops.unpad_scatter_(chunk, padded, lengths_t, local_t, left))
+        except BaseException:
+            store.unreserve(total)
+            raise
+        return base + (local if keep is None else local[keep])
+
+    def _take_mean(self, slots, ids: Identity, outputs: Dict[str, Output], prev, weight: Optional[np.ndarray]) -> None:
+        """Average rows into their slots (repeats among them included), each weighed by ``weight``
+        (the records it stands for; 1 each when None)."""
+        unique, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
+        before = prev[first].astype(np.int64)
+        weight = np.ones(len(slots), np.int64) if weight is None else weight
+        lengths = ids.lengths
+        works = []
+        for name, out in outputs.items():
+            src = out.tensor
+            if out.per_token:
+                if not out.jagged:
+                    offsets = np.concatenate(([0], np.cumsum(lengths)))
+                    src = ops.unpad(src, to_device(offsets, src.device), int(offsets[-1]), ids.left)
+                rows = self.tokens[name]
+                works.append((src, lambda r, rows=rows: rows.mean_into(unique, lengths[first], inverse, before, r, lengths, weight)))
+            else:
+                rows = self.dense[name]
+                works.append((src, lambda r, rows=rows: rows.mean_into(unique, inverse, before, r, weight)))
+        for src, work in works:
+            self._deliver(src, work)
+        added = np.bincount(inverse, weights=weight, minlength=len(unique)).astype(np.int64)
+        per_token = any(o.per_token for o in outputs.values())
+        self.table.mark(unique, lengths[first] if lengths is not None and per_token else None, count=before + added)
+
+    # ---------------------------------------------------------------------------- shards
+
+    def unwritten(self) -> np.ndarray:
+        """The slots recorded in memory and not yet in a shard, sorted."""
+        self.staging.drain(wait=True)
+        return self.table.unwritten()
+
+    def mark_written(self, flat: np.ndarray) -> None:
+        """The slots ``flat`` are now in a shard: drop their rows from memory (every row, as the
+        shard holds all that was unwritten). Under ``"error"`` and ``"first"`` they stay counted,
+        so that ``add`` rejects or ignores them again; under ``"last"`` and ``"mean"`` a later
+        record of one is a new slot that reading merges with the written one."""
+        self.table.mark_written(flat)
+        for rows in self.dense.values():
+            rows.rows = host_empty(tuple(rows.rows.shape), rows.rows.dtype, rows.rows.device)  # no huge pages: sparse writes
+        for name, rows in self.tokens.items():
+            fresh = TokenRows(rows.spec, self.device)
+            fresh.starts = rows.starts
+            self.tokens[name] = fresh
+        self.shared = False
+        self._storage_changed()
+
+    def lay_out(self, slots: np.ndarray, lengths: np.ndarray) -> bool:
+        """Plan every per-token column of a store that holds no rows yet for exactly these slots
+        (see :meth:`TokenRows.lay_out`), if no slot repeats in ``slots`` (``lengths``: their
+        token lengths); False, planning nothing, if one does or there is nothing to plan."""
+        if not self.tokens or any(rows.chunks for rows in self.tokens.values()) or not len(slots):
+            return False
+        order = np.argsort(slots, kind="stable")
+        slots, lengths = slots[order], lengths[order]
+        if np.any(slots[1:] == slots[:-1]):
+            return False
+        for rows in self.tokens.values():
+            rows.lay_out(slots, lengths)
+        return True
+
+    # ---------------------------------------------------------------------------- records out
+
+    def extract(self, flat: Optional[np.ndarray] = None) -> SlotBlock:
+        """The slots ``flat`` (sorted; default: every recorded slot) as a block, in slot order.
+
+        Waits for outputs still being copied from a GPU. Per-example rows are the store's own,
+        not a copy, when every slot is taken.
+        """
+        self.staging.drain(wait=True)
+        cap, vcap = self.table.shape
+        if flat is None:
+            flat = np.flatnonzero(self.table.flat)
+        index, view = (flat, None) if vcap == 1 else (flat // vcap, flat % vcap)
+        count = self.table.flat[flat].astype(np.int64) if self.on_duplicate == "mean" else None
+        lengths = self.table.token_len.reshape(-1)[flat] if self.tokens else None
+        everything = len(flat) == cap * vcap
+        flat_t = None if everything else to_device(flat, self.device)
+        columns: Dict[str, torch.Tensor] = {}
+        for name, spec in self.specs.items():
+            if spec.per_token:
+                columns[name] = self.tokens[name].gather(self.tokens[name].starts.reshape(-1)[flat], lengths)
+            else:
+                rows = self.dense[name].rows
+                columns[name] = rows if everything else torch.index_select(
+                    rows, 0, flat_t, out=host_empty((len(flat), *rows.shape[1:]), rows.dtype, rows.device))
+        return SlotBlock(index, view, count, lengths, columns)
+
+    def columns(self, owner: str, ranks: int = 1, shards: int = 0) -> ColumnTable:
+        """Everything recorded, views combined as ``views`` says, as a finished table.
+
+        Copies nothing when every slot was recorded once and views are kept as they are; the
+        dense rows are then shared with the table (and copied before they are next written).
+        """
+        self.staging.drain(wait=True)
+        table, shared = finished_table(self, owner, ranks, shards)
+        if shared and not self.shared:
+            self.shared = True
+            self._storage_changed()
+        return table
