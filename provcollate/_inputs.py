@@ -71,10 +71,11 @@ def _check_lengths(owner: str, name: str, lengths: np.ndarray, n: int) -> None:
 def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[str] = None, offsets=None) -> Identity:
     """The identity of ``batch`` (a Batch, or a plain index with its keyword arguments): its
     structure checked (types, dtypes, sizes that agree); :func:`checked` checks the values."""
+    if isinstance(batch, Sample) or (isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Sample)):
+        got = "a Sample of collated fields" if isinstance(batch, Sample) else type(batch).__name__ + " of Samples"
+        raise TypeError(f"{owner}: batch must be a pc.Collator batch or an index tensor [B], got {got}: "
+                        "the DataLoader used its default collate; pass DataLoader(..., collate_fn=pc.Collator(...))")
     if isinstance(batch, (torch.Tensor, np.ndarray, list, tuple, range)):
-        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Sample):
-            raise TypeError(f"{owner}: batch must be a pc.Collator batch or an index tensor [B], got {type(batch).__name__} of "
-                            "Samples: the DataLoader used its default collate; pass DataLoader(..., collate_fn=pc.Collator(...))")
         index_t, index = index_arrays(owner, "index", batch)
         item_lengths = None
         if lengths is not None:
@@ -103,9 +104,6 @@ def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[
             raise ValueError(f"{owner}: the batch has {len(index)} indices but {len(views)} view ids")
         return Identity(index_t, index, views, item_lengths, batch.padding_side == "left", getattr(batch, "max_len", None),
                         getattr(batch, "offsets", None) is not None)
-    if isinstance(batch, Sample):
-        raise TypeError(f"{owner}: batch must be a pc.Collator batch or an index tensor [B], got a Sample of collated fields: "
-                        "the DataLoader used its default collate; pass DataLoader(..., collate_fn=pc.Collator(...))")
     raise TypeError(f"{owner}: batch must be a provcollate.Batch or an index tensor [B], got {type(batch).__name__}")
 
 
