@@ -43,8 +43,9 @@ clean:
 
 # The GPU proof kit (gpu/check.sh): on a GPU machine with no venv, its own python3 and torch
 # (GPU_PYTHON=... names another); DRY_RUN=1 runs the same plumbing on a CPU machine with this
-# venv's python, and gathers build/gpu-deps, which the GPU run needs carried along.
+# checkout's venv and extension, set up first as for `make test` (so it passes in a fresh clone),
+# and gathers build/gpu-deps, which the GPU run needs carried along.
 DRY_RUN ?= 0
 GPU_PYTHON ?= $(if $(filter 1,$(DRY_RUN)),$(PY),python3)
-gpu-check:
+gpu-check: $(if $(filter 1,$(DRY_RUN)),build)
 	DRY_RUN=$(DRY_RUN) GPU_PYTHON=$(GPU_PYTHON) bash gpu/check.sh

@@ -19,9 +19,10 @@
 # day: `make gpu-check DRY_RUN=1` here, then run(command="make gpu-check", carry=["build/gpu-deps"],
 # timeout_s=540), then commit the gpu.md that comes back in $OUT as benchmarks/results/gpu.md.
 #
-# DRY_RUN=1 runs the same plumbing on a CPU machine with this checkout's venv: the steps that need
-# a device are skipped and say so; its page goes to $OUT (or a temporary folder), never to
-# benchmarks/results/.
+# DRY_RUN=1 runs the same plumbing on a CPU machine with this checkout's venv and extension, which
+# `make gpu-check DRY_RUN=1` first sets up as `make test` does (a fresh clone needs nothing else):
+# the steps that need a device are skipped and say so; its page goes to $OUT (or a temporary
+# folder), never to benchmarks/results/.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
