@@ -21,12 +21,23 @@
 //                                 csrc/record.cpp does, with no call from Python, no argument check
 //                                 and no books.
 //                                 Returns the microseconds each batch took.
+//   claim_pass(n, indices, outputs)
+//                                 case 1's least work as one whole pass (bench_record.py --floors):
+//                                 fresh storage [n, ...] and a claim byte per slot (allocated here,
+//                                 with the huge-page advice the Recorder gives its rows), then for
+//                                 each batch k the claims and copies of scatter_rows from outputs[k].
+//                                 Returns the storage; timed from Python as a whole, as the
+//                                 Recorder's pass is.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
 #include <torch/csrc/autograd/python_variable.h>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -132,6 +143,37 @@ at::Tensor write_once(int64_t nbytes) {
   return out;
 }
 
+// One batch's claims and copies: row b of `in` to row index[b] of `out` as slot index[b] is
+// claimed in `claimed`, touching counts 16 and rows 12 ahead, as csrc/record.cpp does.
+void claim_batch(char* out, int64_t row, int64_t n, uint8_t* claimed, const int64_t* index, int64_t B, const char* in) {
+  // always_inline, as record.cpp's: GCC deletes calls of a function whose only effect is a prefetch.
+  const auto touch = [&](int64_t b) __attribute__((always_inline)) {
+    if (b < B) {
+      __builtin_prefetch(out + index[b] * row, 1);
+      __builtin_prefetch(out + index[b] * row + row - 1, 1);
+    }
+  };
+  for (int64_t b = 0; b < 12; ++b) touch(b);
+  const bool words = row % 8 == 0 && row <= 128;  // copied inline, as record.cpp copies them
+  for (int64_t b = 0; b < B; ++b) {
+    if (b + 16 < B) __builtin_prefetch(claimed + index[b + 16], 1);
+    touch(b + 12);
+    TORCH_CHECK(index[b] >= 0 && index[b] < n && !claimed[index[b]], "floors: each slot once");
+    claimed[index[b]] = 1;
+    char* d = out + index[b] * row;
+    const char* s = in + b * row;
+    if (words) {
+      for (int64_t w = 0; w < row / 8; ++w) {
+        uint64_t v;
+        std::memcpy(&v, s + 8 * w, 8);
+        std::memcpy(d + 8 * w, &v, 8);
+      }
+    } else {
+      std::memcpy(d, s, row);
+    }
+  }
+}
+
 }  // namespace
 
 torch::Tensor scatter_rows(torch::Tensor dst, const std::vector<torch::Tensor>& indices, torch::Tensor src) {
@@ -144,37 +186,35 @@ torch::Tensor scatter_rows(torch::Tensor dst, const std::vector<torch::Tensor>& 
   double* us = took.data_ptr<double>();
   for (size_t k = 0; k < indices.size(); ++k) {
     TORCH_CHECK(indices[k].dtype() == torch::kInt64 && indices[k].numel() == B, "scatter_rows: int64 indices of B items");
-    const int64_t* index = indices[k].data_ptr<int64_t>();
     const auto start = std::chrono::steady_clock::now();
-    // always_inline, as record.cpp's: GCC deletes calls of a function whose only effect is a prefetch.
-    const auto touch = [&](int64_t b) __attribute__((always_inline)) {
-      if (b < B) {
-        __builtin_prefetch(out + index[b] * row, 1);
-        __builtin_prefetch(out + index[b] * row + row - 1, 1);
-      }
-    };
-    for (int64_t b = 0; b < 12; ++b) touch(b);
-    const bool words = row % 8 == 0 && row <= 128;  // copied inline, as record.cpp copies them
-    for (int64_t b = 0; b < B; ++b) {  // each row copied as its slot is claimed, as record.cpp does
-      if (b + 16 < B) __builtin_prefetch(claimed.data() + index[b + 16], 1);
-      touch(b + 12);
-      TORCH_CHECK(index[b] >= 0 && index[b] < N && !claimed[index[b]], "scatter_rows: each slot once");
-      claimed[index[b]] = 1;
-      char* d = out + index[b] * row;
-      const char* s = in + b * row;
-      if (words) {
-        for (int64_t w = 0; w < row / 8; ++w) {
-          uint64_t v;
-          std::memcpy(&v, s + 8 * w, 8);
-          std::memcpy(d + 8 * w, &v, 8);
-        }
-      } else {
-        std::memcpy(d, s, row);
-      }
-    }
+    claim_batch(out, row, N, claimed.data(), indices[k].data_ptr<int64_t>(), B, in);
     us[k] = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start).count();
   }
   return took;
+}
+
+torch::Tensor claim_pass(int64_t n, const std::vector<torch::Tensor>& indices, const std::vector<torch::Tensor>& outputs) {
+  TORCH_CHECK(indices.size() == outputs.size() && !outputs.empty(), "claim_pass: one output per index");
+  std::vector<int64_t> shape(outputs[0].sizes().begin(), outputs[0].sizes().end());
+  shape[0] = n;
+  at::Tensor dst = at::empty(shape, outputs[0].options());
+  const int64_t row = dst.numel() / std::max<int64_t>(n, 1) * dst.element_size();
+  char* out = static_cast<char*>(dst.data_ptr());
+#if defined(__linux__)
+  // The Recorder's rows get this advice (provcollate.store.memory.huge_pages): the same here.
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(out) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(out) + n * row) & ~(kHuge - 1);
+  if (end > begin + kHuge) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+  std::vector<uint8_t> claimed(n, 0);
+  for (size_t k = 0; k < indices.size(); ++k) {
+    const int64_t B = outputs[k].size(0);
+    TORCH_CHECK(indices[k].dtype() == torch::kInt64 && indices[k].numel() == B && outputs[k].is_contiguous(),
+                "claim_pass: int64 indices of B items, contiguous outputs");
+    claim_batch(out, row, n, claimed.data(), indices[k].data_ptr<int64_t>(), B, static_cast<const char*>(outputs[k].data_ptr()));
+  }
+  return dst;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -182,4 +222,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("collate_tensors", &collate_tensors);
   m.def("write_once", &write_once);
   m.def("scatter_rows", &scatter_rows);
+  m.def("claim_pass", &claim_pass);
 }
