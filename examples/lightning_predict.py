@@ -9,14 +9,23 @@ through ``LengthBucketSampler`` (shuffled, 2 DataLoader workers) and ``Collator`
 ``predict_step`` returns a per-example and a per-token output, ``PredictionWriter`` records them
 under each batch's identity and gathers them over ranks. Rank 0 then checks every item against
 the model run on that item alone, and ``validate`` checks that ``self.log`` weights by batch size.
+
+With several processes, every wait of one rank for another (the rendezvous, the writer's gather,
+``self.log``'s sync) gives up after ``--timeout`` seconds with an error, instead of Lightning's
+default 30 minutes: a rank whose peer died fails, it does not hang. The rendezvous is at
+MASTER_ADDR:MASTER_PORT when they are set; otherwise Lightning picks a free port and releases it
+before rank 0 binds it, so a busy machine can hand it to another process in between (rank 0 then
+fails with EADDRINUSE). tests/test_integrations_lightning.py sets a port it holds.
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
+from datetime import timedelta
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -76,16 +85,23 @@ def check(model: Tagger, dataset: list, preds: pc.Predictions) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategy", default="auto")
+    parser.add_argument("--strategy", default="auto", choices=["auto", "ddp", "ddp_spawn"])
     parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=120,
+                        help="seconds a rank waits for the others (rendezvous, gather, sync) before it fails")
     args = parser.parse_args(argv)
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    strategy = args.strategy
+    if strategy != "auto":  # ddp re-runs this script for the other ranks; ddp_spawn starts them with multiprocessing
+        strategy = DDPStrategy(start_method="popen" if strategy == "ddp" else "spawn", timeout=timedelta(seconds=args.timeout))
 
     dataset = make_dataset()
     model = Tagger()
     # ddp_spawn runs the writer in child processes, so this process reads their shards instead.
     output_dir = tempfile.mkdtemp(prefix="provcollate-") if args.strategy == "ddp_spawn" else None
     writer = PredictionWriter(per_token={"tags"}, output_dir=output_dir)
-    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=args.strategy, callbacks=[writer], logger=False,
+    trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, callbacks=[writer], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.predict(model, make_loader(dataset), return_predictions=False)
     if trainer.is_global_zero:

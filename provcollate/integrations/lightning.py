@@ -31,6 +31,19 @@ def _writer_bases() -> tuple:
 __all__ = ["PredictionWriter"]
 
 
+def _collective(what: str, run):
+    """``run()``, a collective every rank must reach; a failure (a peer that died, a wait past the
+    process group's timeout) is raised again naming this rank and what it waited for, which gloo's
+    and NCCL's messages do not."""
+    try:
+        return run()
+    except RuntimeError as error:  # what torch.distributed raises for both (DistError is a RuntimeError)
+        raise RuntimeError(
+            f"PredictionWriter: rank {dist.get_rank()} of {dist.get_world_size()} waited for the other ranks at {what} "
+            f"and gave up: {error}. A rank that failed or is still predicting never reaches it; the wait ends at the "
+            "process group's timeout (Lightning's DDPStrategy(timeout=...), 30 minutes unless given)") from error
+
+
 def _num_items(trainer) -> int:
     """The base length of the one predict DataLoader's dataset (an Indexed dataset's views not counted)."""
     loaders = trainer.predict_dataloaders
@@ -104,10 +117,10 @@ class PredictionWriter(*_writer_bases()):
         if self.output_dir is not None:
             self.recorder.write(self.output_dir)
             if distributed:
-                dist.barrier()
+                _collective(f"the barrier after writing its shards to {self.output_dir}", dist.barrier)
             rank = dist.get_rank() if distributed else 0
             self.predictions = pc.Predictions.read(self.output_dir) if self.dst in (None, rank) else None
         elif distributed:
-            self.predictions = self.recorder.gather(dst=self.dst)
+            self.predictions = _collective("the gather of predictions (Recorder.gather)", lambda: self.recorder.gather(dst=self.dst))
         else:
             self.predictions = self.recorder.result()
