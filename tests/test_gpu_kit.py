@@ -2,6 +2,7 @@
 its dry run passes in a fresh clone and writes nowhere but $OUT, and a failing or hanging step fails the kit."""
 import os
 import pathlib
+import shutil
 import stat
 import subprocess
 
@@ -49,6 +50,7 @@ def test_gpu_check_dry_run_in_a_fresh_clone(tmp_path):
     assert sorted(p.name for p in results.iterdir()) == before, "a dry run wrote into benchmarks/results/"
     deps = clone / "build" / "gpu-deps"  # what the GPU run needs carried: hypothesis, ninja
     assert (deps / "hypothesis" / "__init__.py").exists() and (deps / "bin" / "ninja").exists()
+    shutil.rmtree(clone)  # 2 GiB of venv; pytest keeps the last 3 runs' tmp_path, so a failing clone stays to look at
 
 
 def test_gpu_check_fails_when_a_step_fails_or_hangs(tmp_path):
