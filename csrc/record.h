@@ -5,9 +5,9 @@
 
 namespace provcollate {
 
-// Adds `record_rows(index, views, lengths, left, sources, targets)`, `record_plain(index, output,
-// targets)` (its one-output, plain-index form) and their named records
-// RecordTargets and RecordOutcome to the module; provcollate/store/fast.py (FastPath) uses them.
+// Adds `record_rows(index, views, lengths, left, sources, targets)` and its named records
+// RecordTargets (with `add_plain(index, output)`, the one-output, plain-index form) and
+// RecordOutcome to the module; provcollate/store/fast.py (FastPath) uses them.
 void bind_record(pybind11::module_& m);
 
 }  // namespace provcollate

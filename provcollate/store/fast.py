@@ -1,4 +1,4 @@
-"""The compiled pass of ``Recorder.add``: ``record_rows`` / ``record_plain`` of csrc/record.cpp over
+"""The compiled pass of ``Recorder.add``: ``record_rows`` / ``RecordTargets.add_plain`` of csrc/record.cpp over
 a :class:`Store`'s host arrays, checking, claiming and copying a batch in one pass.
 
 It takes CPU tensors shaped as the first record fixed them, one view, no repeats, storage big
@@ -17,9 +17,9 @@ from .. import ops
 from .records import SINGLE, Identity
 
 if ops.HAS_EXTENSION:
-    from .._C import RecordTargets, record_plain, record_rows
+    from .._C import RecordTargets, record_rows
 else:  # no compiled extension, or PROVCOLLATE_EXTENSION=0 (ops.py warns): the general path only
-    RecordTargets = record_plain = record_rows = None
+    RecordTargets = record_rows = None
 
 __all__ = ["FastPath"]
 
@@ -29,8 +29,11 @@ class FastPath:
     storage changed (:meth:`invalidate`).
 
     ``plain`` is True while the seed article's call, a plain index and one per-example tensor,
-    can go straight to :meth:`add_plain`: the view is current, the outputs are one per-example
-    tensor, and the store's rows are neither shared with a result nor waiting on a GPU copy.
+    can go straight to ``add_plain(index, output)``: the view is current, the outputs are one
+    per-example tensor, and the store's rows are neither shared with a result nor waiting on a
+    GPU copy. ``add_plain`` is then the compiled view's own method (no Python step between the
+    caller and C++): it returns the batch size, or -1 having changed nothing, and counts the
+    rows it records, which the store adds to its own count (:meth:`pending_records`).
     """
 
     def __init__(self, store) -> None:
@@ -39,6 +42,7 @@ class FastPath:
         self.names: Tuple[str, ...] = ()
         self.token_names: frozenset = frozenset()
         self.plain = False
+        self.add_plain = None
 
     @staticmethod
     def available() -> bool:
@@ -47,8 +51,14 @@ class FastPath:
 
     def invalidate(self) -> None:
         """The store replaced or handed out storage, or has copies in flight."""
-        self.targets = None
+        if self.targets is not None:
+            self.store._records += self.targets.records  # what add_plain recorded through these
+        self.targets = self.add_plain = None
         self.plain = False
+
+    def pending_records(self) -> int:
+        """Rows recorded by ``add_plain`` that the store has not counted yet."""
+        return self.targets.records if self.targets is not None else 0
 
     def refresh(self) -> bool:
         """Make the view current; False when the store cannot take a compiled pass now (no outputs
@@ -65,15 +75,9 @@ class FastPath:
             self.token_names = frozenset(n for n, s in store.specs.items() if s.per_token)
             storage = [store.dense[n].rows if n in store.dense else store.tokens[n].starts for n in self.names]
             self.targets = RecordTargets(storage, store.table.count, store.table.token_len)
+            self.add_plain = self.targets.add_plain
         self.plain = self.names == (SINGLE,) and not self.token_names
         return True
-
-    def add_plain(self, index, output) -> int:
-        """The seed article's call (``plain`` must hold): the batch size, or -1, having changed nothing."""
-        n = record_plain(index, output, self.targets)
-        if n >= 0:
-            self.store.records += n
-        return n
 
     def add(self, ids: Identity, outputs, per_token) -> int:
         """One pass over a batch whose outputs are as the first record fixed them; the batch size,
@@ -103,7 +107,7 @@ class FastPath:
         if not outcome.recorded:
             return -1
         n = len(ids.index)
-        store.records += n
+        store._records += n
         return n
 
     def _sources(self, outputs, per_token) -> Optional[List[torch.Tensor]]:

@@ -46,9 +46,14 @@ class Store:
         self.staging = Staging()
         self.on_host = device.type == "cpu"
         self.shared = False  # the dense rows are also held by a returned result
-        self.records = 0  # every record taken in, repeats included
+        self._records = 0  # records taken in by the Python paths (see records)
         self._ones: Dict[int, torch.Tensor] = {}
         self.fast = FastPath(self) if compiled and self.on_host and FastPath.available() else None
+
+    @property
+    def records(self) -> int:
+        """Every record taken in, repeats included (those of the compiled plain add too)."""
+        return self._records + (self.fast.pending_records() if self.fast is not None else 0)
 
     @property
     def num_items(self) -> Optional[int]:
@@ -168,7 +173,7 @@ class Store:
         """
         records = len(block) if block.records is None else block.records
         if not len(block):
-            self.records += records
+            self._records += records
             return
         claim = self.table.claim(block.index, block.view, block.lengths, block.lengths is not None, False, source, repeat_hint)
         ids = Identity(None, block.index, block.view, block.lengths, False, None, True)
@@ -192,7 +197,7 @@ class Store:
             kept = slots if keep is None else slots[keep]
             lengths = block.lengths if keep is None or block.lengths is None else block.lengths[keep]
             self.table.mark(kept, lengths, count=1 if keep_counts else None, disk=True)
-        self.records += len(block) if block.records is None else block.records
+        self._records += len(block) if block.records is None else block.records
 
     def _take(self, ids: Identity, outputs: Dict[str, Output], claim: Claim, records: int,
               weight: Optional[np.ndarray] = None) -> None:
@@ -207,7 +212,7 @@ class Store:
                 self._take_mean(slots, ids, outputs, claim.prev, weight)
             else:
                 self._take_rows(slots, ids, outputs, claim.keep)
-        self.records += records
+        self._records += records
 
     def _take_rows(self, slots: np.ndarray, ids: Identity, outputs: Dict[str, Output], keep: Optional[np.ndarray]) -> None:
         kept = slots if keep is None else slots[keep]
