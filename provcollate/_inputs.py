@@ -16,10 +16,11 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ._keys import check_key
 from .dataset import Sample
 from .store import SINGLE, Identity, Output, Spec
 
-__all__ = ["host_long", "index_arrays", "identify", "checked", "check_views", "batch_outputs", "parse_reduce", "view_ids"]
+__all__ = ["host_long", "index_arrays", "looks_like_keys", "identify", "checked", "check_views", "batch_outputs", "parse_reduce", "view_ids"]
 
 
 def host_long(owner: str, name: str, value) -> np.ndarray:
@@ -68,15 +69,29 @@ def _check_lengths(owner: str, name: str, lengths: np.ndarray, n: int) -> None:
         raise ValueError(f"{owner}: {name} must have one entry per index ({n}), got {len(lengths)}")
 
 
-def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[str] = None, offsets=None) -> Identity:
-    """The identity of ``batch`` (a Batch, or a plain index with its keyword arguments): its
-    structure checked (types, dtypes, sizes that agree); :func:`checked` checks the values."""
+def looks_like_keys(value) -> bool:
+    """A list or tuple of str, bytes or tuples: keys, not dataset indices."""
+    return isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], (str, bytes, tuple))
+
+
+def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[str] = None, offsets=None,
+             int_keys: bool = False) -> Identity:
+    """The identity of ``batch`` (a Batch, a plain index with its keyword arguments, or plain
+    keys): its structure checked (types, dtypes, sizes that agree); :func:`checked` checks the
+    values. A list of str, bytes or tuples is keys; ``int_keys`` makes int indices keys too (a
+    Recorder that files by key). Keyed rows' ``index`` holds their positions in the batch."""
     if isinstance(batch, Sample) or (isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Sample)):
         got = "a Sample of collated fields" if isinstance(batch, Sample) else type(batch).__name__ + " of Samples"
         raise TypeError(f"{owner}: batch must be a pc.Collator batch or an index tensor [B], got {got}: "
                         "the DataLoader used its default collate; pass DataLoader(..., collate_fn=pc.Collator(...))")
+    keys = None
+    if looks_like_keys(batch):
+        keys = [check_key(owner, k, f"key {b}") for b, k in enumerate(batch)]
+        batch = np.arange(len(keys), dtype=np.int64)
     if isinstance(batch, (torch.Tensor, np.ndarray, list, tuple, range)):
-        index_t, index = index_arrays(owner, "index", batch)
+        index_t, index = index_arrays(owner, "keys" if int_keys else "index", batch)
+        if int_keys and keys is None:
+            keys, index_t, index = index, None, np.arange(len(index), dtype=np.int64)
         item_lengths = None
         if lengths is not None:
             item_lengths = host_long(owner, "lengths", lengths)
@@ -88,7 +103,7 @@ def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[
         views = view_ids(owner, view, len(index))
         if views is not None and len(views) != len(index):
             raise ValueError(f"{owner}: view must have one entry per index ({len(index)}), got {len(views)}")
-        return Identity(index_t, index, views, item_lengths, padding_side == "left", None, offsets is not None)
+        return Identity(index_t, index, views, item_lengths, padding_side == "left", None, offsets is not None, keys)
     if hasattr(batch, "host_index"):
         for name, value in (("lengths", lengths), ("view", view), ("padding_side", padding_side), ("offsets", offsets)):
             if value is not None:
@@ -102,8 +117,18 @@ def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[
         views = host_long(owner, "batch.view", batch.view if host_view is None else host_view)
         if len(views) != len(index):
             raise ValueError(f"{owner}: the batch has {len(index)} indices but {len(views)} view ids")
+        keys = getattr(batch, "key", None)
+        if keys is not None:
+            if isinstance(keys, torch.Tensor):
+                keys = host_long(owner, "batch.key", keys)
+            elif isinstance(keys, list):
+                keys = [check_key(owner, k, f"batch.key[{b}]") for b, k in enumerate(keys)]
+            else:
+                raise TypeError(f"{owner}: batch.key must be None, a LongTensor or a list of keys, got {type(keys).__name__}")
+            if len(keys) != len(index):
+                raise ValueError(f"{owner}: the batch has {len(index)} indices but {len(keys)} keys")
         return Identity(index_t, index, views, item_lengths, batch.padding_side == "left", getattr(batch, "max_len", None),
-                        getattr(batch, "offsets", None) is not None)
+                        getattr(batch, "offsets", None) is not None, keys)
     raise TypeError(f"{owner}: batch must be a provcollate.Batch or an index tensor [B], got {type(batch).__name__}")
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.utils.data
 
 from . import ops, reference
+from ._keys import batch_keys
 from .dataset import Sample
 
 try:
@@ -152,7 +153,8 @@ class _Plan:
                     "provcollate.Sample (from Indexed), which carry their own; use Collator(index=None)"
                 )
             data_walk, self.template = self._node(first.data, ())
-            self.walk = (_SEQ, "", "Sample", False, 3, (0, 1, 2), ((_INDEX, ""), (_VIEW,), data_walk))
+            # Sample(index, view, data[, key]): the pass reads the first three; keys are taken before it.
+            self.walk = (_SEQ, "", "Sample", False, len(first), (0, 1, 2), ((_INDEX, ""), (_VIEW,), data_walk))
         elif collator.index is None:
             raise TypeError(
                 f"Collator: sample 0 is a {type(first).__name__} that carries no index: wrap the dataset in "
@@ -713,11 +715,14 @@ class Batch:
         padding_side: "right" or "left".
         host_index, host_lengths, host_view: CPU copies of index, lengths and view that stay on the
             host through ``to()``, so consumers know every size without reading a device back.
+        key: None when the samples carry no key (``Indexed(..., key=...)``); else each row's own
+            key: a LongTensor [B] when every key is an int, a list of B keys otherwise. It stays
+            on the host through ``to()`` and ``pin_memory()``.
     """
 
     def __init__(self, *, index, view, data, lengths=None, field_lengths=None, mask=None, max_len=None,
                  offsets=None, field_offsets=None, padding_side="right", host_index=None, host_lengths=None,
-                 packed_fields=None, host_view=None) -> None:
+                 packed_fields=None, host_view=None, key=None) -> None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"Batch: padding_side must be 'right' or 'left', got {padding_side!r}")
         self.index = index
@@ -733,6 +738,7 @@ class Batch:
         self.host_index = host_index if host_index is not None else index
         self.host_lengths = host_lengths if host_lengths is not None else lengths
         self.host_view = host_view if host_view is not None else view
+        self.key = key
         # field path -> (keys/positions in data, pad value, padded length): what padded() needs.
         self._packed = packed_fields if packed_fields is not None else {}
 
@@ -792,7 +798,7 @@ class Batch:
             max_len=self.max_len, offsets=opt(self.offsets),
             field_offsets={k: fn(v) for k, v in self.field_offsets.items()}, padding_side=self.padding_side,
             host_index=self.host_index, host_lengths=self.host_lengths, packed_fields=self._packed,
-            host_view=self.host_view,
+            host_view=self.host_view, key=self.key,
         )
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
@@ -824,7 +830,7 @@ class Batch:
         return Batch(
             index=self.index, view=self.view, data=data, lengths=self.lengths, field_lengths=self.field_lengths,
             mask=mask, max_len=self.max_len, padding_side=self.padding_side, host_index=self.host_index,
-            host_lengths=self.host_lengths, host_view=self.host_view,
+            host_lengths=self.host_lengths, host_view=self.host_view, key=self.key,
         )
 
     def __reduce__(self):
@@ -855,6 +861,18 @@ class Batch:
 
 # ---------------------------------------------------------------------------------------------
 # Collator
+
+
+def _keys_of(samples: list):
+    """``batch.key`` of Samples that carry keys: None when sample 0 has none; then none may have one."""
+    if type(samples[0]) is not Sample:
+        return None
+    keyed = len(samples[0]) == 4
+    for b, s in enumerate(samples):
+        if type(s) is Sample and (len(s) == 4) != keyed:
+            raise TypeError(f"Collator: sample {b} {'has no key' if keyed else 'has a key'} but sample 0 "
+                            f"{'has one' if keyed else 'has none'}; one batch's samples all carry keys or none do")
+    return batch_keys("Collator", [s[3] for s in samples]) if keyed else None
 
 
 def _check_number(name: str, value) -> None:
@@ -964,6 +982,7 @@ class Collator:
         if not samples:
             raise ValueError("Collator: samples must be a non-empty list, got an empty one")
         samples = list(samples)
+        key = _keys_of(samples)
         plan = _Plan(self, samples[0])
         collate = _native if _native is not None else _collate_python
         left = self.padding_side == "left"
@@ -987,7 +1006,7 @@ class Collator:
             index=out.index, view=out.view, data=data, lengths=None if primary is None else primary.lengths,
             field_lengths=field_lengths, mask=out.mask, max_len=None if primary is None else primary.max_len,
             offsets=None if primary is None else primary.offsets, field_offsets=field_offsets,
-            padding_side=self.padding_side, packed_fields=packed,
+            padding_side=self.padding_side, packed_fields=packed, key=key,
         )
 
     def __repr__(self) -> str:

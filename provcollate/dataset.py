@@ -2,20 +2,22 @@
 
 ``Indexed(dataset)`` numbers a map-style dataset by position; ``Indexed(dataset, views=V, seed=S)``
 adds test-time-augmentation views whose random transforms are reproducible, so that
-``replay(index, view)`` rebuilds any augmented input on demand; ``Indexed(iterable, key=fn)``
-takes the identity of a streamed example from the example itself.
+``replay(index, view)`` rebuilds any augmented input on demand; ``Indexed(dataset, key=...)``
+takes each example's own identity (an id field, a WebDataset ``__key__``) from the example.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import random
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ._checks import check_int, is_iterable_only
+from ._keys import check_key
 
 try:
     import numpy as np
@@ -25,12 +27,48 @@ except ImportError:  # pragma: no cover - numpy is optional
 __all__ = ["Sample", "Indexed", "IndexedIterable"]
 
 
-class Sample(NamedTuple):
-    """One example with its identity: ``index`` in the dataset, ``view`` (augmentation view id)."""
+class Sample(tuple):
+    """One example with its identity: ``index`` in the dataset, ``view`` (augmentation view id),
+    and ``key``, the identity the example carries itself (None without one: see ``Indexed(key=)``).
 
-    index: int
-    view: int
-    data: Any
+    A named tuple of ``(index, view, data)``, or ``(index, view, data, key)`` when it has a key:
+    torch's default collate, which cannot collate None, then still takes either.
+    """
+
+    __slots__ = ()
+    _fields = ("index", "view", "data", "key")  # what namedtuple-aware code (default_collate) looks for
+
+    def __new__(cls, index: int, view: int, data: Any, key: Any = None):
+        return tuple.__new__(cls, (index, view, data) if key is None else (index, view, data, key))
+
+    def __getnewargs__(self):
+        return tuple(self)
+
+    @property
+    def index(self) -> int:
+        return self[0]
+
+    @property
+    def view(self) -> int:
+        return self[1]
+
+    @property
+    def data(self) -> Any:
+        return self[2]
+
+    @property
+    def key(self) -> Any:
+        return self[3] if len(self) > 3 else None
+
+    def _asdict(self) -> dict:
+        return {"index": self[0], "view": self[1], "data": self[2], "key": self.key}
+
+    def _replace(self, **changes) -> "Sample":
+        return Sample(**{**self._asdict(), **changes})
+
+    def __repr__(self) -> str:
+        key = "" if len(self) < 4 else f", key={self[3]!r}"
+        return f"Sample(index={self[0]!r}, view={self[1]!r}, data={self[2]!r}{key})"
 
 
 def derive_seed(*parts: int) -> int:
@@ -82,38 +120,42 @@ class Indexed(Dataset):
       not covered. ``views=V`` without a seed gives V independent, non-replayable draws. Saving
       and restoring the three RNG states costs tens of microseconds per item.
 
-    ``Indexed(iterable, key=fn)`` with an IterableDataset (or any iterable without
+    ``Indexed(dataset, key="id")`` (a field name) or ``key=fn`` (a callable of the example):
+    every Sample also carries the example's own key, ``Sample.key`` (an int of any int64 value,
+    a str, bytes, or a tuple of those), which becomes ``batch.key`` and makes a Recorder file the
+    outputs by it; ``ds[i].index`` stays the position ``i``, so replay and bucketing still work.
+
+    ``Indexed(iterable, key=...)`` with an IterableDataset (or any iterable without
     ``__getitem__``/``__len__``) returns an :class:`IndexedIterable` instead; see there.
 
-    The wrapped dataset is not changed. Picklable, so it works in DataLoader worker processes.
+    The wrapped dataset is not changed. Picklable, so it works in DataLoader worker processes
+    (a ``key`` function too, as long as it pickles: a module-level function, not a lambda, under
+    the spawn start method).
     """
 
-    def __new__(cls, dataset=None, views: int = 1, seed: int | None = None, key: Callable | None = None):
+    def __new__(cls, dataset=None, views: int = 1, seed: int | None = None, key=None):
         if cls is Indexed and dataset is not None and is_iterable_only(dataset):
             return IndexedIterable(dataset, views=views, seed=seed, key=key)
         return super().__new__(cls)
 
-    def __init__(self, dataset, views: int = 1, seed: int | None = None, key: Callable | None = None) -> None:
+    def __init__(self, dataset, views: int = 1, seed: int | None = None, key=None) -> None:
         if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
             raise TypeError(
                 f"Indexed: dataset must be map-style (define __getitem__ and __len__) or iterable, "
                 f"got {type(dataset).__name__}"
             )
-        if key is not None:
-            raise ValueError(
-                "Indexed: key applies to iterable datasets only; a map-style dataset's items are "
-                f"numbered by position, got key={key!r}"
-            )
         self.dataset = dataset
         self.views = check_int("Indexed", "views", views, minimum=1)
         self.seed = None if seed is None else check_int("Indexed", "seed", seed)
+        self.key = _key_getter(key)
 
     def __len__(self) -> int:
         return self.views * len(self.dataset)
 
     def __repr__(self) -> str:
         seed = "" if self.seed is None else f", seed={self.seed}"
-        return f"Indexed({type(self.dataset).__name__} of {len(self.dataset)} items, views={self.views}{seed})"
+        key = "" if self.key is None else f", key={_key_name(self.key)}"
+        return f"Indexed({type(self.dataset).__name__} of {len(self.dataset)} items, views={self.views}{seed}{key})"
 
     def __getitem__(self, i: int) -> Sample:
         n = len(self)
@@ -127,7 +169,7 @@ class Indexed(Dataset):
         if not -n <= i < n:
             raise IndexError(f"Indexed: index {i} out of range for a dataset of {n} items")
         index, view = divmod(i % n, self.views)
-        return Sample(index, view, self._load(index, view))
+        return self._sample(index, view)
 
     def replay(self, index: int, view: int = 0) -> Sample:
         """The exact ``Sample`` that item ``index * views + view`` produced, rebuilt from the seed.
@@ -144,7 +186,11 @@ class Indexed(Dataset):
             raise IndexError(f"Indexed.replay: index must be in [0, {n}), got {index}")
         if not 0 <= view < self.views:
             raise IndexError(f"Indexed.replay: view must be in [0, {self.views}), got {view}")
-        return Sample(index, view, self._load(index, view))
+        return self._sample(index, view)
+
+    def _sample(self, index: int, view: int) -> Sample:
+        data = self._load(index, view)
+        return Sample(index, view, data, None if self.key is None else _key_of(self.key, data, f"example {index}"))
 
     def _load(self, index: int, view: int):
         if self.seed is None:
@@ -156,10 +202,13 @@ class Indexed(Dataset):
 class IndexedIterable(IterableDataset):
     """An iterable dataset whose examples come out as ``Sample(index, 0, example)``.
 
-    Built by ``Indexed(iterable, key=fn)``. With ``key``, ``index = key(example)`` (an int id
-    the example carries), which is right however the stream is split among DataLoader workers or
-    ranks. Without ``key`` the examples are numbered 0, 1, 2, ... in the order this process
-    iterates them. That numbering is stable only when one process iterates the whole,
+    Built by ``Indexed(iterable, key=...)``. With ``key`` (a callable of the example, or the name
+    of its id field), every Sample carries ``key`` = the example's own key (an int of any int64
+    value, a str such as WebDataset's ``__key__``, bytes, or a tuple of those), which is right
+    however the stream is split among DataLoader workers or ranks; ``index`` is then the key
+    itself when it is an int, else the example's position in this process's share of the
+    stream (not an identity). Without ``key`` the examples are numbered 0, 1, 2, ... in the
+    order this process iterates them. That numbering is stable only when one process iterates the whole,
     deterministic stream: ``num_workers`` 0 or 1, and no sharding over distributed ranks. With
     several DataLoader workers each worker would number its own share from 0, so iterating
     raises a RuntimeError there; for a dataset that shards by worker or by rank, give it a key
@@ -169,7 +218,7 @@ class IndexedIterable(IterableDataset):
     do: they are rejected.
     """
 
-    def __init__(self, dataset, views: int = 1, seed: int | None = None, key: Callable | None = None) -> None:
+    def __init__(self, dataset, views: int = 1, seed: int | None = None, key=None) -> None:
         if not hasattr(dataset, "__iter__"):
             raise TypeError(f"Indexed: dataset must be map-style or iterable, got {type(dataset).__name__}")
         if views != 1 or seed is not None:
@@ -177,16 +226,14 @@ class IndexedIterable(IterableDataset):
                 "Indexed: views and seed need a map-style dataset (an example must be loadable again by "
                 f"index), got an iterable {type(dataset).__name__} with views={views!r}, seed={seed!r}"
             )
-        if key is not None and not callable(key):
-            raise TypeError(f"Indexed: key must be a callable returning each example's int id, got {type(key).__name__}")
         self.dataset = dataset
-        self.key = key
+        self.key = _key_getter(key)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __repr__(self) -> str:
-        key = "position" if self.key is None else getattr(self.key, "__name__", repr(self.key))
+        key = "position" if self.key is None else _key_name(self.key)
         return f"Indexed({type(self.dataset).__name__}, key={key})"
 
     def __iter__(self) -> Iterator[Sample]:
@@ -201,5 +248,41 @@ class IndexedIterable(IterableDataset):
             for i, example in enumerate(self.dataset):
                 yield Sample(i, 0, example)
             return
-        for example in self.dataset:
-            yield Sample(check_int("Indexed", "key(example)", self.key(example)), 0, example)
+        for i, example in enumerate(self.dataset):
+            key = _key_of(self.key, example, f"example {i} of this process's stream")
+            yield Sample(key if isinstance(key, int) else i, 0, example, key)
+
+
+class _Field:
+    """``key="id"``: an example's key is its field ``id`` (a mapping's item, else an attribute)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, example):
+        if isinstance(example, Mapping):
+            return example[self.name]
+        return getattr(example, self.name)
+
+
+def _key_getter(key) -> Optional[Callable]:
+    if key is None or callable(key):
+        return key
+    if isinstance(key, str):
+        return _Field(key)
+    raise TypeError(f"Indexed: key must be None, a field name (str) or a callable of the example, got {type(key).__name__}")
+
+
+def _key_name(key: Callable) -> str:
+    return repr(key.name) if isinstance(key, _Field) else getattr(key, "__name__", repr(key))
+
+
+def _key_of(key: Callable, example, what: str):
+    """``key(example)``, checked; errors name the example and the key."""
+    try:
+        value = key(example)
+    except Exception as exc:
+        message = f"Indexed: key={_key_name(key)} raised {type(exc).__name__} on {what}: {exc}"
+        # The usual failures keep their type (a missing field is still a KeyError); others say what raised.
+        raise (type(exc) if type(exc) in (KeyError, AttributeError, TypeError, ValueError) else RuntimeError)(message) from exc
+    return check_key("Indexed", value, f"the key of {what}")

@@ -6,7 +6,8 @@ Two collectives move everything:
    and row shapes, settings, entry and token counts), so that every rank can check the others
    and lay out their buffers, ranks that recorded nothing included;
 2. the data: each rank packs its raw entries (a slot ``index * V + view`` per entry, then the
-   counts and per-token lengths it needs, then each output's rows) into one byte tensor on the
+   counts and per-token lengths it needs, the keys of a Recorder that files by key (int64, or
+   bytes plus offsets), then each output's rows) into one byte tensor on the
    communication device, padded to the largest rank's size, and ``all_gather`` (or ``gather``
    to ``dst``) moves them. No Python object holds the data itself.
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from . import _progress
 from ._checks import check_int
+from ._keys import decode_keys, encode_keys, keys_kind
 from .store import SlotBlock, Store, specs_from_meta, specs_to_meta, to_device
 
 __all__ = ["gather"]
@@ -49,18 +51,33 @@ def _comm_device(group, storage: torch.device) -> torch.device:
 
 
 def _header(store: Store, block: Optional[SlotBlock]) -> Dict[str, Any]:
-    header: Dict[str, Any] = {"on_duplicate": store.on_duplicate, "views": store.views, "num_items": store.num_items,
-                              "outputs": None, "single": False, "entries": 0, "tokens": 0, "width": 1, "records": store.records}
+    header: Dict[str, Any] = {"on_duplicate": store.on_duplicate, "views": store.views, "num_items": store.expected,
+                              "outputs": None, "single": False, "entries": 0, "tokens": 0, "width": 1, "records": store.records,
+                              "keys": None, "key_bytes": 0}
     if block is not None:
         header.update(outputs=specs_to_meta(store.specs), single=store.single, entries=len(block),
                       tokens=0 if block.lengths is None else int(block.lengths.sum()), width=store.table.shape[1])
+        if block.keys is not None:
+            kind = keys_kind(block.keys)
+            header.update(keys=kind, key_bytes=0 if kind == "int" else len(block.key_data[0]))
     return header
+
+
+def _with_key_bytes(block: Optional[SlotBlock]) -> Optional[SlotBlock]:
+    """``block`` with its str, bytes or tuple keys encoded (``block.key_data``: data and offsets)."""
+    if block is not None and block.keys is not None and not isinstance(block.keys, np.ndarray):
+        block.key_data = encode_keys(block.keys)
+    return block
 
 
 def _sections(header: Dict[str, Any], outputs: List[Dict[str, Any]], mean: bool) -> List[Tuple[str, int, int]]:
     """(name, byte offset, byte size) of each part of a rank's buffer, from its header alone."""
     n, tokens = header["entries"], header["tokens"]
     parts = [("slot", 8 * n)]
+    if header.get("keys") == "int":
+        parts.append(("key", 8 * n))
+    elif header.get("keys") is not None:
+        parts += [("key_offsets", 8 * (n + 1)), ("key_data", header["key_bytes"])]
     if mean:
         parts.append(("count", 8 * n))
     if any(o["per_token"] for o in outputs):
@@ -78,14 +95,15 @@ def _sections(header: Dict[str, Any], outputs: List[Dict[str, Any]], mean: bool)
 def _pack(block: SlotBlock, width: int, sections, nbytes: int, device: torch.device) -> torch.Tensor:
     buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
     slot = block.index if width == 1 else block.index * width + (0 if block.view is None else block.view)
-    host = {"slot": slot,
-            "count": block.count, "length": block.lengths}
+    host = {"slot": slot, "count": block.count, "length": block.lengths, "key": block.keys}
+    if block.key_data is not None:
+        host["key_offsets"], host["key_data"] = block.key_data[1], block.key_data[0]
     for name, offset, size in sections:
         if not size:
             continue
         src = host[name] if name in host else block.columns[name]
         if isinstance(src, np.ndarray):
-            src = to_device(np.ascontiguousarray(src, dtype=np.int64), device)
+            src = to_device(np.ascontiguousarray(src, dtype=np.uint8 if name == "key_data" else np.int64), device)
         buf[offset:offset + size].copy_(src.contiguous().reshape(-1).view(torch.uint8))
     return buf
 
@@ -97,13 +115,18 @@ def _unpack(buf: torch.Tensor, header: Dict[str, Any], outputs, sections, width:
     index, view = (slot, None) if width == 1 else (slot // width, slot % width)
     count = parts["count"].view(torch.int64).cpu().numpy() if mean else None
     lengths = parts["length"].view(torch.int64).cpu().numpy() if "length" in parts else None
+    keys = None
+    if header.get("keys") == "int":
+        keys = parts["key"].view(torch.int64).cpu().numpy()
+    elif header.get("keys") is not None:
+        keys = decode_keys(parts["key_data"].cpu().numpy(), parts["key_offsets"].view(torch.int64).cpu().numpy(), header["keys"])
     columns = {}
     for o in outputs:
         dtype, shape = getattr(torch, o["dtype"]), tuple(o["shape"])
         rows = tokens if o["per_token"] else n
         raw = parts[o["name"]]
         columns[o["name"]] = raw.view(dtype).view(rows, *shape) if raw.numel() else torch.empty((rows, *shape), dtype=dtype, device=buf.device)
-    return SlotBlock(index, view, count, lengths, columns, records=max(n, int(header["records"])))
+    return SlotBlock(index, view, count, lengths, columns, records=max(n, int(header["records"])), keys=keys)
 
 
 def _check_headers(headers: List[Dict[str, Any]], owner: str) -> Tuple[Optional[List[Dict[str, Any]]], bool]:
@@ -112,6 +135,10 @@ def _check_headers(headers: List[Dict[str, Any]], owner: str) -> Tuple[Optional[
         values = [h[key] for h in headers]
         if any(v != values[0] for v in values):
             raise ValueError(f"{owner}: every rank's Recorder must have the same {key}; the ranks have {values}")
+    kinds = {h["keys"] for h in headers if h["outputs"] is not None}
+    if len(kinds) > 1:
+        raise ValueError(f"{owner}: the ranks file their records in different ways: {[h['keys'] for h in headers]} "
+                         "(None: by position; else the kind of key)")
     outputs, single, first = None, False, None
     for r, h in enumerate(headers):
         if h["outputs"] is None:
@@ -141,7 +168,7 @@ def gather(store: Store, dst: Optional[int] = None, group=None, progress: bool =
     if dst is not None and dst not in ranks:
         raise ValueError(f"{owner}: dst must be a global rank of the group {ranks}, got {dst}")
 
-    block = None if store.specs is None else store.extract()
+    block = _with_key_bytes(None if store.specs is None else store.extract())
     headers: List[Optional[Dict[str, Any]]] = [None] * world
     dist.all_gather_object(headers, _header(store, block), group=group)
     outputs, single = _check_headers(headers, owner)
@@ -166,7 +193,8 @@ def gather(store: Store, dst: Optional[int] = None, group=None, progress: bool =
     if not receiving:
         return None
 
-    merged = Store(store.num_items, store.device, store.on_duplicate, store.views)
+    keyed = any(h["keys"] is not None for h in headers)
+    merged = Store(store.expected, store.device, store.on_duplicate, store.views, keyed=keyed)
     merged.setup(specs_from_meta(outputs), single, owner)
     hint = ("; DistributedSampler pads the ranks with repeated items when the world size does not divide the dataset: "
             "set rec.on_duplicate = 'first' and call gather() again to keep one record of each")

@@ -1,7 +1,8 @@
 """Finished column tables (what :class:`provcollate.Predictions` holds) to and from Arrow,
 Parquet and pandas. This module sees only :class:`provcollate.store.ColumnTable`.
 
-Arrow layout: an ``index`` column (int64), a ``view``
+Arrow layout: an ``index`` column (int64), or for predictions filed by key a ``key`` column
+(int64, string, binary, or a struct of a tuple key's elements ``"0"``, ``"1"``, ...), a ``view``
 column when views were kept apart, then one column per output. A per-example output with row
 shape ``[d1, d2]`` is ``fixed_size_list<fixed_size_list<dtype, d2>, d1>``; a per-token output
 is a ``list`` (``large_list`` past 2**31 rows) of such rows. The schema metadata key
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 
 from ._checks import io_extra
+from ._keys import key_array, keys_from_arrow, keys_kind
 from .store import ColumnTable, Jagged
 from .dataset import Indexed, Sample
 
-__all__ = ["to_arrow", "from_arrow", "to_pandas", "write_parquet", "read_parquet"]
+__all__ = ["to_arrow", "from_arrow", "to_pandas", "write_parquet", "read_parquet", "source_kind", "source_rows", "source_column",
+           "join"]
 
 _META_KEY = b"provcollate"
 _FORMAT = 1
@@ -31,7 +34,7 @@ _DTYPES = {
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
     torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
 }
-_RESERVED = ("index", "view")
+_RESERVED = ("index", "view", "key")
 _PROVENANCE = ("records", "slots", "incomplete", "ranks", "shards", "views", "on_duplicate")
 
 
@@ -89,10 +92,19 @@ def _host_index(t: ColumnTable) -> np.ndarray:
     return np.arange(t.size, dtype=np.int64) if t.index is None else t.index
 
 
+def _key_items(keys) -> np.ndarray:
+    """Each keyed entry's item number (entries of one key, its views, share one), keys sorted."""
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    changed = keys[1:] != keys[:-1] if isinstance(keys, np.ndarray) else np.fromiter(
+        (a != b for a, b in zip(keys[1:], keys[:-1])), bool, len(keys) - 1)
+    return np.concatenate(([0], np.cumsum(changed))).astype(np.int64)
+
+
 def to_arrow(t: ColumnTable):
     """``t`` as a ``pyarrow.Table``; see the module docstring for the layout."""
     pa = _pyarrow()
-    columns: Dict[str, Any] = {"index": pa.array(_host_index(t))}
+    columns: Dict[str, Any] = {"key": key_array(_pyarrow(), t.keys)} if t.keys is not None else {"index": pa.array(_host_index(t))}
     if t.view is not None:
         columns["view"] = pa.array(t.view)
     outputs = []
@@ -113,7 +125,8 @@ def to_arrow(t: ColumnTable):
         outputs.append({"name": name, "per_token": isinstance(col, Jagged), "dtype": _dtype_name(dtype), "shape": list(shape)})
     meta = {"format": _FORMAT, "single": t.single, "num_items": t.num_items,
             "stacked_views": t.stacked_views, "has_view": t.view is not None, "outputs": outputs,
-            "provenance": {k: getattr(t, k) for k in _PROVENANCE}}
+            "provenance": {k: getattr(t, k) for k in _PROVENANCE},
+            "keys": None if t.keys is None else keys_kind(t.keys)}
     table = pa.table(columns)
     return table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
 
@@ -126,7 +139,12 @@ def from_arrow(table) -> ColumnTable:
     meta = json.loads(raw)
     if meta.get("format") != _FORMAT:
         raise ValueError(f"Predictions.from_arrow: unknown format {meta.get('format')!r}, this provcollate reads format {_FORMAT}")
-    index = _unnested(table.column("index").combine_chunks(), torch.int64, ()).numpy()
+    keys = None
+    if meta.get("keys") is not None:
+        keys = keys_from_arrow(table.column("key").combine_chunks(), meta["keys"])
+        index = _key_items(keys)
+    else:
+        index = _unnested(table.column("index").combine_chunks(), torch.int64, ()).numpy()
     view = _unnested(table.column("view").combine_chunks(), torch.int64, ()).numpy() if meta["has_view"] else None
     columns: Dict[str, Any] = {}
     for out in meta["outputs"]:
@@ -142,7 +160,8 @@ def from_arrow(table) -> ColumnTable:
     provenance = {k: v for k, v in (meta.get("provenance") or {}).items() if k in _PROVENANCE}
     if "views" not in provenance:
         provenance["views"] = 1 if view is None or not len(view) else int(view.max()) + 1
-    return ColumnTable(index, view, columns, meta["single"], meta["num_items"], meta["stacked_views"], len(index), **provenance)
+    return ColumnTable(index, view, columns, meta["single"], meta["num_items"], meta["stacked_views"], len(index),
+                       keys=keys, **provenance)
 
 
 def write_parquet(t: ColumnTable, path) -> None:
@@ -192,7 +211,13 @@ def _dataset_columns(dataset, index: np.ndarray) -> Dict[str, List[Any]]:
 def to_pandas(t: ColumnTable, dataset=None):
     """``t`` as a ``pandas.DataFrame``; see :meth:`provcollate.Predictions.to_pandas`."""
     pd = io_extra("pandas", "Predictions.to_pandas")
-    data: Dict[str, Any] = {"index": _host_index(t)}
+    if t.keys is not None:
+        if dataset is not None:
+            raise TypeError("Predictions.to_pandas: dataset= looks items up by position, but these predictions are filed "
+                            "by key; preds.join(source, on='<key column>') puts them beside their source rows")
+        data: Dict[str, Any] = {"key": t.keys if isinstance(t.keys, np.ndarray) else pd.Series(t.keys, dtype=object)}
+    else:
+        data = {"index": _host_index(t)}
     if t.view is not None:
         data["view"] = t.view
     for name, col in t.columns.items():
@@ -210,3 +235,70 @@ def to_pandas(t: ColumnTable, dataset=None):
             data[f"{name}_input" if name in data else name] = values
     return pd.DataFrame(data)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# join: every source row beside its prediction
+
+def source_kind(source) -> str:
+    """"pandas", "arrow" or "datasets" for the tables :meth:`Predictions.join` takes; else TypeError."""
+    module = type(source).__module__.split(".")[0]
+    name = type(source).__name__
+    if module == "pandas" and name == "DataFrame":
+        return "pandas"
+    if module == "pyarrow" and name == "Table":
+        return "arrow"
+    if module == "datasets" and name == "Dataset":
+        return "datasets"
+    raise TypeError(f"Predictions.join: source must be a pandas DataFrame, a pyarrow Table or a datasets.Dataset, got "
+                    f"{type(source).__module__}.{name}")
+
+
+def source_rows(source, kind: str) -> int:
+    return len(source) if kind != "arrow" else source.num_rows
+
+
+def source_column(source, kind: str, on: str) -> list:
+    """The values of column ``on`` of ``source``, as Python objects; KeyError naming the columns if absent."""
+    names = list(source.columns) if kind == "pandas" else list(source.column_names)
+    if on not in names:
+        raise KeyError(f"Predictions.join: on={on!r} is not a column of the source, whose columns are {names}")
+    if kind == "pandas":
+        return source[on].tolist()
+    if kind == "arrow":
+        return source.column(on).to_pylist()
+    return source[on]
+
+
+def _readable_table(t: ColumnTable) -> ColumnTable:
+    """``t`` with bfloat16 outputs as float32 (Arrow, and those who read a joined table, lack bfloat16)."""
+    cast = lambda c: c.float() if c.dtype == torch.bfloat16 else c
+    columns = {name: (Jagged([cast(x) for x in col.chunks], col.bases, col.starts, col.lengths) if isinstance(col, Jagged)
+                      else cast(col)) for name, col in t.columns.items()}
+    return t._replace(columns=columns)
+
+
+def join(t: ColumnTable, positions: np.ndarray, source, kind: str):
+    """``source`` with each output of ``t`` as a column beside it: row r gets entry ``positions[r]``
+    (-1: null). Outputs whose names a source column already has get the suffix ``_prediction``."""
+    pa = _pyarrow()
+    names = list(source.columns) if kind == "pandas" else list(source.column_names)
+    rename = {n: f"{n}_prediction" if n in names else n for n in t.columns}
+    if kind == "pandas":
+        pd = io_extra("pandas", "Predictions.join")
+        preds = to_pandas(t._replace(index=np.arange(t.size, dtype=np.int64), view=None, keys=None))
+        taken = preds[list(t.columns)].reindex(positions).rename(columns=rename)  # position -1: a row of nulls
+        taken.index = source.index
+        return pd.concat([source, taken], axis=1)
+    table = to_arrow(_readable_table(t)._replace(keys=None, index=None, view=None))
+    taken = table.select(list(t.columns)).take(pa.array(positions, pa.int64(), mask=positions < 0))
+    if kind == "arrow":
+        out = source
+        for name in t.columns:
+            out = out.append_column(rename[name], taken.column(name))
+        return out
+    datasets = io_extra("datasets", "Predictions.join of a datasets.Dataset")
+    base = source.flatten_indices().data.table
+    for name in t.columns:
+        base = base.append_column(rename[name], taken.column(name))
+    return datasets.Dataset(datasets.table.InMemoryTable(base))

@@ -24,6 +24,7 @@ A later ``add`` after ``result()`` never changes the Predictions already returne
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import operator
 import os
@@ -37,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import _inputs, _progress, distributed, io, shards
+from ._keys import check_key, describe_key
 from ._checks import check_int
 from .dataset import Indexed
 from .store import ON_DUPLICATE, SINGLE, VIEWS, ColumnTable, Jagged, Store
@@ -163,7 +165,7 @@ class Recorder:
     """
 
     def __init__(self, num_items=None, device=None, on_duplicate: str = "error",
-                 views: str = "mean", reduce: Optional[str] = None, resume=None) -> None:
+                 views: str = "mean", reduce: Optional[str] = None, resume=None, keys: bool = False) -> None:
         num_items = _num_items(num_items)
         if on_duplicate not in ON_DUPLICATE:
             raise ValueError(f"Recorder: on_duplicate must be one of {', '.join(map(repr, ON_DUPLICATE))}, got {on_duplicate!r}")
@@ -180,8 +182,10 @@ class Recorder:
         self.num_items = num_items
         self.views = views
         self.reduce = reduce
+        if not isinstance(keys, bool):
+            raise TypeError(f"Recorder: keys must be a bool, got {type(keys).__name__}")
         # add() writes in one compiled pass what needs no reduction (the store decides the rest).
-        self._store = Store(num_items, device, on_duplicate, views, compiled=self._reduce is None)
+        self._store = Store(num_items, device, on_duplicate, views, compiled=self._reduce is None and not keys, keyed=keys)
         self._lock = threading.RLock()  # add, result, gather, write, done, on_duplicate=: one thread at a time
         self._stream: Optional[shards.Stream] = None
         if resume is not None:
@@ -270,8 +274,8 @@ class Recorder:
         the outputs, record. Returns the batch size."""
         owner = "Recorder.add"
         store = self._store
-        ids = _inputs.identify(owner, batch, lengths, view, padding_side, offsets)
-        if compiled:
+        ids = _inputs.identify(owner, batch, lengths, view, padding_side, offsets, int_keys=bool(store.keyed))
+        if compiled and ids.keys is None:
             n = store.fast.add(ids, outputs, per_token)
             if n >= 0:
                 return n
@@ -349,26 +353,32 @@ class Recorder:
     def done(self, index, view=None) -> torch.Tensor:
         """BoolTensor: which of ``index`` are recorded, in memory or in shards (written or resumed).
 
-        ``index`` is a Batch (its own (index, view) pairs are checked), an int, or a 1-D
-        sequence of dataset indices; ``view`` (an int or one per index) asks about those views,
-        None about any view. A restarted run skips what is done: ``rec.done(range(N))``.
+        ``index`` is a Batch (its own (index, view) pairs, or keys, are checked), an int, or a 1-D
+        sequence of dataset indices; for a Recorder that files by key, a key or a list of keys
+        (a tuple is one key when the keys are tuples). ``view`` (an int or one per index) asks
+        about those views, None about any view. A restarted run skips what is done:
+        ``rec.done(range(N))``.
         """
         with self._lock:
             owner = "Recorder.done"
-            scalar = isinstance(index, (int, np.integer)) and not isinstance(index, bool)
-            if scalar:
-                index = np.array([index], np.int64)
-            elif not hasattr(index, "host_index"):
+            store = self._store
+            keyed = bool(store.keyed)
+            one = (isinstance(index, (int, np.integer)) and not isinstance(index, bool)) or isinstance(index, (str, bytes)) \
+                or (isinstance(index, tuple) and keyed and store.keys.kind == "tuple")
+            if one:
+                index = [index] if keyed or not isinstance(index, (int, np.integer)) else np.array([index], np.int64)
+            elif not (hasattr(index, "host_index") or keyed or _inputs.looks_like_keys(index)):
                 index = _inputs.host_long(owner, "index", index)
-            ids = _inputs.identify(owner, index, view=view)
-            idx, views = ids.index, ids.views
-            if views is not None:
-                _inputs.check_views(owner, views)
-            if len(idx) and (idx.min() < 0 or (self.num_items is not None and idx.max() >= self.num_items)):
+            ids = _inputs.identify(owner, index, view=view, int_keys=keyed)
+            store.check_mode(owner, ids)
+            if ids.views is not None:
+                _inputs.check_views(owner, ids.views)
+            idx = ids.index
+            if ids.keys is None and len(idx) and (idx.min() < 0 or (self.num_items is not None and idx.max() >= self.num_items)):
                 bad = idx.min() if idx.min() < 0 else idx.max()
                 raise ValueError(f"{owner}: index must lie in range(num_items) = range({self.num_items}), got {bad}")
-            out = torch.from_numpy(self._store.table.held_at(idx, views))
-            return out[0] if scalar else out
+            out = torch.from_numpy(store.held(ids))
+            return out[0] if one else out
 
 
 def _warn_distributed_padding(num_items: Optional[int], on_duplicate: str) -> None:
@@ -390,6 +400,11 @@ def _warn_distributed_padding(num_items: Optional[int], on_duplicate: str) -> No
 
 def _not_recorded(key) -> KeyError:
     return KeyError(f"Predictions: item {key!r} was not recorded; preds.missing() lists the items never recorded")
+
+
+def _key_not_recorded(key) -> KeyError:
+    return KeyError(f"Predictions: key {describe_key(key)} was not recorded; preds.missing(expected) lists the expected "
+                    "keys never recorded")
 
 
 class Predictions:
@@ -448,7 +463,7 @@ class Predictions:
                 raise TypeError(f"Predictions: {what} must be a tensor or a (values, offsets) pair of tensors, got {type(value).__name__}")
         self._init(ColumnTable(index, view, columns, single, num_items, stacked_views, len(index),
                                views=1 if view is None or not len(view) else int(view.max()) + 1))
-        if len(self._keys) > 1 and not (self._keys[1:] > self._keys[:-1]).all():
+        if len(self._lookup) > 1 and not (self._lookup[1:] > self._lookup[:-1]).all():
             raise ValueError("Predictions: entries must be strictly increasing by (index, view), without repeats")
 
     @classmethod
@@ -466,7 +481,9 @@ class Predictions:
         self._size = table.size
         # Entries are looked up by key index * width + view (width: views seen, 1 when combined).
         self._width = int(view.max()) + 1 if view is not None and len(view) else 1
-        self._keys = None if index is None else (index if view is None else index * self._width + view)
+        self._lookup = None if index is None else (index if view is None else index * self._width + view)
+        self._keyed = table.keys is not None  # entries sorted by key (then view); ``_entry_keys`` holds them
+        self._entry_keys = table.keys
 
     def _host_index(self) -> np.ndarray:
         """The entries' dataset indices as a numpy array (made on demand when implicit)."""
@@ -476,8 +493,21 @@ class Predictions:
 
     @property
     def index(self) -> torch.Tensor:
-        """LongTensor [E] of the recorded items, sorted (repeated per view with ``views="none"``)."""
+        """LongTensor [E] of the recorded items, sorted (repeated per view with ``views="none"``).
+
+        Filed by int keys: those keys, sorted. Filed by str, bytes or tuple keys there is no index:
+        :meth:`keys` lists them (TypeError here)."""
+        if self._keyed:
+            if isinstance(self._entry_keys, np.ndarray):
+                return torch.from_numpy(self._entry_keys)
+            raise TypeError("Predictions.index: these predictions are filed by key (str, bytes or tuples), not by "
+                            "dataset index; preds.keys() lists the keys in sorted order")
         return torch.from_numpy(self._host_index())
+
+    @property
+    def keyed(self) -> bool:
+        """True when the entries are filed by key (``Recorder(keys=True)``, or keyed batches)."""
+        return self._keyed
 
     @property
     def view(self) -> Optional[torch.Tensor]:
@@ -498,16 +528,22 @@ class Predictions:
         return self._size
 
     def __iter__(self) -> Iterator:
-        """The keys: dataset indices, or ``(index, view)`` pairs with ``views="none"``."""
+        """The keys: dataset indices (or the keys of keyed predictions, sorted), or ``(index, view)``
+        pairs with ``views="none"``."""
+        if self._keyed:
+            keys = self._entry_keys.tolist() if isinstance(self._entry_keys, np.ndarray) else self._entry_keys
+            return iter(keys) if self._view is None else iter(zip(keys, self._view.tolist()))
         if self._index is None:
             return iter(range(self._size))
         if self._view is None:
             return iter(self._index.tolist())
         return iter(zip(self._index.tolist(), self._view.tolist()))
 
-    def keys(self) -> Iterator:
-        """Same as ``iter(preds)``."""
-        return iter(self)
+    def keys(self):
+        """Same as ``iter(preds)``; keyed predictions: a list of every recorded key, sorted (ints
+        numerically, str and bytes by their UTF-8 bytes, tuples element by element), the same
+        whatever the order they were recorded in."""
+        return list(self) if self._keyed else iter(self)
 
     def items(self) -> Iterator[Tuple[Any, Any]]:
         """``(key, prediction)`` pairs in dataset order."""
@@ -525,6 +561,8 @@ class Predictions:
         return self._entry(self._position(key))
 
     def _position(self, key) -> int:
+        if self._keyed:
+            return self._key_position(key)
         if self._view is None:
             if isinstance(key, tuple):
                 raise TypeError(f"Predictions: views were combined, index with preds[i], got preds[{key!r}]")
@@ -544,10 +582,34 @@ class Predictions:
                 raise _not_recorded(key)
             return i
         k = i * self._width + v if self._view is not None else i
-        e = int(np.searchsorted(self._keys, k))
-        if e == len(self._keys) or self._keys[e] != k:
+        e = int(np.searchsorted(self._lookup, k))
+        if e == len(self._lookup) or self._lookup[e] != k:
             raise _not_recorded(key)
         return e
+
+    def _key_position(self, key) -> int:
+        """The entry of a key (``(key, view)`` with ``views="none"``) of keyed predictions."""
+        view = 0
+        if self._view is not None:
+            if not (isinstance(key, tuple) and len(key) == 2):
+                raise TypeError(f"Predictions: each view is its own entry (views='none'), look up preds[key, v], got preds[{key!r}]")
+            key, view = key[0], _key_int(key[1])
+        key = check_key("Predictions", key, "the key looked up")
+        keys = self._entry_keys
+        try:
+            if isinstance(keys, np.ndarray):
+                if not isinstance(key, int):
+                    raise _key_not_recorded(key)
+                e = int(np.searchsorted(keys, key))
+            else:
+                e = bisect.bisect_left(keys, key)
+        except TypeError:  # a key of another kind than these predictions': never recorded
+            raise _key_not_recorded(key) from None
+        while e < len(keys) and keys[e] == key:
+            if self._view is None or self._view[e] == view:
+                return e
+            e += 1
+        raise _key_not_recorded(key)
 
     def _entry(self, e: int):
         out = {}
@@ -589,26 +651,54 @@ class Predictions:
     def _column(self, name: Optional[str]):
         return self._columns[self._name(name)]
 
-    def missing(self, num_items: Optional[int] = None) -> torch.Tensor:
-        """LongTensor of the items of ``range(num_items)`` never recorded (in any view).
+    def missing(self, expected=None, *, num_items: Optional[int] = None):
+        """What was expected and never recorded (in any view).
 
-        ``num_items`` defaults to the Recorder's; one of the two must be known.
+        By position: a LongTensor of the items of ``range(num_items)`` never recorded;
+        ``expected`` (or ``num_items=``) is that number, by default the Recorder's; one of them
+        must be known. Keyed predictions: the keys of ``expected`` (a list, tuple, array, tensor,
+        or an Arrow or pandas column of keys) never recorded, in ``expected``'s order: a
+        LongTensor for int keys, else a list.
         """
-        n = self.num_items if num_items is None else num_items
+        if self._keyed:
+            if expected is None:
+                raise TypeError("Predictions.missing: these predictions are filed by key; pass the expected keys, "
+                                "e.g. preds.missing(df['id'])")
+            return self._missing_keys(expected)
+        n = expected if expected is not None else self.num_items if num_items is None else num_items
         if n is None:
             raise ValueError("Predictions.missing: num_items is unknown (the Recorder had none); pass missing(num_items=N)")
+        n = check_int("Predictions.missing", "num_items", n, minimum=0)
         if self._index is None:
             return torch.arange(self._size, max(n, self._size))
         seen = np.zeros(n, bool)
         seen[self._index[self._index < n]] = True
         return torch.from_numpy(np.flatnonzero(~seen))
 
+    def _missing_keys(self, expected):
+        owner = "Predictions.missing"
+        if hasattr(expected, "to_pylist"):  # an Arrow array or chunked array
+            expected = expected.to_pylist()
+        elif hasattr(expected, "tolist"):  # numpy, torch, pandas
+            expected = expected.tolist()
+        if isinstance(expected, (str, bytes)) or not hasattr(expected, "__iter__"):
+            raise TypeError(f"{owner}: expected must be a collection of keys, got {type(expected).__name__}")
+        keys = [check_key(owner, k, f"expected key {i}") for i, k in enumerate(expected)]
+        recorded = set(self._entry_keys.tolist() if isinstance(self._entry_keys, np.ndarray) else self._entry_keys)
+        absent = [k for k in keys if k not in recorded]
+        if isinstance(self._entry_keys, np.ndarray) or (not self._entry_keys and all(isinstance(k, int) for k in keys)):
+            return torch.tensor(absent, dtype=torch.int64)
+        return absent
+
     def summary(self) -> Summary:
         """A :class:`Summary`: items expected, recorded and missing, records and repeats (and how
         ``on_duplicate`` resolved them), views per item, ranks and shards merged. ``print()`` it."""
         t = self._table
         recorded = self._size if self._view is None else len(np.unique(self._host_index()))
-        missing = None if self.num_items is None else len(self.missing())
+        if self.num_items is None:
+            missing = None
+        else:  # keyed: the items expected (num_items) beyond those recorded
+            missing = max(0, self.num_items - recorded) if self._keyed else len(self.missing())
         entries = self._size
         slots = entries if t.slots is None else t.slots
         records = slots if t.records is None else t.records
@@ -627,10 +717,14 @@ class Predictions:
         cols = ", ".join(
             f"{n}: {'per-token' if isinstance(c, Jagged) else 'per-example'} {str(c.dtype).replace('torch.', '')}"
             for n, c in self._columns.items())
-        missing = "" if self.num_items is None else f", missing={len(self.missing())}"
         s = self.summary()
+        missing = "" if s.missing is None else f", missing={s.missing}"
         repeats = f", repeats={s.repeats}" if s.repeats else ""
-        return f"Predictions({len(self)} entries, num_items={self.num_items}{missing}{repeats}, outputs {{{cols}}})"
+        keyed = ""
+        if self._keyed:
+            kind = "int" if isinstance(self._entry_keys, np.ndarray) else type(self._entry_keys[0]).__name__ if self._entry_keys else "no"
+            keyed = f" keyed by {kind} keys"
+        return f"Predictions({len(self)} entries{keyed}, num_items={self.num_items}{missing}{repeats}, outputs {{{cols}}})"
 
     # ---------------------------------------------------------------------------- export
 
@@ -651,7 +745,7 @@ class Predictions:
         (e.g. several tables concatenated): lookups would miss items that are there.
         """
         preds = cls._from_table(io.from_arrow(table))
-        keys = preds._keys
+        keys = preds._lookup
         if keys is not None and len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
             e = int(np.flatnonzero(keys[1:] <= keys[:-1])[0]) + 1
             raise ValueError(f"Predictions.from_arrow: entries must be strictly increasing by (index, view), but entry {e} "
@@ -669,6 +763,58 @@ class Predictions:
         whose names clash with a prediction column get the suffix ``_input``.
         """
         return io.to_pandas(self._table, dataset)
+
+    def join(self, source, on: Optional[str] = None):
+        """``source`` with these predictions beside its rows: a pandas DataFrame, a pyarrow Table or
+        a ``datasets.Dataset``, returned as the same type, every source row in source order with one
+        column per output (per-token outputs as list columns), null where a row's item was never
+        recorded. The seed article's last step, original data beside its prediction, in one call.
+
+        ``on=None`` joins by position: source row i is item i. ``on="id"`` joins by that column:
+        its values are the keys of predictions filed by key, or the dataset indices of positional
+        ones. Output names that a source column already has get the suffix ``_prediction``.
+        Predictions with ``views="none"`` (several entries per item) are refused: combine views first.
+        """
+        kind = io.source_kind(source)
+        if self._view is not None:
+            raise ValueError("Predictions.join: each view is its own entry here (views='none'), so a source row has several "
+                             "predictions; record with views='mean', 'vote' or 'stack' to join")
+        if on is None:
+            if self._keyed:
+                raise TypeError("Predictions.join: these predictions are filed by key; name the source column that holds "
+                                "the keys, e.g. preds.join(df, on='id')")
+            positions = self._item_positions(np.arange(io.source_rows(source, kind), dtype=np.int64))
+        else:
+            if not isinstance(on, str):
+                raise TypeError(f"Predictions.join: on must be None or a column name (str), got {type(on).__name__}")
+            positions = self._positions(io.source_column(source, kind, on), on)
+        return io.join(self._table, positions, source, kind)
+
+    def _item_positions(self, items: np.ndarray) -> np.ndarray:
+        """The entry of each dataset index (-1 where not recorded) of positional predictions."""
+        if self._index is None:
+            return np.where((items >= 0) & (items < self._size), items, -1)
+        at = np.minimum(np.searchsorted(self._lookup, items), max(len(self._lookup) - 1, 0))
+        found = (len(self._lookup) > 0) & (self._lookup[at] == items) if len(self._lookup) else np.zeros(len(items), bool)
+        return np.where(found, at, -1)
+
+    def _positions(self, values: list, on: str) -> np.ndarray:
+        """The entry of each value of a source column (-1 where not recorded, or null)."""
+        if not self._keyed:
+            if any(not isinstance(v, (int, np.integer)) or isinstance(v, bool) for v in values if v is not None):
+                raise TypeError(f"Predictions.join: column {on!r} must hold dataset indices (ints) to join positional predictions")
+            items = np.array([-1 if v is None else v for v in values], np.int64)
+            return self._item_positions(items)
+        if isinstance(self._entry_keys, np.ndarray):
+            keys = np.array([v if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else np.iinfo(np.int64).min
+                             for v in values], np.int64)
+            real = np.array([isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values], bool)
+            at = np.minimum(np.searchsorted(self._entry_keys, keys), max(len(self._entry_keys) - 1, 0))
+            found = real & (self._entry_keys[at] == keys) if len(self._entry_keys) else np.zeros(len(keys), bool)
+            return np.where(found, at, -1)
+        entry = {k: e for e, k in enumerate(self._entry_keys)}
+        return np.fromiter((entry.get(tuple(v) if isinstance(v, list) else v, -1) if v is not None else -1 for v in values),
+                           np.int64, len(values))
 
     def to_parquet(self, path) -> None:
         """Write :meth:`to_arrow` to one Parquet file; :meth:`read` gives these Predictions back."""

@@ -37,6 +37,7 @@ import torch
 
 from . import _progress
 from ._checks import io_extra
+from ._keys import key_array, keys_from_arrow, keys_kind
 from .store import ON_DUPLICATE, SlotBlock, Store, specs_from_meta, specs_to_meta
 
 __all__ = ["Stream", "write", "read", "resume", "shard_files"]
@@ -112,10 +113,11 @@ def _meta(file: str, owner: str) -> Dict[str, Any]:
             raise ValueError(f"{owner}: {file} was written on a {meta['byteorder']}-endian machine; this one is {sys.byteorder}-endian")
         for key in ("outputs", "single") + _SETTINGS:
             meta[key]  # noqa: B018  (a KeyError here names the missing key)
+        meta.setdefault("keys", None)  # the kind of key the slots are filed by; None: by position
     return meta
 
 
-def _common(metas: List[Dict[str, Any]], files: List[str], owner: str, keys=("outputs", "single") + _SETTINGS) -> Dict[str, Any]:
+def _common(metas: List[Dict[str, Any]], files: List[str], owner: str, keys=("outputs", "single", "keys") + _SETTINGS) -> Dict[str, Any]:
     """The settings and outputs every shard shares; ValueError naming two shards that differ."""
     for key in keys:
         for m, f in zip(metas[1:], files[1:]):
@@ -137,6 +139,8 @@ def _write_shard(file: str, block: SlotBlock, meta: Dict[str, Any], progress: bo
     pa, pq = _pyarrow()
     n = len(block)
     arrays = {"index": pa.array(block.index)}
+    if block.keys is not None:
+        arrays["key"] = key_array(pa, block.keys)
     if block.view is not None and block.view.any():
         arrays["view"] = pa.array(block.view)
     if block.count is not None:
@@ -225,7 +229,7 @@ def _blocks(file: str, meta: Dict[str, Any], owner: str, values: bool = True) ->
         pf = pq.ParquetFile(file, page_checksum_verification=True)
         names = set(pf.schema_arrow.names)
         num_row_groups = pf.num_row_groups
-    wanted = None if values else [c for c in ("index", "view", "count", "length") if c in names]
+    wanted = None if values else [c for c in ("index", "view", "count", "length", "key") if c in names]
     for g in range(num_row_groups):
         with _reading(file, owner):
             table = pf.read_row_group(g, columns=wanted)
@@ -234,15 +238,18 @@ def _blocks(file: str, meta: Dict[str, Any], owner: str, values: bool = True) ->
             view = np.array(table.column("view").to_numpy()) if "view" in names else None
             count = np.array(table.column("count").to_numpy()) if "count" in names else None
             lengths = np.array(table.column("length").to_numpy()) if "length" in names else None
+            keys = keys_from_arrow(table.column("key").combine_chunks(), meta["keys"]) if meta.get("keys") else None
             columns = {o["name"]: _column(table, o, len(index), lengths, file, owner) for o in meta["outputs"]} if values else {}
         del table  # the block's columns hold the buffers they use, and nothing here outlives the block
-        yield SlotBlock(index, view, count, lengths, columns)
+        yield SlotBlock(index, view, count, lengths, columns, keys=keys)
         del columns
 
 
 def _grow_to(store: Store, metas: List[Dict[str, Any]]) -> None:
-    """Size ``store`` once for every shard's largest index and view."""
-    store.ensure(max(m["max_index"] for m in metas), max(m["max_view"] for m in metas))
+    """Size ``store`` once for every shard's largest index and view (shards filed by key: the store
+    grows with the keys it is given)."""
+    if not any(m.get("keys") for m in metas):
+        store.ensure(max(m["max_index"] for m in metas), max(m["max_view"] for m in metas))
 
 
 def _lay_out(store: Store, files: List[str], metas: List[Dict[str, Any]], owner: str,
@@ -251,8 +258,8 @@ def _lay_out(store: Store, files: List[str], metas: List[Dict[str, Any]], owner:
     (see :meth:`Store.lay_out`) from their bookkeeping columns alone (a few bytes an entry): read
     back, the rows then sit in the order a result lists them, so ``jagged()`` takes them as
     they are instead of gathering a copy. Nothing is planned if an item repeats."""
-    if not store.tokens:
-        return
+    if not store.tokens or any(m.get("keys") for m in metas):
+        return  # shards filed by key: their slots are known once their keys are
     slots, lengths = [], []
     blocks = (block for file, meta in zip(files, metas) for block in _blocks(file, meta, owner, values=False))
     for block in itertools.chain(blocks, [extra] if extra is not None else []):
@@ -337,7 +344,8 @@ class Stream:
                 "outputs": specs_to_meta(store.specs), "single": store.single, "entries": len(block),
                 "records": max(len(block), store.records - self.flushed),
                 "max_index": int(block.index.max()), "max_view": 0 if block.view is None else int(block.view.max()),
-                "on_duplicate": store.on_duplicate, "views": store.views, "num_items": store.num_items}
+                "on_duplicate": store.on_duplicate, "views": store.views, "num_items": store.expected,
+                "keys": None if block.keys is None else keys_kind(block.keys)}
         _write_shard(file, block, meta, progress)
         _progress.logger.info("Recorder.write: %d entries, %d bytes to %s", len(block), os.path.getsize(file), file)
         del block
@@ -411,10 +419,11 @@ def resume(store: Store, path) -> Stream:
         files = [f for _, _, f in found]
         metas = [_meta(f, owner) for f in files]
         common = _common(metas, files, owner)
+        settings = {"on_duplicate": store.on_duplicate, "views": store.views, "num_items": store.expected}
         for key in _SETTINGS:
-            if common[key] != getattr(store, key):
+            if common[key] != settings[key]:
                 raise ValueError(f"Recorder: resume={path!r} holds shards written with {key}={common[key]!r}, "
-                                 f"but this Recorder has {key}={getattr(store, key)!r}")
+                                 f"but this Recorder has {key}={settings[key]!r}")
         store.setup(specs_from_meta(common["outputs"]), common["single"], owner)
         _grow_to(store, metas)
         stream.owned = [f for r, _, f in found if r % world == rank]
@@ -445,13 +454,13 @@ def read(path, on_duplicate: Optional[str] = None, progress: bool = False) -> Tu
         raise ValueError(f"{owner}: {path!r} holds no shards (files part-r*-*.parquet written by Recorder.write)")
     files = [f for _, _, f in found]
     metas = [_meta(f, owner) for f in files]
-    keys = ("outputs", "single", "views", "num_items") + (("on_duplicate",) if on_duplicate is None else ())
+    keys = ("outputs", "single", "views", "num_items", "keys") + (("on_duplicate",) if on_duplicate is None else ())
     common = _common(metas, files, owner, keys)
     policy = on_duplicate or common["on_duplicate"]
     if policy == "mean" and not all(getattr(torch, o["dtype"]).is_floating_point for o in common["outputs"]):
         raise TypeError(f"{owner}: on_duplicate='mean' averages floating-point outputs; the shards hold "
                         f"{[(o['name'], o['dtype']) for o in common['outputs']]}")
-    store = Store(common["num_items"], torch.device("cpu"), policy, common["views"])
+    store = Store(common["num_items"], torch.device("cpu"), policy, common["views"], keyed=common["keys"] is not None)
     store.setup(specs_from_meta(common["outputs"]), common["single"], owner)
     _grow_to(store, metas)
     _lay_out(store, files, metas, owner)

@@ -11,14 +11,14 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Each module's layer: a module may import only modules of lower layers.
 LAYERS = {
-    "_checks": 0, "_progress": 0, "reference": 0,
+    "_checks": 0, "_progress": 0, "_keys": 0, "reference": 0,
     "ops": 1, "dataset": 1,
     "collate": 2, "sampler": 2,
     # the storage core, bottom up
     "store.memory": 3.0, "store.staging": 3.0,
-    "store.records": 3.1,
+    "store.records": 3.1, "store.keys": 3.1,
     "store.slots": 3.2, "store.rows": 3.2,
-    "store.result": 3.3, "store.fast": 3.3,
+    "store.result": 3.3, "store.fast": 3.3, "store.room": 3.3,
     "store.store": 3.4,
     "store.__init__": 3.5,
     "_inputs": 4,

@@ -134,7 +134,7 @@ def test_api_reference_renders_types_as_written():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     text = gen.render()
-    assert "provcollate.Sample(index: int, view: int, data: Any)" in text
+    assert "provcollate.Sample(index: int, view: int, data: Any, key: Any = None)" in text
     assert "Collator.__call__(self, samples) -> Batch`" in text
     assert "ForwardRef" not in text and "\"'" not in text
 

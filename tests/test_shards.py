@@ -303,7 +303,7 @@ def test_done_with_views_and_batches(tmp_path):
     ((-1,), ValueError, r"range\(num_items\) = range\(6\), got -1"),
     (([6],), ValueError, "got 6"),
     (([0.5],), TypeError, "must hold integers"),
-    (("01",), TypeError, "must be a 1-D integer"),
+    ((2.5,), TypeError, "must be a 1-D integer"),
     (([1, 2], [0]), ValueError, "one entry per index"),
     (([1], -1), ValueError, "view ids must be >= 0"),
 ])

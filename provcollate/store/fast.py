@@ -66,7 +66,7 @@ class FastPath:
         store = self.store
         if store.staging:
             store.staging.drain(wait=False)
-        if store.specs is None or store.staging:
+        if store.specs is None or store.staging or store.keyed:
             return False
         if store.shared:
             store.unshare()  # a pass writes the rows: a returned result keeps its own

@@ -48,7 +48,8 @@ class Identity(NamedTuple):
     None); ``views`` int64 ``[B]`` or None (all 0); ``lengths`` the items' real lengths or None;
     ``left`` whether padding is on the left; ``max_len`` the padded length of a Batch (None for a
     plain index); ``jagged`` whether per-token outputs may come as rows ``[total, ...]`` in item
-    order (a packed Batch, or ``offsets=``).
+    order (a packed Batch, or ``offsets=``); ``keys`` the rows' keys (an int64 array, or a list of
+    checked str / bytes / tuple keys) when they are filed by key, else None.
     """
 
     index_t: Optional[torch.Tensor]
@@ -58,6 +59,7 @@ class Identity(NamedTuple):
     left: bool
     max_len: Optional[int]
     jagged: bool
+    keys: Any = None
 
 
 class Output(NamedTuple):
@@ -115,15 +117,18 @@ class SlotBlock:
     int64 ``[E]`` per-token lengths, or None without per-token outputs; ``columns``
     ``{name: [E, ...]}`` per example and ``{name: [sum(lengths), ...]}`` per token, in slot
     order; ``records``: how many records the block stands for (repeats resolved before it
-    was made included), None for one per slot.
+    was made included), None for one per slot; ``keys``: each slot's key (an int64 array or a
+    list) when the slots are filed by key, else None (``index`` then numbers the block's items).
     """
 
-    __slots__ = ("index", "view", "count", "lengths", "columns", "records")
+    __slots__ = ("index", "view", "count", "lengths", "columns", "records", "keys", "key_data")
 
     def __init__(self, index: np.ndarray, view: Optional[np.ndarray], count: Optional[np.ndarray],
-                 lengths: Optional[np.ndarray], columns: Dict[str, torch.Tensor], records: Optional[int] = None) -> None:
+                 lengths: Optional[np.ndarray], columns: Dict[str, torch.Tensor], records: Optional[int] = None,
+                 keys: Any = None) -> None:
         self.index, self.view, self.count, self.lengths, self.columns = index, view, count, lengths, columns
-        self.records = records
+        self.records, self.keys = records, keys
+        self.key_data = None  # keys as (bytes, offsets) on their way to another rank
 
     def __len__(self) -> int:
         return len(self.index)
@@ -136,7 +141,9 @@ class ColumnTable(NamedTuple):
     counts every record seen (repeats included) and ``slots`` the distinct (index, view) pairs
     they filled (None: one record per entry), ``incomplete`` the items missing some of their
     ``views``, ``ranks`` the processes and ``shards`` the files merged, and ``on_duplicate``
-    the policy that resolved repeats (None when unknown).
+    the policy that resolved repeats (None when unknown). A keyed table's ``keys`` holds each
+    entry's key (an int64 array for int keys, else a list), its entries sorted by key (then
+    view), its ``index`` the slots the store gave the keys, and ``num_items`` the items expected.
     """
 
     index: Optional[np.ndarray]
@@ -153,3 +160,4 @@ class ColumnTable(NamedTuple):
     shards: int = 0
     views: int = 1
     on_duplicate: Optional[str] = None
+    keys: Any = None

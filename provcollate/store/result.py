@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .memory import exclusive_cumsum, row_positions, to_device
+from .keys import sorted_order
 from .records import ColumnTable, Jagged
 from .rows import combine_views
 
@@ -26,14 +27,36 @@ def finished_table(store, owner: str, ranks: int, shards: int) -> Tuple[ColumnTa
     if vcap > 1:
         views_present = (table.count > 0).sum(1)
         incomplete = int(np.count_nonzero((views_present > 0) & (views_present < vcap)))
-    common = dict(num_items=store.num_items, records=store.records, slots=slots, incomplete=incomplete,
-                  ranks=ranks, shards=shards, views=vcap, on_duplicate=store.on_duplicate)
+    keyed = store.keys is not None
+    common = dict(num_items=store.expected if keyed else store.num_items, records=store.records, slots=slots,
+                  incomplete=incomplete, ranks=ranks, shards=shards, views=vcap, on_duplicate=store.on_duplicate)
     if store.specs is None:
-        return ColumnTable(np.zeros(0, np.int64), None, {}, False, stacked_views=None, size=0, **common), False
+        empty = ([] if keyed else None)
+        return ColumnTable(np.zeros(0, np.int64), None, {}, False, stacked_views=None, size=0, keys=empty, **common), False
     table.check_view_lengths(owner, store.views)
     if vcap == 1 or store.views == "none":
-        return _slot_columns(store, slots == cap * vcap, common)
-    return _combined_views(store, owner, common), False
+        out, shared = _slot_columns(store, slots == cap * vcap, common)
+    else:
+        out, shared = _combined_views(store, owner, common), False
+    return (_by_key(store, out), False) if keyed else (out, shared)
+
+
+def _by_key(store, table: ColumnTable) -> ColumnTable:
+    """A keyed store's table: its entries in sorted key order (then view), each with its key."""
+    index = np.arange(table.size, dtype=np.int64) if table.index is None else table.index
+    slot_keys = store.keys.keys
+    keys = [slot_keys[i] for i in index.tolist()]
+    order = sorted_order(keys, store.keys.kind)
+    order_t = to_device(order, store.device)
+    columns: Dict[str, Any] = {}
+    for name, col in table.columns.items():
+        if isinstance(col, Jagged):
+            columns[name] = Jagged(col.chunks, col.bases, col.starts[order], col.lengths[order])
+        else:
+            columns[name] = col.index_select(0, order_t)
+    keys = np.asarray(keys, np.int64)[order] if store.keys.kind == "int" else [keys[e] for e in order.tolist()]
+    view = None if table.view is None else table.view[order]
+    return table._replace(index=index[order], view=view, columns=columns, keys=keys)
 
 
 def _slot_columns(store, everything: bool, common: Dict[str, Any]) -> Tuple[ColumnTable, bool]:

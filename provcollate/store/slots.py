@@ -3,7 +3,7 @@ holds, its per-token length, whether a shard holds it), and :meth:`SlotTable.cla
 place where the duplicate policy is applied, to a batch, a shard, a rank or a resumed index."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -29,8 +29,8 @@ class Claim(NamedTuple):
 _KEEP_ONE = "; pass on_duplicate='first', 'last' or 'mean' to keep one"
 
 
-def _what(index, views, b: int) -> str:
-    return f"item {index[b]}" + ("" if views is None or not views[b] else f" view {views[b]}")
+def _what(item: str, views, b: int) -> str:
+    return item + ("" if views is None or not views[b] else f" view {views[b]}")
 
 
 class SlotTable:
@@ -146,15 +146,22 @@ class SlotTable:
         return prev
 
     def claim(self, index: np.ndarray, views: Optional[np.ndarray], lengths: Optional[np.ndarray], per_token: bool,
-              combine_views: bool, source: Optional[str] = None, repeat_hint: str = "") -> Claim:
+              combine_views: bool, source: Optional[str] = None, repeat_hint: str = "",
+              names: Optional[Callable[[int], str]] = None) -> Claim:
         """Check a block of (index, view) pairs against what is recorded and apply ``on_duplicate``.
 
         ``source`` None means a batch of ``Recorder.add`` (its messages name batch positions),
         else it names the shard or rank the block came from; ``repeat_hint`` ends the message of a
         repeat under ``"error"`` in a block (how its sender recovers). ``combine_views`` checks that the
-        views of an item agree in per-token length. Raises ValueError, changing nothing, for an
-        index outside ``range(num_items)``, a repeat under ``"error"`` or lengths that clash.
+        views of an item agree in per-token length. ``names(b)`` names the item of row b in
+        messages (default "item 5"; a keyed store's "key 'doc-3'"). Raises ValueError, changing
+        nothing, for an index outside ``range(num_items)``, a repeat under ``"error"`` or lengths
+        that clash.
         """
+        item = names if names is not None else (lambda b: f"item {index[b]}")
+        def what(b: int) -> str:
+            return _what(item(b), views, b)
+
         if not len(index):
             return Claim(None, None, False, -1, 0)
         vmax = 0 if views is None else int(views.max())
@@ -179,14 +186,14 @@ class SlotTable:
                 if repeats:
                     again |= ~first_last(slot)[0]
                 b = int(np.flatnonzero(again)[0])
-                raise ValueError(f"{source}: {_what(index, views, b)} is recorded more than once "
+                raise ValueError(f"{source}: {what(b)} is recorded more than once "
                                  f"(on_duplicate='error'){repeat_hint or _KEEP_ONE}")
             b = int(np.flatnonzero(prev)[0]) if seen else int(np.flatnonzero(~first_last(slot)[0])[0])
             where = "is already recorded (batch position" if seen else "appears more than once in this batch (again at position"
-            raise ValueError(f"Recorder.add: {_what(index, views, b)} {where} {b}); "
+            raise ValueError(f"Recorder.add: {what(b)} {where} {b}); "
                              "pass on_duplicate='first', 'last' or 'mean' to allow repeats")
         if lengths is not None and per_token:
-            self._check_lengths(index, views, lengths, slot, combine_views, source)
+            self._check_lengths(index, views, lengths, slot, combine_views, source, what, item)
         if not (seen or repeats) or self.on_duplicate == "mean":
             return Claim(None, prev, seen or repeats, top, vmax)
         first, last = first_last(slot) if repeats else (None, None)
@@ -198,7 +205,7 @@ class SlotTable:
             keep = last
         return Claim(None if keep is None or keep.all() else keep, prev, False, top, vmax)
 
-    def _check_lengths(self, index, views, lengths, slot, combine_views: bool, source: Optional[str]) -> None:
+    def _check_lengths(self, index, views, lengths, slot, combine_views: bool, source: Optional[str], what, item) -> None:
         """Slots that will be combined (views of one item, or averaged repeats) share one length."""
         merge = self.on_duplicate == "mean"
         combine_views = combine_views and (views is not None or self.count.shape[1] > 1)
@@ -216,9 +223,9 @@ class SlotTable:
         if clash.any():
             b = int(order[np.flatnonzero(clash)[0] + 1])
             if source is not None:
-                raise ValueError(f"{source}: {_what(index, views, b)} has length {lengths[b]} {where} and another length elsewhere; "
+                raise ValueError(f"{source}: {what(b)} has length {lengths[b]} {where} and another length elsewhere; "
                                  "repeats must have one length to be averaged (on_duplicate='mean')")
-            raise ValueError(f"Recorder.add: item {index[b]} appears in this batch with lengths {sorted(set(lengths[index == index[b]].tolist()))}; "
+            raise ValueError(f"Recorder.add: {item(b)} appears in this batch with lengths {sorted(set(lengths[index == index[b]].tolist()))}; "
                              + ("its views must have one length to be combined (or use views='none')" if combine_views
                                 else "repeats of a slot must have one length to be averaged"))
         cap, vcap = self.count.shape
@@ -237,9 +244,9 @@ class SlotTable:
             r, c = np.argwhere(bad)[0]
             b = int(np.flatnonzero(inside)[r])
             if source is not None:
-                raise ValueError(f"{source}: {_what(index, views, b)} has length {lengths[b]} {where} and another length elsewhere; "
+                raise ValueError(f"{source}: {what(b)} has length {lengths[b]} {where} and another length elsewhere; "
                                  "repeats must have one length to be averaged (on_duplicate='mean')")
-            raise ValueError(f"Recorder.add: item {index[b]} has length {lengths[b]} in this batch but {self.token_len[rows[r], c]} "
+            raise ValueError(f"Recorder.add: {item(b)} has length {lengths[b]} in this batch but {self.token_len[rows[r], c]} "
                              f"in its recorded view {c}; " + ("its views must have one length to be combined (or use views='none')"
                                                               if combine_views else "repeats must have one length to be averaged"))
 

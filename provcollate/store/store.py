@@ -17,9 +17,12 @@ import torch
 
 from .. import ops
 from .fast import FastPath
+from .._keys import describe_key
+from .keys import KeyTable
 from .memory import exclusive_cumsum, host_empty, row_positions, to_device
 from .records import ColumnTable, Identity, Output, SlotBlock, Spec
 from .result import finished_table
+from .room import check_room, room_message
 from .rows import DenseRows, TokenRows
 from .slots import Claim, SlotTable
 from .staging import Staging
@@ -32,13 +35,21 @@ class Store:
 
     ``compiled=True`` gives a store on the host a :class:`FastPath` (``self.fast``) where the
     compiled extension is built; it is None otherwise.
+
+    A store files by position (slot ``index * V + view``) or by key (``keys``: a
+    :class:`KeyTable` gives each key a slot in the order first seen); ``keyed`` is None until the
+    first record decides, or True from the start when asked (``keyed=True``). A keyed store's
+    ``expected`` is the number of items the caller expects (for the summary), never a bound.
     """
 
     def __init__(self, num_items: Optional[int], device: torch.device, on_duplicate: str, views: str,
-                 compiled: bool = False) -> None:
+                 compiled: bool = False, keyed: bool = False) -> None:
         self.device = device
         self.views = views
-        self.table = SlotTable(num_items, on_duplicate)
+        self.expected = num_items
+        self.keyed: Optional[bool] = True if keyed else None
+        self.keys: Optional[KeyTable] = KeyTable() if keyed else None
+        self.table = SlotTable(None if keyed else num_items, on_duplicate)
         self.specs: Optional[Dict[str, Spec]] = None
         self.single = False
         self.dense: Dict[str, DenseRows] = {}
@@ -112,11 +123,15 @@ class Store:
         new = self.table.new_shape(top, vmax)
         if new is None:
             return
+        check_room(self, top, new)
         self.staging.drain(wait=True)
         old = self.table.shape
-        dense = {n: r.grown(old, new) for n, r in self.dense.items()}
-        starts = {n: r.grown(old, new) for n, r in self.tokens.items()}
-        self.table.grow(new)
+        try:
+            dense = {n: r.grown(old, new) for n, r in self.dense.items()}
+            starts = {n: r.grown(old, new) for n, r in self.tokens.items()}
+            self.table.grow(new)
+        except (MemoryError, OSError, RuntimeError) as exc:
+            raise ValueError(room_message(self, top, new, f"could not be allocated ({type(exc).__name__}: {exc})")) from exc
         for n, rows in dense.items():
             self.dense[n].rows = rows
         for n, s in starts.items():
@@ -135,7 +150,7 @@ class Store:
 
     def empty_like(self) -> "Store":
         """A store with these settings and outputs and storage of this size, nothing recorded."""
-        fresh = Store(self.num_items, self.device, self.on_duplicate, self.views)
+        fresh = Store(self.expected, self.device, self.on_duplicate, self.views, keyed=bool(self.keyed))
         if self.specs is not None:
             fresh.setup(self.specs, self.single, "Recorder")
             cap, vcap = self.table.shape
@@ -154,16 +169,20 @@ class Store:
         """
         per_token = any(o.per_token for o in outputs.values())
         lengths = ids.lengths if per_token else None
-        claim = self.table.claim(ids.index, ids.views, lengths, per_token, combine_views)
-        first = self.specs is None
-        if first:
-            self.setup(specs, single, "Recorder.add")
-        try:
-            self._take(ids, outputs, claim, len(ids.index))
-        except BaseException:
+
+        def write(ids: Identity, names) -> None:
+            claim = self.table.claim(ids.index, ids.views, lengths, per_token, combine_views, names=names)
+            first = self.specs is None
             if first:
-                self._forget_outputs()
-            raise
+                self.setup(specs, single, "Recorder.add")
+            try:
+                self._take(ids, outputs, claim, len(ids.index))
+            except BaseException:
+                if first:
+                    self._forget_outputs()
+                raise
+
+        self._filed("Recorder.add", ids, write)
 
     def absorb(self, block: SlotBlock, source: str, repeat_hint: str = "") -> None:
         """Merge ``block`` under ``on_duplicate``, as a batch added now would be; ``source`` names it in errors.
@@ -175,10 +194,14 @@ class Store:
         if not len(block):
             self._records += records
             return
-        claim = self.table.claim(block.index, block.view, block.lengths, block.lengths is not None, False, source, repeat_hint)
-        ids = Identity(None, block.index, block.view, block.lengths, False, None, True)
         outputs = {name: Output(block.columns[name], spec.per_token, jagged=spec.per_token) for name, spec in self.specs.items()}
-        self._take(ids, outputs, claim, records, block.count)
+
+        def write(ids: Identity, names) -> None:
+            claim = self.table.claim(ids.index, ids.views, ids.lengths, ids.lengths is not None, False, source, repeat_hint,
+                                     names=names)
+            self._take(ids, outputs, claim, records, block.count)
+
+        self._filed(source, Identity(None, block.index, block.view, block.lengths, False, None, True, block.keys), write)
 
     def load_index(self, block: SlotBlock, source: str) -> None:
         """Count the slots of a shard on disk as recorded (``block`` holds bookkeeping only).
@@ -188,16 +211,60 @@ class Store:
         reading merges with the shard's. Raises ValueError, changing nothing, as :meth:`absorb` does.
         """
         keep_counts = self.on_duplicate in ("error", "first")
-        claim = self.table.claim(block.index, block.view, block.lengths, block.lengths is not None, False, source,
-                                 "; shards written under on_duplicate='error' hold each item once")
-        if len(block):
-            self.ensure(claim.top, claim.vmax)
-            slots = self.table.slots(block.index, block.view)
-            keep = claim.keep if keep_counts else None
-            kept = slots if keep is None else slots[keep]
-            lengths = block.lengths if keep is None or block.lengths is None else block.lengths[keep]
-            self.table.mark(kept, lengths, count=1 if keep_counts else None, disk=True)
-        self._records += len(block) if block.records is None else block.records
+
+        def write(ids: Identity, names) -> None:
+            claim = self.table.claim(ids.index, ids.views, ids.lengths, ids.lengths is not None, False, source,
+                                     "; shards written under on_duplicate='error' hold each item once", names=names)
+            if len(ids.index):
+                self.ensure(claim.top, claim.vmax)
+                slots = self.table.slots(ids.index, ids.views)
+                keep = claim.keep if keep_counts else None
+                kept = slots if keep is None else slots[keep]
+                lengths = ids.lengths if keep is None or ids.lengths is None else ids.lengths[keep]
+                self.table.mark(kept, lengths, count=1 if keep_counts else None, disk=True)
+            self._records += len(ids.index) if block.records is None else block.records
+
+        self._filed(source, Identity(None, block.index, block.view, block.lengths, False, None, True, block.keys), write)
+
+    def _filed(self, owner: str, ids: Identity, write) -> None:
+        """``write(ids, names)`` with the rows filed the way this store files them: by position, or
+        by key (``ids.index`` then the keys' slots, and ``names(b)`` naming row b's key); the keys
+        new to the store are kept only once ``write`` succeeded, so that a failure changes nothing.
+        The first record decides whether the store files by key."""
+        keyed = self._mode(owner, ids.keys is not None)
+        if not keyed:
+            write(ids, None)
+            self.keyed = False
+            return
+        keys = ids.keys.tolist() if isinstance(ids.keys, np.ndarray) else ids.keys
+        deciding = self.keys is None
+        if deciding:  # slots grow with the keys seen, never with their values
+            self.keys, bound, self.table.num_items = KeyTable(), self.table.num_items, None
+        try:
+            slots, new_keys = self.keys.plan(owner, keys)
+            write(ids._replace(index=slots, index_t=None), lambda b: f"key {describe_key(keys[b])}")
+        except BaseException:
+            if deciding:
+                self.keys, self.table.num_items = None, bound
+            raise
+        self.keys.commit(new_keys)
+        self.keyed = True
+
+    def check_mode(self, owner: str, ids: Identity) -> None:
+        """ValueError if ``ids`` does not name rows the way this store files them (by key or by position)."""
+        self._mode(owner, ids.keys is not None)
+
+    def _mode(self, owner: str, keyed: bool) -> bool:
+        """Whether a record files by key; ValueError if that is not the way this store files."""
+        if self.keyed is None:
+            return keyed
+        if keyed and not self.keyed:
+            raise ValueError(f"{owner}: this Recorder files by position (its first add gave dataset indices); rows "
+                             "with keys need a Recorder of their own that files by key (pc.Recorder(keys=True))")
+        if self.keyed and not keyed:
+            raise ValueError(f"{owner}: this Recorder files by key; give keys here too (a keyed batch, a list of "
+                             "str/bytes/tuples, or int ids with pc.Recorder(keys=True))")
+        return keyed
 
     def _take(self, ids: Identity, outputs: Dict[str, Output], claim: Claim, records: int,
               weight: Optional[np.ndarray] = None) -> None:
@@ -315,6 +382,19 @@ class Store:
         per_token = any(o.per_token for o in outputs.values())
         self.table.mark(unique, lengths[first] if lengths is not None and per_token else None, count=before + added)
 
+    def held(self, ids: Identity) -> np.ndarray:
+        """Per row of ``ids``: recorded, in memory or in a shard (in any view when it gives none)."""
+        if ids.keys is None:
+            return self.table.held_at(ids.index, ids.views)
+        found = np.zeros(len(ids.index), bool)
+        if self.keys is None:
+            return found
+        slots = self.keys.lookup(ids.keys.tolist() if isinstance(ids.keys, np.ndarray) else ids.keys)
+        known = slots >= 0
+        if known.any():
+            found[known] = self.table.held_at(slots[known], None if ids.views is None else ids.views[known])
+        return found
+
     # ---------------------------------------------------------------------------- shards
 
     def unwritten(self) -> np.ndarray:
@@ -376,7 +456,12 @@ class Store:
                 rows = self.dense[name].rows
                 columns[name] = rows if everything else torch.index_select(
                     rows, 0, flat_t, out=host_empty((len(flat), *rows.shape[1:]), rows.dtype, rows.device))
-        return SlotBlock(index, view, count, lengths, columns)
+        keys = None
+        if self.keys is not None:
+            slot_keys = self.keys.keys
+            keys = [slot_keys[i] for i in index.tolist()]
+            keys = np.asarray(keys, np.int64) if self.keys.kind == "int" else keys
+        return SlotBlock(index, view, count, lengths, columns, keys=keys)
 
     def columns(self, owner: str, ranks: int = 1, shards: int = 0) -> ColumnTable:
         """Everything recorded, views combined as ``views`` says, as a finished table.
