@@ -166,6 +166,32 @@ def test_packed_max_tokens_own_id_column_and_resume(cluster, tmp_path):
     check_against_alone(preds, rows, ids)
 
 
+def test_string_ids_through_predict_written_skip_and_read(cluster, tmp_path):
+    rows = token_rows(seed=3)
+    ids = [f"shard-{i % 4:03d}/doc_{i:05d}" for i in range(NUM_ITEMS)]  # the data's own string ids
+    src = write_source(tmp_path / "src", rows, extra={"doc_id": ids})
+    out = tmp_path / "out"
+    first = ray.data.read_parquet(str(src), override_num_blocks=3).filter(lambda row: row["doc_id"].endswith(("0", "5")))
+    run(first, out, id_column="doc_id", bucket_size=4)  # a first run that stopped part of the way
+    before = set(out.glob("*.parquet"))
+    done = pc_ray.written(out)
+    firsts = [i for i in ids if i.endswith(("0", "5"))]
+    assert len(done) == len(firsts) and done.contains(firsts).all() and not done.contains(["never"]).any()
+    run(ray.data.read_parquet(str(src), override_num_blocks=3), out, id_column="doc_id", bucket_size=4, skip=ray.put(done))
+    new = set(out.glob("*.parquet")) - before
+    rerun = sorted(i for f in new for i in pq.read_table(f, columns=["doc_id"]).column("doc_id").to_pylist())
+    assert rerun == sorted(set(ids) - set(firsts))  # only what was missing, by id
+    preds = pc_ray.read(out)  # "error": nothing written twice; keyed by the string ids
+    assert preds.keyed and preds.keys() == sorted(ids) and preds.summary().repeats == 0
+    model = TinyModel()
+    for i, tokens in zip(ids, rows):
+        expected = alone(model, tokens)
+        assert torch.equal(preds[i]["tokens"], expected["tokens"]) and torch.equal(preds[i]["pooled"], expected["pooled"]), i
+    table = pa.table({"doc_id": ids[::-1], "n": list(range(NUM_ITEMS))})
+    joined = preds.join(table, on="doc_id")  # the source rows, their predictions beside them
+    assert joined.column("doc_id").to_pylist() == ids[::-1] and joined.column("pooled").null_count == 0
+
+
 def test_resume_positional_ids_skips_written_row_groups(cluster, tmp_path):
     rows = token_rows(seed=2)
     src = write_source(tmp_path / "src", rows)
@@ -262,8 +288,10 @@ def test_predict_and_written_errors():
     predict = pc_ray.Predict(TinyModel, inputs="tokens")
     with pytest.raises(ValueError, match="Predict: the batch has no id column 'id'"):
         predict(pa.table({"tokens": [[1, 2]]}))
-    with pytest.raises(TypeError, match="column 'id' must hold integers, got string"):
-        predict(pa.table({"id": ["a"], "tokens": [[1, 2]]}))
+    with pytest.raises(TypeError, match=r"column 'id' must hold integers \(ids: or str / bytes\), got double"):
+        predict(pa.table({"id": [0.5], "tokens": [[1, 2]]}))
+    with pytest.raises(ValueError, match="the id column 'id' holds 1 nulls"):
+        predict(pa.table({"id": pa.array(["a", None]), "tokens": [[1, 2], [3]]}))
     with pytest.raises(ValueError, match="input column 'tokens' is not in the batch"):
         predict(pa.table({"id": [0], "text": [[1, 2]]}))
     done = pc_ray.Written([5, 6, 7, 9], [0, 0, 0, 1])

@@ -43,6 +43,7 @@ __all__ = ["Predict", "read_parquet", "read", "written", "Written"]
 
 _INDEX = "index"  # the entry column of Predictions.to_arrow, renamed to the id column
 _META_KEY = b"provcollate.ray"  # schema metadata of Predict's tables: {"id_column": name}
+_PREDICTIONS_KEY = b"provcollate"  # Predictions.to_arrow's own metadata (outputs, dtypes, shapes)
 
 
 def _check_column(owner: str, name: str, value) -> str:
@@ -86,20 +87,27 @@ def _parquet_files(owner: str, path) -> List[str]:
 
 
 class Written:
-    """The (id, view) pairs present in a directory of predictions, as sorted ranges of ids per view.
+    """The (id, view) pairs present in a directory of predictions: int ids as sorted ranges per
+    view, str or bytes ids (keys) as a set of (id, view) pairs.
 
-    Made by :func:`written`. Ids come in runs (a block of positional ids is a range), so a set of
-    ``n`` ids in ``r`` runs takes ``16 * r`` bytes, not ``8 * n``: a billion positional ids written
-    in 100,000 blocks fit in 1.6 MB, small enough to ship to every actor. Picklable.
+    Made by :func:`written`. Int ids come in runs (a block of positional ids is a range), so a
+    set of ``n`` ids in ``r`` runs takes ``16 * r`` bytes, not ``8 * n``: a billion positional ids
+    written in 100,000 blocks fit in 1.6 MB, small enough to ship to every actor. Picklable.
     """
 
     def __init__(self, ids, views=None) -> None:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        views = np.zeros(len(ids), np.int64) if views is None else np.asarray(views, dtype=np.int64).reshape(-1)
-        if len(views) != len(ids):
-            raise ValueError(f"Written: views must have one entry per id ({len(ids)}), got {len(views)}")
+        n = len(ids)
+        views = np.zeros(n, np.int64) if views is None else np.asarray(views, dtype=np.int64).reshape(-1)
+        if len(views) != n:
+            raise ValueError(f"Written: views must have one entry per id ({n}), got {len(views)}")
         self.ranges: Dict[int, tuple] = {}
+        self.keys: Optional[set] = None
         self.count = 0
+        if n and isinstance(ids, list) and isinstance(ids[0], (str, bytes)):
+            self.keys = set(zip(ids, views.tolist()))
+            self.count = len(self.keys)
+            return
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         for v in np.unique(views).tolist():
             unique = np.unique(ids[views == v])
             breaks = np.flatnonzero(np.diff(unique) != 1) + 1
@@ -112,11 +120,19 @@ class Written:
         return self.count
 
     def __repr__(self) -> str:
+        if self.keys is not None:
+            return f"Written({self.count} entries keyed by id, views {sorted({v for _, v in self.keys})})"
         runs = sum(len(s) for s, _ in self.ranges.values())
         return f"Written({self.count} entries in {runs} runs of ids, views {sorted(self.ranges)})"
 
     def contains(self, ids, views=None) -> np.ndarray:
         """Bool array: which of the ``(ids[k], views[k])`` pairs are written (``views`` None: view 0)."""
+        if isinstance(ids, list) and ids and isinstance(ids[0], (str, bytes)):
+            views = [0] * len(ids) if views is None else np.broadcast_to(np.asarray(views, dtype=np.int64), (len(ids),)).tolist()
+            keys = self.keys or set()
+            return np.fromiter(((k, v) in keys for k, v in zip(ids, views)), bool, len(ids))
+        if self.keys is not None:
+            return np.zeros(len(ids), bool)  # int ids against a set of str ids: none written
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         views = np.zeros(len(ids), np.int64) if views is None else np.broadcast_to(np.asarray(views, dtype=np.int64), ids.shape)
         done = np.zeros(len(ids), bool)
@@ -132,6 +148,8 @@ class Written:
         """Whether every id of ``range(start, stop)`` is written in ``view``."""
         if stop <= start:
             return True
+        if self.keys is not None:
+            return False
         starts, ends = self.ranges.get(view, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
         run = int(np.searchsorted(starts, start, side="right")) - 1
         return run >= 0 and int(ends[run]) >= stop
@@ -173,10 +191,13 @@ def written(path, *, id_column: Optional[str] = None, view_column: str = "view")
         if id_name not in names:
             raise ValueError(f"written: {file} has no id column {id_name!r}; its columns are {names}")
         table = pf.read(columns=[c for c in (id_name, view_column) if c in names])
-        ids.append(table.column(id_name).to_numpy())
+        column = table.column(id_name)
+        ids.append(column.to_numpy() if pa.types.is_integer(column.type) else column.to_pylist())
         views.append(table.column(view_column).to_numpy() if view_column in names else np.zeros(table.num_rows, np.int64))
     if not ids:
         return Written(np.zeros(0, np.int64))
+    if any(isinstance(part, list) for part in ids):
+        return Written([i for part in ids for i in (part if isinstance(part, list) else part.tolist())], np.concatenate(views))
     return Written(np.concatenate(ids), np.concatenate(views))
 
 
@@ -325,10 +346,21 @@ def _as_table(batch) -> pa.Table:
                     f"pandas DataFrames, got {type(batch).__name__}")
 
 
+def _id_column_values(owner: str, table: pa.Table, name: str):
+    """The ids of a batch: an int64 array (ids >= 0), or a list of str or bytes ids (keys)."""
+    column = table.column(name)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_binary(column.type) \
+            or pa.types.is_large_binary(column.type):
+        if column.null_count:
+            raise ValueError(f"{owner}: the id column {name!r} holds {column.null_count} nulls; every row needs an id")
+        return column.to_pylist()
+    return _int_column(owner, table, name)
+
+
 def _int_column(owner: str, table: pa.Table, name: str) -> np.ndarray:
     column = table.column(name)
     if not pa.types.is_integer(column.type):
-        raise TypeError(f"{owner}: the id/view column {name!r} must hold integers, got {column.type}; "
+        raise TypeError(f"{owner}: the id/view column {name!r} must hold integers (ids: or str / bytes), got {column.type}; "
                         "ids from a row's position in the source files come from provcollate.integrations.ray.read_parquet")
     values = column.to_numpy()
     if len(values) and values.min() < 0:
@@ -366,8 +398,10 @@ class Predict:
             :class:`provcollate.Batch` (``batch["input_ids"]``, ``batch.mask``, ``batch.lengths``...).
         inputs: the column (a str) or columns (a list) given to the model; None: every column
             but the id and view columns.
-        id_column: the int column holding each row's id (from :func:`read_parquet`, or one of
-            the data's own, such as a document number); the output's id column has this name too.
+        id_column: the column holding each row's id: ints (from :func:`read_parquet`, or the
+            data's own, such as a document number), or str / bytes (a ``custom_id``, a WebDataset
+            ``__key__``), which :func:`read` gives back as predictions filed by key; the output's
+            id column has this name and type too.
         view_column: an int column of test-time-augmentation view ids; None: every row is view 0.
         per_token: as :meth:`provcollate.Recorder.add`: True, or the set of output names, for
             outputs with a position dimension.
@@ -436,14 +470,14 @@ class Predict:
         if self.id_column not in table.column_names:
             raise ValueError(f"Predict: the batch has no id column {self.id_column!r}; its columns are {table.column_names} "
                              "(read with provcollate.integrations.ray.read_parquet, or name a column with id_column=)")
-        ids = _int_column("Predict", table, self.id_column)
+        ids = _id_column_values("Predict", table, self.id_column)
         if self.skip is not None:
             views = _int_column("Predict", table, self.view_column) if self.view_column is not None else None
             keep = ~self.skip.contains(ids, views)
             if not keep.all():
-                table, ids = table.filter(pa.array(keep)), ids[keep]
+                table = table.filter(pa.array(keep))
         if table.num_rows == 0:
-            empty = pa.table({self.id_column: pa.array([], pa.int64()), "view": pa.array([], pa.int64())})
+            empty = pa.table({self.id_column: table.column(self.id_column).combine_chunks()[:0], "view": pa.array([], pa.int64())})
             return empty.replace_schema_metadata({_META_KEY: self._meta})
         samples = self._samples(table)
         # Rows are recorded under their position in this batch: the Recorder's storage is then
@@ -455,7 +489,8 @@ class Predict:
                 recorder.add(collated, self.model(collated), per_token=self.per_token)
         out = recorder.result().to_arrow()
         entries = out.column(_INDEX).to_numpy()
-        out = out.set_column(out.schema.get_field_index(_INDEX), self.id_column, pa.array(ids[entries]))
+        ids = table.column(self.id_column).combine_chunks().take(pa.array(entries))  # int or str ids, as they came
+        out = out.set_column(out.schema.get_field_index(_INDEX), self.id_column, ids)
         return out.replace_schema_metadata({**out.schema.metadata, _META_KEY: self._meta})
 
 
@@ -476,11 +511,13 @@ def _lengths(samples: List[pc.Sample], field: str) -> List[int]:
 
 def _add_entries(recorder: pc.Recorder, preds: pc.Predictions, rows_per_add: int) -> None:
     """Feed ``preds`` (one row group of a Ray output file) to ``recorder``, ``rows_per_add`` entries at a time."""
-    index, view = preds.index, preds.view
-    if not len(index):
+    view = preds.view
+    if not len(preds):
         return
+    # Each entry's id: its int id, or its str / bytes key (entries are (id, view) pairs with views kept apart).
+    index = [k for k, _ in preds] if preds.keyed and view is not None else preds.keys() if preds.keyed else preds.index
     names = preds.names
-    single = isinstance(preds[(int(index[0]), int(view[0])) if view is not None else int(index[0])], torch.Tensor)
+    single = isinstance(next(iter(preds.items()))[1], torch.Tensor)
     token = preds.per_token
     jagged = {name: preds.jagged(name) for name in names if name in token}
     dense = {name: preds.tensor(name) for name in names if name not in token}
@@ -540,10 +577,18 @@ def read(path, num_items=None, *, on_duplicate: str = "error", views: str = "mea
             table = pf.read_row_group(g)
             if id_name not in table.column_names:
                 raise ValueError(f"read: {file} has no id column {id_name!r}; its columns are {table.column_names}")
-            names = [_INDEX if n == id_name else "view" if n == view_column else n for n in table.column_names]
+            id_type = table.schema.field(id_name).type
+            keyed = not pa.types.is_integer(id_type)  # str or bytes ids: the entries are filed by key
+            entry = "key" if keyed else _INDEX
+            names = [entry if n == id_name else "view" if n == view_column else n for n in table.column_names]
             # Ray concatenates blocks into row groups: sorted, they are a valid Predictions (increasing keys).
-            order = [(n, "ascending") for n in (_INDEX, "view") if n in names]
-            table = table.rename_columns(names).sort_by(order).replace_schema_metadata(table.schema.metadata)
+            order = [(n, "ascending") for n in (entry, "view") if n in names]
+            metadata = dict(table.schema.metadata or {})
+            if keyed and _PREDICTIONS_KEY in metadata:
+                meta = json.loads(metadata[_PREDICTIONS_KEY])
+                meta["keys"] = "bytes" if pa.types.is_binary(id_type) or pa.types.is_large_binary(id_type) else "str"
+                metadata[_PREDICTIONS_KEY] = json.dumps(meta).encode()
+            table = table.rename_columns(names).sort_by(order).replace_schema_metadata(metadata)
             try:
                 preds = pc.Predictions.from_arrow(table)
             except ValueError as exc:
