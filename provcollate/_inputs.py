@@ -86,7 +86,9 @@ def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[
                         "the DataLoader used its default collate; pass DataLoader(..., collate_fn=pc.Collator(...))")
     keys = None
     if looks_like_keys(batch):
-        keys = [check_key(owner, k, f"key {b}") for b, k in enumerate(batch)]
+        kinds = set(map(type, batch))
+        # All str or all bytes: keys as they are; anything else is checked key by key (and named).
+        keys = list(batch) if kinds == {str} or kinds == {bytes} else [check_key(owner, k, f"key {b}") for b, k in enumerate(batch)]
         batch = np.arange(len(keys), dtype=np.int64)
     if isinstance(batch, (torch.Tensor, np.ndarray, list, tuple, range)):
         index_t, index = index_arrays(owner, "keys" if int_keys else "index", batch)
@@ -122,7 +124,9 @@ def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[
             if isinstance(keys, torch.Tensor):
                 keys = host_long(owner, "batch.key", keys)
             elif isinstance(keys, list):
-                keys = [check_key(owner, k, f"batch.key[{b}]") for b, k in enumerate(keys)]
+                kinds = set(map(type, keys))
+                if not (kinds == {str} or kinds == {bytes}):
+                    keys = [check_key(owner, k, f"batch.key[{b}]") for b, k in enumerate(keys)]
             else:
                 raise TypeError(f"{owner}: batch.key must be None, a LongTensor or a list of keys, got {type(keys).__name__}")
             if len(keys) != len(index):

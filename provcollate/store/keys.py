@@ -8,6 +8,7 @@ free ones, nothing changed) and committed only once the batch is recorded
 """
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -15,6 +16,8 @@ import numpy as np
 from .._keys import describe_key, key_kind, tuple_shape
 
 __all__ = ["KeyTable", "sorted_order"]
+
+_TYPES = {"int": int, "str": str, "bytes": bytes}
 
 
 class KeyTable:
@@ -34,15 +37,16 @@ class KeyTable:
             return f"tuples of ({', '.join(self.shape)})"
         return f"{self.kind} keys"
 
-    def _check_kind(self, owner: str, keys: Sequence[Any]) -> Tuple[str, Optional[tuple]]:
+    def _check_kind(self, owner: str, keys: Sequence[Any]) -> None:
         kind = self.kind if self.kind is not None else key_kind(keys[0])
         shape = self.shape if self.kind is not None else (tuple_shape(keys[0]) if kind == "tuple" else None)
+        if kind != "tuple" and set(map(type, keys)) == {_TYPES[kind]}:
+            return
         for b, k in enumerate(keys):
             if key_kind(k) != kind or (shape is not None and tuple_shape(k) != shape):
                 have = "tuples of (" + ", ".join(shape) + ")" if kind == "tuple" else f"{kind} keys"
                 raise TypeError(f"{owner}: key {b} is {describe_key(k)}, but this Recorder files {have}; "
                                 "one Recorder holds keys of one kind, so that they sort")
-        return kind, shape
 
     def plan(self, owner: str, keys: Sequence[Any]) -> Tuple[np.ndarray, List[Any]]:
         """(the slot of each key, the new keys in the order they get the next free slots); changes nothing.
@@ -53,17 +57,14 @@ class KeyTable:
         if not len(keys):
             return np.zeros(0, np.int64), []
         self._check_kind(owner, keys)
-        known, new = self.slots, {}
-        top = len(self.keys)
-        out = np.empty(len(keys), np.int64)
-        for b, k in enumerate(keys):
-            slot = known.get(k)
-            if slot is None:
-                slot = new.get(k)
-                if slot is None:
-                    slot = new[k] = top + len(new)
-            out[b] = slot
-        return out, list(new)
+        slots = list(map(self.slots.get, keys, repeat(-1)))
+        if -1 not in slots:
+            return np.array(slots, np.int64), []
+        # New keys, each once, in the order first seen, take the next free slots.
+        fresh = dict.fromkeys(k for k, s in zip(keys, slots) if s == -1)
+        new = dict(zip(fresh, range(len(self.keys), len(self.keys) + len(fresh))))
+        slots = [new[k] if s == -1 else s for k, s in zip(keys, slots)]
+        return np.array(slots, np.int64), list(new)
 
     def commit(self, new: List[Any]) -> None:
         """Add the new keys of a plan, in its order (their slots are the next free ones)."""
@@ -73,13 +74,12 @@ class KeyTable:
             self.kind = key_kind(new[0])
             self.shape = tuple_shape(new[0]) if self.kind == "tuple" else None
         top = len(self.keys)
-        self.slots.update((k, top + i) for i, k in enumerate(new))
+        self.slots.update(zip(new, range(top, top + len(new))))
         self.keys.extend(new)
 
     def lookup(self, keys: Sequence[Any]) -> np.ndarray:
         """The slot of each key, -1 for a key never seen."""
-        get = self.slots.get
-        return np.fromiter((get(k, -1) for k in keys), np.int64, len(keys))
+        return np.array(list(map(self.slots.get, keys, repeat(-1))), np.int64)
 
 
 def sorted_order(keys: List[Any], kind: Optional[str]) -> np.ndarray:
