@@ -50,6 +50,11 @@ adds. Target, for case 1's pass: the whole-pass mean at most 1.5x the median (fi
 fresh storage and random row writes must not dominate). With ``--floors``, also the claims and copies of one batch
 alone (floors.cpp ``scatter_rows``), alternating with the add's rounds in rotating order.
 
+Keyed recording (``--case keys``): case 1's outputs under "doc-%07d" string keys and under
+distinct sparse int64 ids (``Recorder(keys=True)``), against a Python dict loop and the seed
+article's loop with keys for indices. Targets: string keys >= 10x the dict loop and >= 25x the
+seed loop, int ids >= 50x the seed loop; peak memory <= 1.5x the outputs plus the keys' bytes.
+
 ``--baseline REV`` also times the provcollate rows of both cases and the plain-index add under
 git revision REV (e.g. the commit before a redesign), each tree in fresh subprocesses, rounds
 rotating between the trees, so that before and after come from one run on one machine. REV's tree
@@ -61,6 +66,7 @@ is exported to benchmarks/.baseline/ and its extension built in place there once
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import json
 import os
@@ -555,6 +561,155 @@ def add_section(args, sizes: dict) -> Tuple[str, List[str]]:
     return section, failures
 
 
+# --------------------------------------------------------------------------------------------
+# keyed recording: case 1's outputs under users' own keys
+# --------------------------------------------------------------------------------------------
+
+KEY_TARGETS = {"str": {"dict loop": 10.0, "seed loop": 25.0}, "int": {"seed loop": 50.0}}
+KEY_MEMORY_FACTOR = 1.5  # peak at most this factor of the outputs plus the keys' own bytes
+
+
+def keyed_batches(kind: str, sizes: dict, seed: int):
+    """Case 1's batches ([256, 10] float32) under keys ("doc-%07d" strings, or distinct sparse int64
+    ids), shuffled: (keys, outputs, positions) per batch, positions being the items' dataset indices."""
+    n, b = sizes["items1"], sizes["batch1"]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    outputs = torch.randn(n, 10, generator=gen)
+    if kind == "str":
+        names = [f"doc-{i:07d}" for i in range(n)]
+        keys = [[names[j] for j in order[i:i + b].tolist()] for i in range(0, n, b)]
+    else:
+        ids = torch.unique(torch.randint(0, 2**62, (n + n // 8,), generator=gen))
+        ids = ids[torch.randperm(len(ids), generator=gen)][:n]  # distinct, sparse
+        keys = [ids[order[i:i + b]] for i in range(0, n, b)]
+    return [(k, outputs[i:i + b], order[i:i + b]) for k, i in zip(keys, range(0, n, b))]
+
+
+def keys_of_batch(keys) -> list:
+    return keys.tolist() if isinstance(keys, torch.Tensor) else keys
+
+
+def run_keyed_provcollate(kind: str, batches):
+    rec = pc.Recorder(keys=kind == "int")
+    for keys, outputs, _ in batches:
+        rec.add(keys, outputs)
+    return rec.result()
+
+
+def run_dict_loop(kind: str, batches):
+    """A Python dict filled row by row, then the result table: the keys sorted, their rows stacked."""
+    table = {}
+    for keys, outputs, _ in batches:
+        for i, key in enumerate(keys_of_batch(keys)):
+            table[key] = outputs[i]
+    ordered = sorted(table)
+    return ordered, torch.stack([table[k] for k in ordered])
+
+
+def run_seed_keys(kind: str, batches):
+    """The seed article's third listing on the same outputs: collect the index tensors, torch.cat,
+    then a loop with ``.item()`` per item (int ids as the index; string keys have no place in it, so
+    their items' dataset positions stand in)."""
+    all_indices, all_predictions = [], []
+    for keys, outputs, positions in batches:
+        all_indices.append(keys if kind == "int" else positions)
+        all_predictions.append(outputs)
+    all_indices = torch.cat(all_indices)
+    all_predictions = torch.cat(all_predictions)
+    result = {}
+    for i in range(len(all_indices)):
+        result[all_indices[i].item()] = all_predictions[i]
+    return result
+
+
+KEYED_RUNNERS = {"provcollate": run_keyed_provcollate, "dict loop": run_dict_loop, "seed loop": run_seed_keys}
+
+
+def check_keyed(kind: str, method: str, result, batches) -> None:
+    """Raise unless ``result`` holds the right row under each key checked (every 97th row of every batch)."""
+    for keys, outputs, positions in batches:
+        keys = keys_of_batch(keys)
+        for i in range(0, len(keys), 97):
+            key = keys[i]
+            if method == "provcollate":
+                got = result[key]
+            elif method == "dict loop":
+                ordered, rows = result
+                got = rows[bisect.bisect_left(ordered, key)]
+            else:
+                got = result[key if kind == "int" else int(positions[i])]
+            if not torch.equal(got, outputs[i]):
+                raise AssertionError(f"keyed {kind}: {method} disagrees at key {key!r}")
+
+
+def keyed_memory_child(kind: str, sizes: dict, seed: int) -> dict:
+    """Peak resident-set rise of a keyed Recorder over the batches (made before the reset)."""
+    batches = keyed_batches(kind, sizes, seed)
+    key_bytes = sum(len(k.encode()) for keys, _, _ in batches for k in keys) if kind == "str" else 8 * sizes["items1"]
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS")
+    result = run_keyed_provcollate(kind, batches)
+    peak = status_kib("VmHWM")
+    del result
+    return {"peak_bytes": (peak - before) * 1024, "result_bytes": sizes["items1"] * 40, "key_bytes": key_bytes}
+
+
+def keys_section(args, sizes: dict) -> Tuple[str, List[str]]:
+    rows, checks, failures = [], [], []
+    for kind in ("str", "int"):
+        batches = keyed_batches(kind, sizes, args.seed)
+        times: Dict[str, List[float]] = {m: [] for m in KEYED_RUNNERS}
+        for r in range(args.rounds):
+            names = list(KEYED_RUNNERS)
+            for method in names[r % len(names):] + names[:r % len(names)]:
+                gc.collect()
+                start = time.perf_counter()
+                result = KEYED_RUNNERS[method](kind, batches)
+                times[method].append(time.perf_counter() - start)
+                if r == 0:
+                    check_keyed(kind, method, result, batches)
+                del result
+        best = {m: best_of(t) for m, t in times.items()}
+        for method, t in best.items():
+            rows.append([f"{kind} keys", method, f"{t * 1e3:.0f} ms", f"{best[method] / best['provcollate']:.2f}x"])
+            print(f"  keyed {kind}: {method:12s} {t * 1e3:9.0f} ms  {best[method] / best['provcollate']:.2f}x", flush=True)
+        for peer, target in KEY_TARGETS[kind].items():
+            ratio = best[peer] / best["provcollate"]
+            checks.append((f"{kind} keys: provcollate >= {target:g}x the {peer}", f"{ratio:.2f}x", ratio >= target))
+        if not args.no_memory:
+            cmd = [sys.executable, os.path.abspath(__file__), "--keyed-memory-child", kind, "--seed", str(args.seed)]
+            if args.quick:
+                cmd.append("--quick")
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+            if proc.returncode == 0:
+                m = json.loads(proc.stdout.strip().splitlines()[-1])
+                budget = KEY_MEMORY_FACTOR * (m["result_bytes"] + m["key_bytes"])
+                checks.append((f"{kind} keys: peak memory <= {KEY_MEMORY_FACTOR:g}x (outputs + keys' bytes: {budget / 1e6:.1f} MB)",
+                               f"{m['peak_bytes'] / 1e6:.1f} MB ({m['peak_bytes'] / (m['result_bytes'] + m['key_bytes']):.2f}x)",
+                               m["peak_bytes"] <= budget))
+            else:
+                print(f"  keyed memory of {kind} keys failed:\n{proc.stderr}", file=sys.stderr)
+    for name, value, ok in checks:
+        print(f"  target: {name}: {value} -> {'met' if ok else 'MISSED'}")
+        if not ok:
+            failures.append(f"{name}: {value}")
+    section = "\n\n".join([
+        f"## keyed recording: {sizes['items1']:,} outputs [10] float32 under keys, batches of {sizes['batch1']}, shuffled",
+        "Keys: \"doc-%07d\" strings, or distinct sparse int64 ids (`Recorder(keys=True)`). Each method ends with every "
+        "key's row retrievable: provcollate `add` per batch then `result()` (sorted by key); a Python dict loop "
+        "(`d[key] = out[i]` per row, then the keys sorted and their rows stacked); the seed article's loop (collect, "
+        "`torch.cat`, a loop with `.item()` per item into a dict; string keys have no place in it, so the items' "
+        "dataset positions stand in). Best of the rounds, methods in rotating order; ratios are each "
+        "method's time over provcollate's.",
+        markdown_table(["keys", "method", "time", "time / provcollate"], rows),
+        markdown_table(["target", "measured", "met"], [[n, v, "yes" if ok else "**no**"] for n, v, ok in checks]),
+    ])
+    return section, failures
+
+
 def baseline_tree(rev: str) -> str:
     """REV's tree with its extension built in place (made once, reused)."""
     sha = subprocess.run(["git", "-C", REPO, "rev-parse", rev], capture_output=True, text=True, check=True).stdout.strip()
@@ -637,7 +792,9 @@ def main() -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--floors", action="store_true",
                    help="add the plain-index add's floor from benchmarks/floors.cpp (compiles it): its claims and copies alone")
-    p.add_argument("--case", choices=["1", "2", "add"], default=None, help="run one case only (add: the plain-index add)")
+    p.add_argument("--case", choices=["1", "2", "add", "keys"], default=None,
+                   help="run one case only (add: the plain-index add; keys: keyed recording)")
+    p.add_argument("--keyed-memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--write", action="store_true", help=f"write the tables to {os.path.relpath(RESULTS_DIR)}/bench_record.md")
     p.add_argument("--baseline", default=None, metavar="REV", help="also time the provcollate rows and the add under git revision REV")
     p.add_argument("--memory-child", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
@@ -650,6 +807,9 @@ def main() -> int:
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child[0], args.memory_child[1], sizes, args.seed)))
         return 0
+    if args.keyed_memory_child:
+        print(json.dumps(keyed_memory_child(args.keyed_memory_child, sizes, args.seed)))
+        return 0
     if args.time_child:
         print(json.dumps(time_child(args.time_child, sizes, args.seed)))
         return 0
@@ -661,8 +821,12 @@ def main() -> int:
     info = machine()
     print(f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), allocator {args.alloc}")
     sections, failures = [], []
-    for name in (["case 1", "case 2"] if args.case is None else [f"case {args.case}"] if args.case != "add" else []):
+    for name in (["case 1", "case 2"] if args.case is None else [f"case {args.case}"] if args.case in ("1", "2") else []):
         section, missed = run_case(Case(name, sizes, args.seed), args, sizes)
+        sections.append(section)
+        failures += missed
+    if args.case in (None, "keys"):
+        section, missed = keys_section(args, sizes)
         sections.append(section)
         failures += missed
     if args.case in (None, "add"):
