@@ -18,7 +18,7 @@ LAYERS = {
     "store.memory": 3.0, "store.staging": 3.0,
     "store.records": 3.1, "store.keys": 3.1,
     "store.slots": 3.2, "store.rows": 3.2,
-    "store.result": 3.3, "store.fast": 3.3, "store.room": 3.3,
+    "store.result": 3.3, "store.fast": 3.3, "store.room": 3.3, "store.writes": 3.3,
     "store.store": 3.4,
     "store.__init__": 3.5,
     "_inputs": 4,

@@ -15,22 +15,22 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .. import ops
-from .fast import FastPath
 from .._keys import describe_key
+from .fast import FastPath
 from .keys import KeyTable
-from .memory import exclusive_cumsum, host_empty, row_positions, to_device
+from .memory import host_empty, to_device
 from .records import ColumnTable, Identity, Output, SlotBlock, Spec
 from .result import finished_table
 from .room import check_room, room_message
 from .rows import DenseRows, TokenRows
 from .slots import Claim, SlotTable
 from .staging import Staging
+from .writes import RowWriter
 
 __all__ = ["Store"]
 
 
-class Store:
+class Store(RowWriter):
     """Slots, rows and staging for one Recorder's outputs (fixed by :meth:`setup` or the first record).
 
     ``compiled=True`` gives a store on the host a :class:`FastPath` (``self.fast``) where the
@@ -298,89 +298,6 @@ class Store:
         self.table.mark(kept, lengths, count=1)
         for name, s in starts.items():
             self.tokens[name].starts.reshape(-1)[kept] = s
-
-    def _ones_of(self, size: int) -> torch.Tensor:
-        ones = self._ones.get(size)
-        if ones is None:
-            ones = self._ones[size] = torch.ones(size, dtype=torch.int64, device=self.device)
-        return ones
-
-    def needs_staging(self, src: torch.Tensor) -> bool:
-        """Outputs on a GPU with storage on the host go through pinned buffers, written once landed."""
-        return src.is_cuda and self.on_host
-
-    def _deliver(self, src: torch.Tensor, work) -> None:
-        """``work(src on the storage device)``: now, or once its copy from a GPU has landed."""
-        if self.needs_staging(src):
-            staged, event = Staging.pinned_copy(src)
-            self.staging.defer(event, lambda: work(staged))
-            self._storage_changed()  # a compiled pass must not write before the staged rows land
-        else:
-            work(src if (src.is_cpu and self.on_host) or src.device == self.device else src.to(self.device, non_blocking=True))
-
-    def _write_examples(self, name: str, src: torch.Tensor, slots: np.ndarray, slots_t, keep) -> None:
-        """Rows of a per-example output to their slots: items of length 1 (0 for rows not kept)."""
-        dst = self.dense[name].rows
-        lengths = self._ones_of(len(slots)) if keep is None else to_device(keep.astype(np.int64), self.device)
-        if slots_t is None or not self.on_host or src.is_cuda:
-            # A private copy: the caller may refill its index tensor before a deferred write runs.
-            slots_t = to_device(slots.copy(), self.device)
-        self._deliver(src, lambda rows: ops.unpad_scatter_(dst, rows.unsqueeze(1), lengths, slots_t))
-
-    def _write_tokens(self, name: str, out: Output, slots, keep, lengths, left: bool) -> np.ndarray:
-        """Real rows of a per-token output to rows of its chunks, in batch order; returns the kept
-        slots' first global rows. Rows are reserved before they are written."""
-        store = self.tokens[name]
-        src = out.tensor
-        if out.jagged and keep is not None:
-            src = src.index_select(0, to_device(row_positions(exclusive_cumsum(lengths)[keep], lengths[keep]), src.device))
-        if out.jagged and store.plan is not None and not self.needs_staging(src):
-            kept = slots if keep is None else slots[keep]
-            return store.place(kept, src.to(self.device), lengths if keep is None else lengths[keep])
-        written = lengths if keep is None else np.where(keep, lengths, 0)
-        ends = np.cumsum(written)
-        total = int(ends[-1])
-        chunk, start, base = store.reserve(total)
-        local = ends - written + start
-        try:
-            if out.jagged:
-                self._deliver(src, lambda rows: chunk[start:start + total].copy_(rows))
-            elif self.needs_staging(src):
-                # Unpad on the GPU so that only real rows cross to the host.
-                rows = ops.unpad(src, to_device(np.concatenate(([0], ends)), src.device), total, left)
-                self._deliver(rows, lambda landed: chunk[start:start + total].copy_(landed))
-            else:
-                lengths_t, local_t = to_device(written, self.device), to_device(local, self.device)
-                self._deliver(src, lambda padded: ops.unpad_scatter_(chunk, padded, lengths_t, local_t, left))
-        except BaseException:
-            store.unreserve(total)
-            raise
-        return base + (local if keep is None else local[keep])
-
-    def _take_mean(self, slots, ids: Identity, outputs: Dict[str, Output], prev, weight: Optional[np.ndarray]) -> None:
-        """Average rows into their slots (repeats among them included), each weighed by ``weight``
-        (the records it stands for; 1 each when None)."""
-        unique, first, inverse = np.unique(slots, return_index=True, return_inverse=True)
-        before = prev[first].astype(np.int64)
-        weight = np.ones(len(slots), np.int64) if weight is None else weight
-        lengths = ids.lengths
-        works = []
-        for name, out in outputs.items():
-            src = out.tensor
-            if out.per_token:
-                if not out.jagged:
-                    offsets = np.concatenate(([0], np.cumsum(lengths)))
-                    src = ops.unpad(src, to_device(offsets, src.device), int(offsets[-1]), ids.left)
-                rows = self.tokens[name]
-                works.append((src, lambda r, rows=rows: rows.mean_into(unique, lengths[first], inverse, before, r, lengths, weight)))
-            else:
-                rows = self.dense[name]
-                works.append((src, lambda r, rows=rows: rows.mean_into(unique, inverse, before, r, weight)))
-        for src, work in works:
-            self._deliver(src, work)
-        added = np.bincount(inverse, weights=weight, minlength=len(unique)).astype(np.int64)
-        per_token = any(o.per_token for o in outputs.values())
-        self.table.mark(unique, lengths[first] if lengths is not None and per_token else None, count=before + added)
 
     def held(self, ids: Identity) -> np.ndarray:
         """Per row of ``ids``: recorded, in memory or in a shard (in any view when it gives none)."""
