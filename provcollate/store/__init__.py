@@ -11,7 +11,10 @@ test-time augmentation). The modules, bottom up:
 - ``rows``: the row stores (:class:`DenseRows`, :class:`TokenRows`) and the means and view
   combinations over them;
 - ``staging``: writes that wait for copies from a GPU;
-- ``result``: a store's records as a finished table;
+- ``keys``: the key table of a store that files by key (users' own ids to slots);
+- ``result``: a store's records as a finished table (sorted by key when filed by key);
+- ``room``: the room an index needs, refused past the machine's memory;
+- ``writes``: :class:`RowWriter`, how rows are written (scatter, reserved token rows, means);
 - ``fast``: the compiled pass of ``Recorder.add`` (:class:`FastPath`);
 - ``store``: :class:`Store`, which owns all of the above and is the only writer of its state:
   sinks (shards, ranks) hand it blocks and tables through its methods.
