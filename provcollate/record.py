@@ -185,7 +185,7 @@ class Recorder:
         if not isinstance(keys, bool):
             raise TypeError(f"Recorder: keys must be a bool, got {type(keys).__name__}")
         # add() writes in one compiled pass what needs no reduction (the store decides the rest).
-        self._store = Store(num_items, device, on_duplicate, views, compiled=self._reduce is None and not keys, keyed=keys)
+        self._store = Store(num_items, device, on_duplicate, views, compiled=self._reduce is None, keyed=keys)
         self._lock = threading.RLock()  # add, result, gather, write, done, on_duplicate=: one thread at a time
         self._stream: Optional[shards.Stream] = None
         if resume is not None:
@@ -275,8 +275,8 @@ class Recorder:
         owner = "Recorder.add"
         store = self._store
         ids = _inputs.identify(owner, batch, lengths, view, padding_side, offsets, int_keys=bool(store.keyed))
-        if compiled and ids.keys is None:
-            n = store.fast.add(ids, outputs, per_token)
+        if compiled:
+            n = store.add_compiled(ids, outputs, per_token)
             if n >= 0:
                 return n
         ids = _inputs.checked(owner, ids)

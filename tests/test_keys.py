@@ -479,3 +479,46 @@ def test_keyed_webdataset_example_runs():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "items recorded  120" in out.stdout and "repeats         0" in out.stdout
+
+
+def test_keyed_adds_take_the_compiled_pass_and_land_as_the_general_path_says():
+    """After the first add, keyed batches go through the compiled pass under their keys' slots; a
+    store without it (the general path) must end with the same predictions and raise the same errors."""
+    rng = random.Random(3)
+    batches = []
+    for b in range(30):
+        keys = [f"k{rng.randrange(400)}" for _ in range(rng.randrange(0, 9))]
+        batches.append((keys, torch.randn(len(keys), 3, generator=torch.Generator().manual_seed(b))))
+    for policy in ("error", "first", "last", "mean"):
+        compiled, general = pc.Recorder(on_duplicate=policy), pc.Recorder(on_duplicate=policy)
+        general._store.fast = None
+        passes = []
+        if compiled._store.fast is not None:
+            fast_add = compiled._store.fast.add
+            compiled._store.fast.add = lambda *args: passes.append(fast_add(*args)) or passes[-1]
+        for keys, outputs in batches:
+            errors = []
+            for rec in (compiled, general):
+                try:
+                    rec.add(keys, outputs)
+                    errors.append(None)
+                except (TypeError, ValueError) as exc:
+                    errors.append(str(exc))
+            assert errors[0] == errors[1], policy
+        a, b = compiled.result(), general.result()
+        assert a.keys() == b.keys() and a.summary() == b.summary(), policy
+        assert all(torch.equal(a[k], b[k]) for k in a.keys()), policy
+        if pc.HAS_EXTENSION:
+            assert sum(n > 0 for n in passes) >= 5, (policy, passes)  # batches the compiled pass recorded
+
+
+def test_int_keys_are_never_taken_for_positions():
+    """Recorder(keys=True): int ids that are also valid positions still file by key (the plain
+    positional call must not take them)."""
+    rec = pc.Recorder(keys=True)
+    rec.add(torch.tensor([5, 10**12]), torch.tensor([[5.0], [12.0]]))
+    rec.add(torch.tensor([0, 1]), torch.tensor([[0.0], [1.0]]))
+    rec.add(np.array([2, 3]), torch.tensor([[2.0], [3.0]]))
+    preds = rec.result()
+    assert preds.keys() == [0, 1, 2, 3, 5, 10**12]
+    assert [float(preds[k]) for k in preds.keys()] == [0.0, 1.0, 2.0, 3.0, 5.0, 12.0]

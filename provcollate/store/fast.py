@@ -66,7 +66,7 @@ class FastPath:
         store = self.store
         if store.staging:
             store.staging.drain(wait=False)
-        if store.specs is None or store.staging or store.keyed:
+        if store.specs is None or store.staging:
             return False
         if store.shared:
             store.unshare()  # a pass writes the rows: a returned result keeps its own
@@ -76,7 +76,8 @@ class FastPath:
             storage = [store.dense[n].rows if n in store.dense else store.tokens[n].starts for n in self.names]
             self.targets = RecordTargets(storage, store.table.count, store.table.token_len)
             self.add_plain = self.targets.add_plain
-        self.plain = self.names == (SINGLE,) and not self.token_names
+        # The plain call's index is positions: never for a store that files by key.
+        self.plain = self.names == (SINGLE,) and not self.token_names and not store.keyed
         return True
 
     def add(self, ids: Identity, outputs, per_token) -> int:

@@ -58,11 +58,15 @@ class KeyTable:
             return np.zeros(0, np.int64), []
         self._check_kind(owner, keys)
         slots = list(map(self.slots.get, keys, repeat(-1)))
-        if -1 not in slots:
+        missing = slots.count(-1)
+        if not missing:
             return np.array(slots, np.int64), []
+        top = len(self.keys)
+        if missing == len(keys) and len(dict.fromkeys(keys)) == len(keys):  # the usual batch: every key new, once
+            return np.arange(top, top + len(keys), dtype=np.int64), list(keys)
         # New keys, each once, in the order first seen, take the next free slots.
         fresh = dict.fromkeys(k for k, s in zip(keys, slots) if s == -1)
-        new = dict(zip(fresh, range(len(self.keys), len(self.keys) + len(fresh))))
+        new = dict(zip(fresh, range(top, top + len(fresh))))
         slots = [new[k] if s == -1 else s for k, s in zip(keys, slots)]
         return np.array(slots, np.int64), list(new)
 

@@ -184,6 +184,25 @@ class Store(RowWriter):
 
         self._filed("Recorder.add", ids, write)
 
+    def add_compiled(self, ids: Identity, outputs, per_token) -> int:
+        """The compiled pass for a batch whose outputs are as the first record fixed them (keyed
+        rows under their keys' slots); the batch size, or -1, having changed nothing."""
+        if self.fast is None:
+            return -1
+        if ids.keys is None:
+            return -1 if self.keyed else self.fast.add(ids, outputs, per_token)
+        if not self.keyed:
+            return -1  # the first keyed record, or keys given to a positional store: the general path
+        keys = ids.keys.tolist() if isinstance(ids.keys, np.ndarray) else ids.keys
+        try:
+            slots, new_keys = self.keys.plan("Recorder.add", keys)
+        except (TypeError, ValueError):
+            return -1  # the general path names the bad key
+        n = self.fast.add(ids._replace(index=slots, index_t=None), outputs, per_token)
+        if n >= 0:
+            self.keys.commit(new_keys)
+        return n
+
     def absorb(self, block: SlotBlock, source: str, repeat_hint: str = "") -> None:
         """Merge ``block`` under ``on_duplicate``, as a batch added now would be; ``source`` names it in errors.
 
