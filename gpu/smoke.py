@@ -108,7 +108,9 @@ def _record(batches, model, device, storage, packed_rows: bool):
         for batch in batches:
             on_device = batch.to(device, non_blocking=True)
             if packed_rows:  # per-token rows straight from the packed values, in offsets order
-                ids = on_device["input_ids"]
+                # model_inputs() (a padding-free model's kwargs) is made under the same no-sync rule
+                inputs = on_device.model_inputs() if hasattr(on_device, "model_inputs") else {"input_ids": on_device["input_ids"][None]}
+                ids = inputs["input_ids"][0]
                 hidden = model.embed(ids)
                 rec.add(on_device, hidden, per_token=True)
                 continue

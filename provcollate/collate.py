@@ -718,11 +718,15 @@ class Batch:
         key: None when the samples carry no key (``Indexed(..., key=...)``); else each row's own
             key: a LongTensor [B] when every key is an int, a list of B keys otherwise. It stays
             on the host through ``to()`` and ``pin_memory()``.
+        primary: the primary sequence field's path (None without one).
+        position_ids, cu_seqlens: packed only: LongTensor [total], each row's position in its
+            sequence (0 at each start), and ``offsets`` as int32 [B+1]; made with the batch on the
+            host and moved with it, for :meth:`model_inputs`.
     """
 
     def __init__(self, *, index, view, data, lengths=None, field_lengths=None, mask=None, max_len=None,
                  offsets=None, field_offsets=None, padding_side="right", host_index=None, host_lengths=None,
-                 packed_fields=None, host_view=None, key=None) -> None:
+                 packed_fields=None, host_view=None, key=None, primary=None, position_ids=None, cu_seqlens=None) -> None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"Batch: padding_side must be 'right' or 'left', got {padding_side!r}")
         self.index = index
@@ -739,6 +743,9 @@ class Batch:
         self.host_lengths = host_lengths if host_lengths is not None else lengths
         self.host_view = host_view if host_view is not None else view
         self.key = key
+        self.primary = primary
+        self.position_ids = position_ids
+        self.cu_seqlens = cu_seqlens
         # field path -> (keys/positions in data, pad value, padded length): what padded() needs.
         self._packed = packed_fields if packed_fields is not None else {}
 
@@ -798,7 +805,8 @@ class Batch:
             max_len=self.max_len, offsets=opt(self.offsets),
             field_offsets={k: fn(v) for k, v in self.field_offsets.items()}, padding_side=self.padding_side,
             host_index=self.host_index, host_lengths=self.host_lengths, packed_fields=self._packed,
-            host_view=self.host_view, key=self.key,
+            host_view=self.host_view, key=self.key, primary=self.primary, position_ids=opt(self.position_ids),
+            cu_seqlens=opt(self.cu_seqlens),
         )
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
@@ -830,8 +838,46 @@ class Batch:
         return Batch(
             index=self.index, view=self.view, data=data, lengths=self.lengths, field_lengths=self.field_lengths,
             mask=mask, max_len=self.max_len, padding_side=self.padding_side, host_index=self.host_index,
-            host_lengths=self.host_lengths, host_view=self.host_view, key=self.key,
+            host_lengths=self.host_lengths, host_view=self.host_view, key=self.key, primary=self.primary,
         )
+
+    def model_inputs(self) -> dict:
+        """The batch as a transformers model takes it, without reading anything back from a device.
+
+        Packed (``Collator(packed=True)``): the primary field as ``input_ids`` ``[1, total]``,
+        ``position_ids`` ``[1, total]`` (int64, restarting at 0 per sequence: the padding-free
+        path of decoders with ``use_cache=False`` and of encoders whose attention builds its
+        masks from them), ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 ``[B+1]``, the offsets:
+        flash-attention's varlen path) and ``max_length_q`` / ``max_length_k`` (Python ints, the
+        longest sequence), and every other packed field as ``[1, total, ...]`` under its name.
+        Padded: every padded field under its name, and ``attention_mask`` (the batch's mask as
+        int64, unless a field of that name is there). Tensors are on the batch's device; the
+        sizes come from the host, so calling it never syncs.
+        """
+        if isinstance(self.data, tuple):
+            raise TypeError("Batch.model_inputs: needs a batch whose data is a dict of fields or one tensor (keyword "
+                            "arguments need names), got a tuple")
+        if self.offsets is None:
+            if isinstance(self.data, dict):
+                inputs = {name: value for name, value in self.data.items() if name in self.field_lengths}
+            else:
+                inputs = {"input_ids": self.data}
+            if "attention_mask" not in inputs and self.mask is not None:
+                inputs["attention_mask"] = self.mask.long()
+            return inputs
+        if self.position_ids is None:
+            raise ValueError("Batch.model_inputs: this packed batch has no position_ids (it was not made by "
+                             "provcollate.Collator(packed=True)); collate it with one")
+        inputs = {}
+        for name, (path, _, _) in self._packed.items():
+            value = self.data
+            for k in path:
+                value = value[k]
+            inputs["input_ids" if name == self.primary else name] = value.unsqueeze(0)
+        inputs["position_ids"] = self.position_ids.unsqueeze(0)
+        inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = self.cu_seqlens
+        inputs["max_length_q"] = inputs["max_length_k"] = self.max_len
+        return inputs
 
     def __reduce__(self):
         """Pickles every CPU tensor of the batch as one buffer: one shared-memory segment per batch
@@ -861,6 +907,17 @@ class Batch:
 
 # ---------------------------------------------------------------------------------------------
 # Collator
+
+
+def _packed_positions(offsets: torch.Tensor, lengths: torch.Tensor, pin: bool):
+    """(position_ids [total], restarting at 0 per sequence; cu_seqlens int32 [B+1]) of a packed
+    batch, made on the host with it, so that a model's packed inputs never come from a device."""
+    total = int(offsets[-1])
+    position_ids = torch.arange(total) - torch.repeat_interleave(offsets[:-1], lengths, output_size=total)
+    cu_seqlens = offsets.to(torch.int32)
+    if pin:
+        position_ids, cu_seqlens = position_ids.pin_memory(), cu_seqlens.pin_memory()
+    return position_ids, cu_seqlens
 
 
 def _keys_of(samples: list):
@@ -1002,11 +1059,15 @@ class Collator:
                     field_offsets[names[i]] = f.offsets
                     packed[names[i]] = (plan.paths[i], plan.leaves[i].pad_value, f.max_len)
         primary = fields[out.primary] if out.primary >= 0 else None
+        position_ids = cu_seqlens = None
+        if self.packed and primary is not None and primary.offsets is not None:
+            position_ids, cu_seqlens = _packed_positions(primary.offsets, primary.lengths, self.pin_memory)
         return Batch(
             index=out.index, view=out.view, data=data, lengths=None if primary is None else primary.lengths,
             field_lengths=field_lengths, mask=out.mask, max_len=None if primary is None else primary.max_len,
             offsets=None if primary is None else primary.offsets, field_offsets=field_offsets,
             padding_side=self.padding_side, packed_fields=packed, key=key,
+            primary=None if primary is None else names[out.primary], position_ids=position_ids, cu_seqlens=cu_seqlens,
         )
 
     def __repr__(self) -> str:
