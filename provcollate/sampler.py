@@ -92,6 +92,40 @@ def _token_budget_ends(sorted_lengths: torch.Tensor, max_tokens: int) -> List[in
     return ends
 
 
+def _packed_batches(lengths: torch.Tensor, max_tokens: int) -> List[List[int]]:
+    """Batches whose lengths add up to at most ``max_tokens`` (an item longer than that alone):
+    worst-fit decreasing, each item, longest first, into the batch with the most room left, so
+    that batches come out full and with similar token totals."""
+    sizes = lengths.tolist()
+    heap: List[tuple] = []  # (-room, batch): the roomiest batch on top
+    batches: List[List[int]] = []
+    for i in torch.argsort(lengths, descending=True, stable=True).tolist():
+        size = sizes[i]
+        if heap and -heap[0][0] >= size:
+            room, b = heapq.heappop(heap)
+            batches[b].append(i)
+            room = -room - size
+        else:
+            b, room = len(batches), max_tokens - size
+            batches.append([i])
+        if room > 0:
+            heapq.heappush(heap, (-room, b))
+    return batches
+
+
+def _split_batches_to_multiple(batches: List[List[int]], multiple: int) -> List[List[int]]:
+    """Halve the batches of most examples until their number is a multiple of ``multiple`` (each
+    half stays where its batch was)."""
+    heap = [(-len(b), (k,), b) for k, b in enumerate(batches)]
+    heapq.heapify(heap)
+    for _ in range(-len(batches) % multiple):
+        _, place, b = heapq.heappop(heap)
+        half = (len(b) + 1) // 2
+        heapq.heappush(heap, (-half, place + (0,), b[:half]))
+        heapq.heappush(heap, (half - len(b), place + (1,), b[half:]))
+    return [b for _, _, b in sorted(heap, key=lambda entry: entry[1])]
+
+
 def _split_to_multiple(starts: List[int], ends: List[int], multiple: int) -> tuple:
     """Halve the largest batches until their number is a multiple of ``multiple`` (order kept)."""
     need = -len(starts) % multiple
@@ -122,6 +156,11 @@ class LengthBucketSampler(Sampler[List[int]]):
     - ``max_tokens``: dynamic batch size. Over the examples sorted by length, each batch takes
       as many examples as keep ``len(batch) * max(length in batch) <= max_tokens`` (the padded
       size, before any ``pad_to_multiple_of``). An example longer than ``max_tokens`` is an error.
+      With ``packed=True`` (for ``Collator(packed=True)``) the budget counts real tokens: a
+      batch's lengths add up to at most ``max_tokens``, so packed batches are full, and an
+      example longer than that goes alone in its batch. Long and short examples are mixed (each,
+      longest first, into the batch with the most room left), so that batches hold similar token
+      totals.
 
     ``shuffle=True`` varies the batches per epoch, reproducibly from ``seed`` and
     :meth:`set_epoch`: examples of equal length are tied at random, and the batch order is
@@ -163,6 +202,7 @@ class LengthBucketSampler(Sampler[List[int]]):
         rank: int | None = None,
         even_batches: bool = False,
         sampler=None,
+        packed: bool = False,
     ) -> None:
         owner = "LengthBucketSampler"
         # Lightning rebuilds a batch sampler from these (replacing ``sampler`` and, to predict,
@@ -170,7 +210,7 @@ class LengthBucketSampler(Sampler[List[int]]):
         setattr(self, "__pl_saved_args", ())
         setattr(self, "__pl_saved_kwargs", dict(
             lengths=lengths, batch_size=batch_size, max_tokens=max_tokens, shuffle=shuffle, seed=seed, drop_last=drop_last,
-            num_replicas=num_replicas, rank=rank, even_batches=even_batches, sampler=sampler,
+            num_replicas=num_replicas, rank=rank, even_batches=even_batches, sampler=sampler, packed=packed,
         ))
         setattr(self, "__pl_saved_default_kwargs", {})
         setattr(self, "__pl_saved_arg_names", ())
@@ -180,23 +220,37 @@ class LengthBucketSampler(Sampler[List[int]]):
             num_replicas, rank = 1, 0  # the sampler already holds this rank's shard
         if (batch_size is None) == (max_tokens is None):
             raise ValueError(f"{owner}: give exactly one of batch_size and max_tokens, got batch_size={batch_size!r}, max_tokens={max_tokens!r}")
-        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last), ("even_batches", even_batches)):
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last), ("even_batches", even_batches), ("packed", packed)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{owner}: {name} must be a bool, got {type(flag).__name__}")
         self.batch_size = None if batch_size is None else check_int(owner, "batch_size", batch_size, minimum=1)
         self.max_tokens = None if max_tokens is None else check_int(owner, "max_tokens", max_tokens, minimum=1)
+        if packed and self.max_tokens is None:
+            raise ValueError(f"{owner}: packed=True counts real tokens against a budget: give max_tokens, got batch_size={batch_size!r}")
         if drop_last and self.max_tokens is not None:
             raise ValueError(f"{owner}: drop_last applies to batch_size (it drops examples that would make a partial batch); with max_tokens every batch is sized by its budget, got drop_last=True")
         self.shuffle = shuffle
         self.seed = check_int(owner, "seed", seed)
         self.drop_last = drop_last
         self.even_batches = even_batches
+        self.packed = packed
         self.num_replicas, self.rank = _world(num_replicas, rank)
         self.epoch = 0
 
         lengths = self.lengths[self.positions]
         n = lengths.numel()
         self._sorted = torch.argsort(lengths, stable=True)
+        self._packed: List[List[int]] = []
+        if packed:
+            self.num_examples = n
+            self._packed = _packed_batches(lengths, self.max_tokens)
+            if even_batches:
+                if n < len(self._packed) + (-len(self._packed) % self.num_replicas):
+                    raise ValueError(f"{owner}: even_batches needs a number of batches that num_replicas={self.num_replicas} "
+                                     f"divides, more than the {n} examples; use even_batches=False")
+                self._packed = _split_batches_to_multiple(self._packed, self.num_replicas)
+            self._starts = self._ends = [0] * len(self._packed)
+            return
         if self.batch_size is not None:
             self.num_examples = n - n % self.batch_size if drop_last else n
             starts = list(range(0, self.num_examples, self.batch_size))
@@ -225,6 +279,8 @@ class LengthBucketSampler(Sampler[List[int]]):
 
     def __repr__(self) -> str:
         budget = f"batch_size={self.batch_size}" if self.batch_size is not None else f"max_tokens={self.max_tokens}"
+        if self.packed:
+            budget += ", packed"
         return (
             f"LengthBucketSampler({self.lengths.numel()} examples, {budget}, {self.num_batches} batches, "
             f"shuffle={self.shuffle}, rank {self.rank} of {self.num_replicas}, epoch={self.epoch})"
@@ -248,6 +304,14 @@ class LengthBucketSampler(Sampler[List[int]]):
         return order, torch.randperm(self.num_batches, generator=g)
 
     def __iter__(self) -> Iterator[List[int]]:
+        if self.packed:
+            batch_order = torch.arange(self.num_batches)
+            if self.shuffle:
+                batch_order = torch.randperm(self.num_batches, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+            positions = self.positions.tolist()
+            for b in batch_order[self.rank :: self.num_replicas].tolist():
+                yield [positions[i] for i in self._packed[b]]
+            return
         order, batch_order = self._order()
         order = self.positions[order].tolist()
         for b in batch_order[self.rank :: self.num_replicas].tolist():

@@ -92,3 +92,22 @@ def test_minilm_packed_on_real_text_equals_each_text_alone(monkeypatch):
         for i, item in enumerate(data):
             alone = model(input_ids=item["input_ids"][None]).last_hidden_state[0]
             torch.testing.assert_close(preds[i], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_token_budget_batches_through_a_dataloader_exactly_once():
+    model, data = bert(), sequences(n=60)
+    lengths = [len(d["input_ids"]) for d in data]
+    sampler = pc.LengthBucketSampler(lengths, max_tokens=64, packed=True, shuffle=True, seed=2)
+    ds = pc.Indexed(data)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=2, collate_fn=pc.Collator(packed=True, primary="input_ids"))
+    rec = pc.Recorder(num_items=ds)
+    with torch.no_grad():
+        for batch in loader:
+            inputs = batch.model_inputs()
+            assert inputs["input_ids"].shape[1] <= 64  # real tokens within the budget, nothing padded
+            rec.add(batch, model(**{k: v for k, v in inputs.items() if k in PACKED_KEYS}).last_hidden_state, per_token=True)
+    preds = rec.result()
+    assert preds.summary().exactly_once
+    with torch.no_grad():
+        for i in (0, 17, 59):
+            torch.testing.assert_close(preds[i], model(input_ids=data[i]["input_ids"][None]).last_hidden_state[0], rtol=1e-5, atol=2e-6)

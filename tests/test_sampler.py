@@ -257,3 +257,44 @@ def test_lengths_of_errors():
         pc.lengths_of(iter([[1]]))
     with pytest.raises(ValueError, match="num_workers must be >= 0, got -1"):
         pc.lengths_of([[1]], num_workers=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# packed=True: the budget counts real tokens
+
+
+def test_packed_budget_counts_real_tokens_and_fills_batches():
+    lengths = torch.randint(1, 300, (3000,), generator=torch.Generator().manual_seed(0))
+    lengths[7] = 5000  # longer than the budget: alone in its batch
+    sampler = pc.LengthBucketSampler(lengths, max_tokens=1024, packed=True)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == sampler.num_batches and "packed" in repr(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(3000))  # every example exactly once
+    assert [7] in batches
+    totals = sorted(int(lengths[b].sum()) for b in batches if b != [7])
+    assert totals[-1] <= 1024  # within the budget, in real tokens
+    assert sum(totals) / (1024 * len(totals)) > 0.98 and totals[1] >= 0.95 * 1024  # full, and similar totals
+    padded = pc.LengthBucketSampler(lengths.clamp(max=1024), max_tokens=1024)  # the padded budget: len * max
+    assert len(batches) < padded.num_batches
+
+
+def test_packed_batches_shuffle_per_epoch_and_shard_exactly_once():
+    lengths = torch.randint(0, 60, (500,), generator=torch.Generator().manual_seed(1))
+    sampler = pc.LengthBucketSampler(lengths, max_tokens=200, packed=True, shuffle=True, seed=4)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert first != second and sorted(map(sorted, first)) == sorted(map(sorted, second))  # same batches, new order
+    for even in (False, True):
+        ranks = [list(pc.LengthBucketSampler(lengths, max_tokens=200, packed=True, num_replicas=3, rank=r, even_batches=even))
+                 for r in range(3)]
+        assert sorted(i for part in ranks for b in part for i in b) == list(range(500))
+        if even:
+            assert len({len(part) for part in ranks}) == 1
+
+
+def test_packed_needs_max_tokens():
+    with pytest.raises(ValueError, match="packed=True counts real tokens against a budget: give max_tokens"):
+        pc.LengthBucketSampler([1, 2, 3], batch_size=2, packed=True)
+    with pytest.raises(TypeError, match="packed must be a bool"):
+        pc.LengthBucketSampler([1, 2, 3], max_tokens=4, packed=1)
