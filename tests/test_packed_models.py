@@ -111,3 +111,65 @@ def test_packed_token_budget_batches_through_a_dataloader_exactly_once():
     with torch.no_grad():
         for i in (0, 17, 59):
             torch.testing.assert_close(preds[i], model(input_ids=data[i]["input_ids"][None]).last_hidden_state[0], rtol=1e-5, atol=2e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# integrations.transformers.predict(..., packed=True)
+
+
+def _trainer(model, tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=5,
+                                          dataloader_num_workers=2)
+    return transformers.Trainer(model=model, args=args, data_collator=pc.Collator(pad_values={"attention_mask": 0}))
+
+
+@pytest.mark.parametrize("make", [bert, llama], ids=["bert", "llama"])
+def test_predict_packed_runs_padding_free_and_equals_each_item_alone(make, tmp_path):
+    from provcollate.integrations.transformers import predict
+
+    model = make()
+    items = [{"input_ids": d["input_ids"].tolist(), "attention_mask": [1] * len(d["input_ids"])} for d in sequences(n=30)]
+    lengths = [len(d["input_ids"]) for d in items]
+    extra = {"use_cache": False} if make is llama else {}
+    for budget in (dict(), dict(lengths=lengths, max_tokens=48)):
+        preds = predict(_trainer(model, tmp_path), items, per_token=True, output="last_hidden_state", packed=True, **budget)
+        assert preds.summary().exactly_once
+        with torch.no_grad():
+            for i, item in enumerate(items):
+                alone = model(input_ids=torch.tensor([item["input_ids"]]), **extra).last_hidden_state[0]
+                torch.testing.assert_close(preds[i], alone, rtol=1e-5, atol=2e-6)
+
+
+class JoinsSequences(torch.nn.Module):
+    """Takes position_ids but attends over the whole input: packed sequences see each other."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 4)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None):
+        h = self.embed(input_ids)
+        return h + h.mean(1, keepdim=True)
+
+
+class NoPositions(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.embed(input_ids)
+
+
+def test_predict_packed_refuses_models_that_cannot_run_packed(tmp_path):
+    from provcollate.integrations.transformers import predict
+
+    items = [{"input_ids": d["input_ids"].tolist(), "attention_mask": [1] * len(d["input_ids"])} for d in sequences(n=8)]
+    with pytest.raises(ValueError, match="JoinsSequences does not run packed sequences apart"):
+        predict(_trainer(JoinsSequences(), tmp_path), items, per_token=True, packed=True)
+    with pytest.raises(ValueError, match="needs a model that takes position_ids.*NoPositions.forward does not"):
+        predict(_trainer(NoPositions(), tmp_path), items, per_token=True, packed=True)
+    with pytest.raises(ValueError, match="pass per_token=True"):
+        predict(_trainer(bert(), tmp_path), items, packed=True)
+    preds = predict(_trainer(JoinsSequences(), tmp_path), items, per_token=True)  # padded: fine
+    assert preds.summary().exactly_once

@@ -7,6 +7,7 @@ accelerate with ``batch.to()``); :func:`predict` is the identity-keeping counter
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -17,7 +18,67 @@ import provcollate as pc
 __all__ = ["predict"]
 
 
-def _loader(trainer, dataset: pc.Indexed, collator: pc.Collator, lengths, max_tokens) -> DataLoader:
+_FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _packed_collator(collator: pc.Collator) -> pc.Collator:
+    """``collator`` with ``packed=True`` (its other settings kept)."""
+    if collator.packed:
+        return collator
+    return pc.Collator(pad_value=collator.pad_value, pad_values=collator.pad_values, padding_side=collator.padding_side,
+                       packed=True, index=collator.index, primary=collator.primary, stack=list(collator.stack),
+                       pin_memory=collator.pin_memory)
+
+
+class _PaddingFree:
+    """A packed batch as ``model`` takes it padding-free: ``model_inputs()`` without the packed
+    ``attention_mask`` (a mask of ones over the pack would join its sequences), with the
+    flash-attention varlen arguments when the model's attention is flash-attention, and
+    ``use_cache=False`` for a model that has a cache."""
+
+    def __init__(self, model) -> None:
+        params = inspect.signature(model.forward).parameters
+        if "position_ids" not in params:
+            raise ValueError(f"predict: packed=True needs a model that takes position_ids (it restarts them per sequence "
+                             f"to run packed sequences apart); {type(model).__name__}.forward does not; use packed=False")
+        attention = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
+        self.flash = attention.startswith("flash")
+        self.extra = {"use_cache": False} if "use_cache" in params else {}
+        self.checked = False
+
+    def inputs(self, batch) -> dict:
+        inputs = {k: v for k, v in batch.model_inputs().items() if k != "attention_mask" and (self.flash or k not in _FLASH_KEYS)}
+        return {**inputs, **self.extra}
+
+    def check(self, model, batch, inputs: dict, rows: torch.Tensor, pick) -> None:
+        """Once: the last sequence of the first pack of two or more, run alone, must give the rows
+        it gave in the pack; a model whose attention joins packed sequences is refused by name.
+        ``pick`` takes the recorded output out of the model's."""
+        if self.checked or len(batch) < 2:
+            return
+        self.checked = True
+        start, end = int(batch.offsets[-2]), int(batch.offsets[-1])
+        total = inputs["input_ids"].shape[1]
+        alone_inputs = {k: v[:, start:end] if torch.is_tensor(v) and v.dim() >= 2 and tuple(v.shape[:2]) == (1, total) else v
+                        for k, v in inputs.items() if k not in _FLASH_KEYS}
+        alone = pick(model(**alone_inputs))[0].float()
+        packed = (rows[0] if rows.shape[0] == 1 and rows.dim() > 2 else rows)[start:end].float()
+        if alone.shape != packed.shape or (alone - packed).abs().max() > 1e-2 * alone.abs().max() + 1e-3:
+            raise ValueError(f"predict: {type(model).__name__} does not run packed sequences apart: a sequence of a pack gave "
+                             "other outputs than alone (its attention joins the sequences of a pack; decoders need "
+                             "use_cache=False, encoders an attention that builds its masks from position_ids); use packed=False")
+
+
+def _output(outputs, output: str) -> torch.Tensor:
+    """The recorded output of a model's: a plain tensor, or ``outputs[output]``."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if output in outputs:
+        return outputs[output]
+    raise ValueError(f"predict: output must be one of the model's outputs {list(outputs.keys())}, got {output!r}")
+
+
+def _loader(trainer, dataset: pc.Indexed, collator: pc.Collator, lengths, max_tokens, packed: bool = False) -> DataLoader:
     """This process's share of ``dataset`` (every item on exactly one process), batched as the Trainer's args say."""
     args, state = trainer.args, trainer.accelerator.state
     world, rank = state.num_processes, state.process_index
@@ -26,12 +87,13 @@ def _loader(trainer, dataset: pc.Indexed, collator: pc.Collator, lengths, max_to
         share = Subset(dataset, range(rank, len(dataset), world))
         return DataLoader(share, batch_size=args.per_device_eval_batch_size, **common)
     budget = dict(max_tokens=max_tokens) if max_tokens is not None else dict(batch_size=args.per_device_eval_batch_size)
-    sampler = pc.LengthBucketSampler(lengths, **budget, num_replicas=world, rank=rank)
+    sampler = pc.LengthBucketSampler(lengths, **budget, num_replicas=world, rank=rank, packed=packed and max_tokens is not None)
     return DataLoader(dataset, batch_sampler=sampler, **common)
 
 
 def predict(trainer, dataset, *, per_token=False, output_dir=None, output: str = "logits", collator: pc.Collator | None = None,
-            lengths=None, max_tokens: int | None = None, reduce: str | None = None, every: int | None = None) -> pc.Predictions:
+            lengths=None, max_tokens: int | None = None, reduce: str | None = None, every: int | None = None,
+            packed: bool = False) -> pc.Predictions:
     """Run ``trainer.model`` over ``dataset`` as ``trainer.predict`` would, and return its outputs in dataset order.
 
     Uses the Trainer's arguments: ``per_device_eval_batch_size``, ``dataloader_num_workers``,
@@ -55,6 +117,13 @@ def predict(trainer, dataset, *, per_token=False, output_dir=None, output: str =
         lengths: one length per item: enables :class:`provcollate.LengthBucketSampler` batches.
         max_tokens: with ``lengths``: a token budget per batch instead of the batch size.
         reduce: as :class:`provcollate.Recorder` (``"argmax"``, ``"softmax"``, ``"topk:K"``).
+        packed: run padding-free: sequences packed end to end (``Collator(packed=True)``), given
+            to the model as ``batch.model_inputs()`` (``input_ids`` and ``position_ids``
+            ``[1, total]``; with flash-attention also ``cu_seq_lens_*`` / ``max_length_*``; no
+            attention mask), ``use_cache=False`` for models with a cache, and a token budget of
+            real tokens with ``max_tokens``. Per-token outputs only. The first pack of two or more
+            sequences is checked once (its last sequence run alone must give the same rows): a
+            model whose attention joins packed sequences is refused with a ValueError.
 
     Returns:
         :class:`provcollate.Predictions` of every item, in dataset order, on every process.
@@ -71,23 +140,28 @@ def predict(trainer, dataset, *, per_token=False, output_dir=None, output: str =
         raise ValueError(f"predict: every applies to output_dir (rows between shards), got every={every!r} without output_dir")
     if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
         raise TypeError(f"predict: output_dir must be None or a path, got {type(output_dir).__name__}")
+    if not isinstance(packed, bool):
+        raise TypeError(f"predict: packed must be a bool, got {type(packed).__name__}")
+    if packed and per_token is not True:
+        raise ValueError("predict: packed=True runs the model over packs of sequences, which gives rows per token: pass "
+                         "per_token=True (a per-example head would pool a whole pack)")
     indexed = dataset if isinstance(dataset, pc.Indexed) else pc.Indexed(dataset)
-    loader = _loader(trainer, indexed, collator, lengths, max_tokens)
+    loader = _loader(trainer, indexed, _packed_collator(collator) if packed else collator, lengths, max_tokens, packed)
     recorder = pc.Recorder(num_items=len(indexed.dataset), reduce=reduce)
     accelerator, device = trainer.accelerator, trainer.args.device
     model = trainer.model.to(device).eval()
+    padding_free = _PaddingFree(model) if packed else None
     streaming = False
     with torch.no_grad():
         for batch in loader:
             batch = batch.to(device, non_blocking=True)
+            inputs = padding_free.inputs(batch) if packed else batch
             with accelerator.autocast():
-                outputs = model(**batch)
-            if isinstance(outputs, torch.Tensor):
-                rows = outputs
-            elif output in outputs:
-                rows = outputs[output]
-            else:
-                raise ValueError(f"predict: output must be one of the model's outputs {list(outputs.keys())}, got {output!r}")
+                outputs = model(**inputs)
+            rows = _output(outputs, output)
+            if packed:
+                with accelerator.autocast():
+                    padding_free.check(model, batch, inputs, rows, lambda out: _output(out, output))
             recorder.add(batch, rows, per_token=per_token)
             if output_dir is not None and every is not None and not streaming:
                 recorder.write(output_dir, every=every)
