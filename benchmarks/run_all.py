@@ -36,6 +36,7 @@ RUNS = [
     ("bench_distributed", ["bench_distributed.py"]),
     ("bench_ray", ["bench_ray.py"]),
     ("bench_trainer", ["bench_trainer.py"]),
+    ("bench_packed", ["bench_packed.py"]),
 ]
 TITLES = {
     "bench_ops": "Ops: pad / unpad / unpad_scatter_ (CPU)",
@@ -47,6 +48,7 @@ TITLES = {
     "bench_distributed": "Distributed gather and Parquet shards",
     "bench_ray": "Ray Data: map_batches with provcollate against the same pipeline by hand",
     "bench_trainer": "transformers: trainer.predict against integrations.transformers.predict",
+    "bench_packed": "Padded, bucketed and packed batches through all-MiniLM-L6-v2",
 }
 
 

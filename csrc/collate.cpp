@@ -24,6 +24,8 @@
 #include <vector>
 
 #include "cpu/stream.h"
+#include "fingerprint.h"
+#include "pyvalues.h"
 #include "launch.h"
 
 namespace py = pybind11;
@@ -45,6 +47,7 @@ struct Node {
   std::vector<Node> children;
   int64_t leaf = -1;
   std::string what;  // kIndex: where the index sits, for messages
+  std::vector<uint64_t> key_digests;  // kMap, with fingerprints: the digest of each key
 };
 
 Node parse_node(const py::handle& h) {
@@ -97,14 +100,11 @@ struct Options {
   bool packed;
   bool pin;
   at::ScalarType float_dtype;
+  bool fingerprint;
 };
 
 // ---------------------------------------------------------------------------------------------
 // Messages
-
-std::string type_name(PyObject* o) {
-  return py::str(py::handle(reinterpret_cast<PyObject*>(Py_TYPE(o))).attr("__name__"));
-}
 
 std::string subject(const std::string& path, int64_t b) {
   if (path.empty()) return "sample " + std::to_string(b);
@@ -133,105 +133,6 @@ std::string where_str(const std::vector<Py_ssize_t>& at) {
 
 [[noreturn]] void mismatch(const std::string& path, int64_t b, PyObject* o, const std::string& expected) {
   type_error(subject(path, b) + " has type " + type_name(o) + ", expected " + expected + " like sample 0");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Python numbers: bool < int < float, like torch.tensor's inference.
-
-enum class Num : int { Bool = 0, Int = 1, Float = 2, Bad = 3 };
-
-struct NumpyTypes {
-  py::object ndarray, generic, bool_, integer, floating, asarray, array;
-  bool ok = false;
-};
-
-const py::object& mapping_abc() {
-  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> storage;
-  return storage.call_once_and_store_result([] { return py::module_::import("collections.abc").attr("Mapping"); })
-      .get_stored();
-}
-
-const NumpyTypes& numpy_types() {
-  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<NumpyTypes> storage;
-  return storage
-      .call_once_and_store_result([] {
-        NumpyTypes t;
-        try {
-          const py::module_ np = py::module_::import("numpy");
-          t.ndarray = np.attr("ndarray");
-          t.generic = np.attr("generic");
-          t.bool_ = np.attr("bool_");
-          t.integer = np.attr("integer");
-          t.floating = np.attr("floating");
-          t.asarray = np.attr("asarray");
-          t.array = np.attr("array");
-          t.ok = true;
-        } catch (py::error_already_set&) {
-          t.ok = false;  // numpy is optional: without it no sample can hold an array
-        }
-        return t;
-      })
-      .get_stored();
-}
-
-bool isinstance(PyObject* o, const py::object& type) {
-  const int r = PyObject_IsInstance(o, type.ptr());
-  if (r < 0) throw py::error_already_set();
-  return r == 1;
-}
-
-Num num_kind(PyObject* o) {
-  if (PyLong_CheckExact(o)) return Num::Int;
-  if (PyFloat_Check(o)) return Num::Float;
-  if (PyBool_Check(o)) return Num::Bool;
-  if (PyLong_Check(o)) return Num::Int;
-  const NumpyTypes& np = numpy_types();
-  if (np.ok && isinstance(o, np.generic)) {
-    if (isinstance(o, np.bool_)) return Num::Bool;
-    if (isinstance(o, np.integer)) return Num::Int;
-    if (isinstance(o, np.floating)) return Num::Float;
-  }
-  return Num::Bad;
-}
-
-// The value of a small exact int without a call (token ids are almost always small).
-inline bool compact_int(PyObject* o, int64_t* v) {
-#if PY_VERSION_HEX >= 0x030C0000
-  if (!PyUnstable_Long_IsCompact(reinterpret_cast<PyLongObject*>(o))) return false;
-  *v = PyUnstable_Long_CompactValue(reinterpret_cast<PyLongObject*>(o));
-  return true;
-#else
-  const Py_ssize_t size = Py_SIZE(o);
-  if (size < -1 || size > 1) return false;
-  *v = size == 0 ? 0 : size * static_cast<int64_t>(reinterpret_cast<PyLongObject*>(o)->ob_digit[0]);
-  return true;
-#endif
-}
-
-// Any int (or numpy integer) as int64; false when it does not fit.
-bool int_value(PyObject* o, int64_t* v) {
-  if (PyLong_CheckExact(o) && compact_int(o, v)) return true;
-  const py::object idx = py::reinterpret_steal<py::object>(PyNumber_Index(o));
-  if (!idx) throw py::error_already_set();
-  int overflow = 0;
-  const long long x = PyLong_AsLongLongAndOverflow(idx.ptr(), &overflow);
-  if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
-  *v = x;
-  return overflow == 0;
-}
-
-double float_value(PyObject* o) {
-  if (PyFloat_Check(o)) return PyFloat_AS_DOUBLE(o);
-  const double x = PyFloat_AsDouble(o);
-  if (x == -1.0 && PyErr_Occurred()) throw py::error_already_set();
-  return x;
-}
-
-bool bool_value(PyObject* o) {
-  if (PyBool_Check(o)) return o == Py_True;
-  const int r = PyObject_IsTrue(o);
-  if (r < 0) throw py::error_already_set();
-  return r == 1;
 }
 
 [[noreturn]] void int_overflow(const std::string& what, PyObject* o) {
@@ -439,7 +340,17 @@ void fill_item_padding(char* base, int64_t row, const Layout& l, int64_t b, cons
 struct LeafOut {
   py::object value;
   Layout layout;
+  std::vector<uint64_t> digests;  // each item's, with fingerprints (else empty)
 };
+
+// Each item's digest read from the Python values (numbers, objects, lists of floats).
+std::vector<uint64_t> object_digests(const std::vector<py::object>& objs, const Options& opt) {
+  std::vector<uint64_t> d;
+  if (!opt.fingerprint) return d;
+  d.reserve(objs.size());
+  for (const py::object& o : objs) d.push_back(object_digest(o.ptr()));
+  return d;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Tensors and numpy arrays
@@ -526,6 +437,15 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const
   std::optional<FillPattern> fill;
   if (l.has_padding()) fill.emplace(pad_pattern(leaf, dtype, copy_unit(row, {base})));
   if (fill && !host) out.fill_(leaf.pad_value);
+  // Fingerprints hash each item's own elements (its dtype, not the batch's), read right after
+  // they are copied; items whose bytes cannot be read as they lie are made contiguous on the host.
+  std::vector<std::string> headers;
+  std::vector<uint64_t> digests;
+  if (opt.fingerprint) {
+    headers.reserve(B);
+    for (int64_t b = 0; b < B; ++b) headers.push_back(tensor_header(items[b].scalar_type(), items[b].sizes()));
+    digests.assign(B, 0);
+  }
   {
     py::gil_scoped_release nogil;
     const int64_t item_bytes = std::max<int64_t>(1, l.max_len * row);
@@ -540,11 +460,20 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const
         } else {
           rows.narrow(0, l.first_row(b), l.lengths[b]).copy_(items[b]);
         }
+        if (!digests.empty()) {
+          const at::Tensor& x = items[b];
+          if (src[b] != nullptr) {
+            digests[b] = bytes_digest(headers[b], src[b], l.lengths[b] * row);
+          } else {
+            const at::Tensor own = host_elements(x);
+            digests[b] = bytes_digest(headers[b], own.const_data_ptr(), own.numel() * own.element_size());
+          }
+        }
       }
       end_stream(stream);
     });
   }
-  return {py::cast(out), std::move(l)};
+  return {py::cast(out), std::move(l), std::move(digests)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -587,7 +516,7 @@ LeafOut number_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const
         }
     }
   }
-  return {py::cast(out), std::move(l)};
+  return {py::cast(out), std::move(l), object_digests(objs, opt)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -702,6 +631,32 @@ Num write_lists(const Leaf& leaf, const std::vector<py::object>& objs, const std
   return kind;
 }
 
+// Each item's digest: the int64 tensor its numbers make, hashed from the rows just written when
+// the field is int64 (bools widened to it first); a float field's items are read again, since
+// one of them may hold only ints and each item is hashed as its own numbers make it.
+std::vector<uint64_t> list_digests(const std::vector<py::object>& objs, const std::vector<int64_t>& trailing,
+                                   const Layout& l, Num kind, const at::Tensor& out, const Options& opt) {
+  if (!opt.fingerprint) return {};
+  if (kind == Num::Float) return object_digests(objs, opt);
+  const int64_t inner = c10::multiply_integers(trailing);
+  std::vector<uint64_t> d(l.batch);
+  std::vector<int64_t> widened;
+  for (int64_t b = 0; b < l.batch; ++b) {
+    std::vector<int64_t> shape{l.lengths[b]};
+    if (l.lengths[b] > 0) shape.insert(shape.end(), trailing.begin(), trailing.end());
+    const std::string header = tensor_header(at::kLong, shape);
+    const int64_t n = l.lengths[b] * inner;
+    if (kind == Num::Int) {
+      d[b] = bytes_digest(header, out.const_data_ptr<int64_t>() + l.first_row(b) * inner, n * sizeof(int64_t));
+    } else {
+      const bool* from = out.const_data_ptr<bool>() + l.first_row(b) * inner;
+      widened.assign(from, from + n);
+      d[b] = bytes_digest(header, widened.data(), n * sizeof(int64_t));
+    }
+  }
+  return d;
+}
+
 LeafOut list_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const Options& opt) {
   const int64_t B = opt.batch;
   std::vector<int64_t> lengths(B);
@@ -740,7 +695,10 @@ LeafOut list_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const O
         need = write_lists<scalar_t>(leaf, objs, trailing, l, kind, out);
       });
     }
-    if (need == kind) return {py::cast(out), std::move(l)};
+    if (need == kind) {
+      std::vector<uint64_t> digests = list_digests(objs, trailing, l, kind, out, opt);
+      return {py::cast(out), std::move(l), std::move(digests)};
+    }
     kind = need;
   }
 }
@@ -760,7 +718,7 @@ LeafOut object_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const
     }
     out[b] = py::reinterpret_borrow<py::object>(o);
   }
-  return {std::move(out), make_layout(std::vector<int64_t>(B, 1), false, false, leaf, opt)};
+  return {std::move(out), make_layout(std::vector<int64_t>(B, 1), false, false, leaf, opt), object_digests(objs, opt)};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -789,11 +747,48 @@ c10::Scalar scalar_of(const py::handle& v) {
   return c10::Scalar(v.cast<double>());
 }
 
+// The digests of each map node's keys, once per batch: every sample has sample 0's keys.
+void digest_keys(Node& n) {
+  if (n.kind == kMap) {
+    for (const py::object& k : n.keys) n.key_digests.push_back(object_digest(k.ptr()));
+  }
+  for (Node& c : n.children) digest_keys(c);
+}
+
+// The digest of sample b's data under node n, from its leaves' digests; the index and view
+// nodes are not data (a raw sample's index is left out of its container).
+uint64_t combine(const Node& n, int64_t b, const std::vector<LeafOut>& outs) {
+  switch (n.kind) {
+    case kLeaf:
+      return outs[n.leaf].digests[b];
+    case kMap: {
+      std::vector<std::pair<uint64_t, uint64_t>> pairs;
+      pairs.reserve(n.children.size());
+      for (size_t i = 0; i < n.children.size(); ++i) {
+        if (n.children[i].kind != kIndex) pairs.emplace_back(n.key_digests[i], combine(n.children[i], b, outs));
+      }
+      return mapping_digest(std::move(pairs));
+    }
+    default: {  // kSeq (index and view nodes never reach here: their containers skip them)
+      std::vector<uint64_t> children;
+      children.reserve(n.children.size());
+      for (const Node& c : n.children) {
+        if (c.kind != kIndex && c.kind != kView) children.push_back(combine(c, b, outs));
+      }
+      return sequence_digest(n.is_list ? 'L' : 'U', children);
+    }
+  }
+}
+
 py::tuple collate(const py::list& samples, const py::tuple& walk_plan, const py::tuple& leaf_plan, bool left,
-                  int64_t multiple, bool packed, bool pin, at::ScalarType float_dtype, int64_t primary) {
-  const Options opt{static_cast<int64_t>(samples.size()), left, multiple, packed, pin, float_dtype};
+                  int64_t multiple, bool packed, bool pin, at::ScalarType float_dtype, int64_t primary,
+                  bool fingerprint, int64_t data_child) {
+  const Options opt{static_cast<int64_t>(samples.size()), left, multiple, packed, pin, float_dtype, fingerprint};
   if (opt.batch == 0) throw py::value_error("Collator: samples must be a non-empty list, got an empty one");
-  const Node root = parse_node(walk_plan);
+  Node root = parse_node(walk_plan);
+  if (data_child >= static_cast<int64_t>(root.children.size())) {
+    throw py::value_error("collate: data_child " + std::to_string(data_child) + " is not a child of the plan's root");
+  }
   std::vector<Leaf> leaves;
   for (const py::handle h : leaf_plan) {
     const py::tuple t = py::reinterpret_borrow<py::tuple>(h);
@@ -838,7 +833,15 @@ py::tuple collate(const py::list& samples, const py::tuple& walk_plan, const py:
   }
   py::object mask = py::none();
   if (primary >= 0 && !packed) mask = py::cast(mask_of(outs[primary].layout, opt));
-  return py::make_tuple(long_tensor(w.index, opt), long_tensor(w.view, opt), result, primary, mask);
+  py::object fingerprints = py::none();
+  if (fingerprint) {
+    digest_keys(root);
+    const Node& data = data_child >= 0 ? root.children[data_child] : root;
+    std::vector<int64_t> fp(opt.batch);
+    for (int64_t b = 0; b < opt.batch; ++b) fp[b] = static_cast<int64_t>(combine(data, b, outs));
+    fingerprints = py::cast(long_tensor(fp, opt));
+  }
+  return py::make_tuple(long_tensor(w.index, opt), long_tensor(w.view, opt), result, primary, mask, fingerprints);
 }
 
 }  // namespace
@@ -846,7 +849,7 @@ py::tuple collate(const py::list& samples, const py::tuple& walk_plan, const py:
 void bind_collate(py::module_& m) {
   m.def("collate", &collate, py::arg("samples"), py::arg("walk"), py::arg("leaves"), py::arg("left"),
         py::arg("pad_to_multiple_of"), py::arg("packed"), py::arg("pin_memory"), py::arg("float_dtype"),
-        py::arg("primary"),
+        py::arg("primary"), py::arg("fingerprint") = false, py::arg("data_child") = -1,
         "Collate a list of samples along a plan built by provcollate.collate; see provcollate.Collator.");
 }
 

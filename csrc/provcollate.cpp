@@ -3,11 +3,13 @@
 #include <torch/library.h>
 
 #include "collate.h"
+#include "fingerprint.h"
 #include "record.h"
 
 // `import provcollate._C` loads this library, which runs the registrations below.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   provcollate::bind_collate(m);
+  provcollate::bind_fingerprint(m);
   provcollate::bind_record(m);
 }
 

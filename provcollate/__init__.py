@@ -12,6 +12,7 @@ import torch as _torch
 from . import ops, reference
 from .collate import Batch, Collator
 from .dataset import Indexed, IndexedIterable, Sample
+from .fingerprints import fingerprint
 from .ops import HAS_EXTENSION
 from .record import Predictions, Recorder, Summary
 from .sampler import LengthBucketSampler, lengths_of
@@ -45,4 +46,4 @@ def _check_build_torch(info_path: str, running: str) -> None:
 if not HAS_EXTENSION:
     _check_build_torch(_os.path.join(_os.path.dirname(__file__), "_build_info.json"), _torch.__version__)
 
-__all__ = ["Indexed", "IndexedIterable", "Sample", "Collator", "Batch", "LengthBucketSampler", "lengths_of", "Recorder", "Predictions", "Summary", "ops", "reference", "HAS_EXTENSION", "__version__"]
+__all__ = ["Indexed", "IndexedIterable", "Sample", "Collator", "Batch", "LengthBucketSampler", "lengths_of", "Recorder", "Predictions", "Summary", "fingerprint", "ops", "reference", "HAS_EXTENSION", "__version__"]

@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import torch
 import torch.utils.data
 
+from . import fingerprints as _fingerprint
 from . import ops, reference
 from ._keys import batch_keys
 from .dataset import Sample
@@ -130,6 +131,7 @@ class _Collated(NamedTuple):
     fields: list
     primary: int
     mask: Optional[torch.Tensor]
+    fingerprint: Optional[torch.Tensor] = None
 
 
 class _Plan:
@@ -155,6 +157,7 @@ class _Plan:
             data_walk, self.template = self._node(first.data, ())
             # Sample(index, view, data[, key]): the pass reads the first three; keys are taken before it.
             self.walk = (_SEQ, "", "Sample", False, len(first), (0, 1, 2), ((_INDEX, ""), (_VIEW,), data_walk))
+            self.data_child = 2  # fingerprints hash the data alone
         elif collator.index is None:
             raise TypeError(
                 f"Collator: sample 0 is a {type(first).__name__} that carries no index: wrap the dataset in "
@@ -162,6 +165,7 @@ class _Plan:
             )
         else:
             self.walk, self.template = self._root_with_index(first, collator.index)
+            self.data_child = -1  # fingerprints hash the sample without its index
         self.primary = self._named_fields()
 
     def _root_with_index(self, first, key):
@@ -555,7 +559,17 @@ def _object_field(leaf, objs: list, opts: dict) -> _Field:
 _FIELDS = {_TENSOR: _tensor_field, _ARRAY: _tensor_field, _NUMBER: _number_field, _LIST: _list_field, _OBJECT: _object_field}
 
 
-def _collate_python(samples, walk, leaves, left, pad_to_multiple_of, packed, pin_memory, float_dtype, primary):
+def _sample_digest(walk, sample, data_child: int) -> int:
+    """The signed fingerprint of one raw sample under ``walk``: its data, without identity."""
+    if data_child >= 0:
+        return _fingerprint.signed(_fingerprint.digest(sample[data_child]))
+    children = walk[5] if walk[0] == _MAP else walk[6]
+    at = next(i for i, child in enumerate(children) if child[0] == _INDEX)
+    return _fingerprint.without_index(sample, walk[4][at] if walk[0] == _MAP else walk[5][at])
+
+
+def _collate_python(samples, walk, leaves, left, pad_to_multiple_of, packed, pin_memory, float_dtype, primary,
+                    fingerprint=False, data_child=-1):
     """The fused pass in Python: same arguments and results as ``provcollate._C.collate``."""
     n = len(samples)
     if n == 0:
@@ -581,7 +595,11 @@ def _collate_python(samples, walk, leaves, left, pad_to_multiple_of, packed, pin
     mask = None
     if primary >= 0 and not packed:
         mask = pin(reference.valid_mask(out[primary].lengths, fields[primary].max_len, left))
-    return _Collated(pin(torch.tensor(index, dtype=torch.int64)), pin(torch.tensor(view, dtype=torch.int64)), out, primary, mask)
+    fingerprints = None
+    if fingerprint:
+        fingerprints = pin(torch.tensor([_sample_digest(walk, s, data_child) for s in samples], dtype=torch.int64))
+    return _Collated(pin(torch.tensor(index, dtype=torch.int64)), pin(torch.tensor(view, dtype=torch.int64)), out, primary,
+                     mask, fingerprints)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,6 +736,9 @@ class Batch:
         key: None when the samples carry no key (``Indexed(..., key=...)``); else each row's own
             key: a LongTensor [B] when every key is an int, a list of B keys otherwise. It stays
             on the host through ``to()`` and ``pin_memory()``.
+        fingerprint: LongTensor [B], the fingerprint of each row's data as the Collator received it
+            (:func:`provcollate.fingerprint`), or None with ``Collator(fingerprint=False)``. It stays
+            on the host through ``to()``, like ``host_index``.
         primary: the primary sequence field's path (None without one).
         position_ids, cu_seqlens: packed only: LongTensor [total], each row's position in its
             sequence (0 at each start), and ``offsets`` as int32 [B+1]; made with the batch on the
@@ -726,7 +747,8 @@ class Batch:
 
     def __init__(self, *, index, view, data, lengths=None, field_lengths=None, mask=None, max_len=None,
                  offsets=None, field_offsets=None, padding_side="right", host_index=None, host_lengths=None,
-                 packed_fields=None, host_view=None, key=None, primary=None, position_ids=None, cu_seqlens=None) -> None:
+                 packed_fields=None, host_view=None, key=None, primary=None, position_ids=None, cu_seqlens=None,
+                 fingerprint=None) -> None:
         if padding_side not in ("right", "left"):
             raise ValueError(f"Batch: padding_side must be 'right' or 'left', got {padding_side!r}")
         self.index = index
@@ -743,6 +765,7 @@ class Batch:
         self.host_lengths = host_lengths if host_lengths is not None else lengths
         self.host_view = host_view if host_view is not None else view
         self.key = key
+        self.fingerprint = fingerprint
         self.primary = primary
         self.position_ids = position_ids
         self.cu_seqlens = cu_seqlens
@@ -806,7 +829,7 @@ class Batch:
             field_offsets={k: fn(v) for k, v in self.field_offsets.items()}, padding_side=self.padding_side,
             host_index=self.host_index, host_lengths=self.host_lengths, packed_fields=self._packed,
             host_view=self.host_view, key=self.key, primary=self.primary, position_ids=opt(self.position_ids),
-            cu_seqlens=opt(self.cu_seqlens),
+            cu_seqlens=opt(self.cu_seqlens), fingerprint=self.fingerprint,
         )
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
@@ -985,13 +1008,16 @@ class Collator:
         pin_memory: write every output straight into pinned memory (needs an accelerator). With
             DataLoader workers use ``DataLoader(pin_memory=True)`` instead, which pins in the main process.
         stack: field paths to stack rather than pad: no lengths, never packed or rounded up.
+        fingerprint: compute ``batch.fingerprint``, a 64-bit hash of each example's data, in the
+            same pass (:func:`provcollate.fingerprint` gives it for one example); False leaves it None.
 
     Every output is new memory (no tensor of the samples is shared) and carries no autograd history.
     Bad input raises TypeError/ValueError naming the field path and the sample's position in the batch.
     """
 
     def __init__(self, pad_value=0, pad_values=None, padding_side: str = "right", pad_to_multiple_of=None,
-                 packed: bool = False, index=None, primary=None, pin_memory: bool = False, stack=None) -> None:
+                 packed: bool = False, index=None, primary=None, pin_memory: bool = False, stack=None,
+                 fingerprint: bool = True) -> None:
         _check_number("pad_value", pad_value)
         if pad_values is None:
             pad_values = {}
@@ -1017,7 +1043,7 @@ class Collator:
         if isinstance(stack, str) or not isinstance(stack, collections.abc.Iterable):
             raise TypeError(f"Collator: stack must be a list of field paths, got {type(stack).__name__}")
         self.stack = tuple(_field_name("stack", key) for key in stack)
-        for name, flag in (("packed", packed), ("pin_memory", pin_memory)):
+        for name, flag in (("packed", packed), ("pin_memory", pin_memory), ("fingerprint", fingerprint)):
             if not isinstance(flag, bool):
                 raise TypeError(f"Collator: {name} must be a bool, got {type(flag).__name__}")
         if index is not None and (isinstance(index, bool) or not isinstance(index, (int, str))):
@@ -1031,6 +1057,7 @@ class Collator:
         self.index = index
         self.primary = None if primary is None else _field_name("primary", primary)
         self.pin_memory = pin_memory
+        self.fingerprint = fingerprint
 
     def __call__(self, samples) -> Batch:
         """Collate a list of samples (what a DataLoader passes to its ``collate_fn``) into a :class:`Batch`."""
@@ -1045,7 +1072,7 @@ class Collator:
         left = self.padding_side == "left"
         out = _Collated(*collate(
             samples, plan.walk, tuple(plan.leaves), left, self.pad_to_multiple_of or 0, self.packed,
-            self.pin_memory, torch.get_default_dtype(), plan.primary,
+            self.pin_memory, torch.get_default_dtype(), plan.primary, self.fingerprint, plan.data_child,
         ))
         fields = [_FieldOut(*f) for f in out.fields]
         data = plan.assemble([f.value for f in fields])
@@ -1068,6 +1095,7 @@ class Collator:
             offsets=None if primary is None else primary.offsets, field_offsets=field_offsets,
             padding_side=self.padding_side, packed_fields=packed, key=key,
             primary=None if primary is None else names[out.primary], position_ids=position_ids, cu_seqlens=cu_seqlens,
+            fingerprint=out.fingerprint,
         )
 
     def __repr__(self) -> str:
@@ -1078,4 +1106,6 @@ class Collator:
         if self.padding_side != "right":
             args.append(f"padding_side={self.padding_side!r}")
         args += [f"{name}=True" for name in ("packed", "pin_memory") if getattr(self, name)]
+        if not self.fingerprint:
+            args.append("fingerprint=False")
         return f"Collator({', '.join(args)})"

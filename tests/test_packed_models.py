@@ -2,7 +2,6 @@
 Indexed -> DataLoader (shuffle, 2 workers) -> Collator(packed=True) -> model -> Recorder, for a
 BertModel, a LlamaModel and the real all-MiniLM-L6-v2 on real text; every sequence's rows equal
 that sequence run alone."""
-import os
 
 import pytest
 import torch

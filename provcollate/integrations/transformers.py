@@ -27,7 +27,7 @@ def _packed_collator(collator: pc.Collator) -> pc.Collator:
         return collator
     return pc.Collator(pad_value=collator.pad_value, pad_values=collator.pad_values, padding_side=collator.padding_side,
                        packed=True, index=collator.index, primary=collator.primary, stack=list(collator.stack),
-                       pin_memory=collator.pin_memory)
+                       pin_memory=collator.pin_memory, fingerprint=collator.fingerprint)
 
 
 class _PaddingFree:

@@ -1,0 +1,355 @@
+// Fingerprints of Python values: XXH64 and the tagged encoding of provcollate/fingerprints.py.
+#include "fingerprint.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/csrc/utils/tensor_numpy.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include "pyvalues.h"
+
+namespace provcollate {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "fingerprints hash little-endian bytes as they lie in memory");
+
+namespace {
+
+constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL;
+constexpr uint64_t kP2 = 0xC2B2AE3D27D4EB4FULL;
+constexpr uint64_t kP3 = 0x165667B19E3779F9ULL;
+constexpr uint64_t kP4 = 0x85EBCA77C2B2AE63ULL;
+constexpr uint64_t kP5 = 0x27D4EB2F165667C5ULL;
+constexpr int kMaxDepth = 200;
+constexpr size_t kMaxDims = 64;
+
+inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+inline uint64_t round64(uint64_t acc, uint64_t lane) { return rotl(acc + lane * kP2, 31) * kP1; }
+inline uint64_t merge(uint64_t acc, uint64_t v) { return (acc ^ round64(0, v)) * kP1 + kP4; }
+
+inline uint64_t read64(const unsigned char* p) {
+  uint64_t v;
+  std::memcpy(&v, p, 8);
+  return v;
+}
+
+inline uint32_t read32(const unsigned char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+void append_u64(std::string& s, uint64_t v) { s.append(reinterpret_cast<const char*>(&v), 8); }
+
+uint64_t tagged(char tag, const void* data, size_t n) {
+  Xxh64 h;
+  h.update(&tag, 1);
+  h.update(data, n);
+  return h.digest();
+}
+
+}  // namespace
+
+Xxh64::Xxh64(uint64_t seed) : v_{seed + kP1 + kP2, seed + kP2, seed, seed - kP1}, seed_(seed) {}
+
+void Xxh64::update(const void* data, size_t n) {
+  const auto* p = static_cast<const unsigned char*>(data);
+  total_ += n;
+  if (buffered_ + n < 32) {
+    std::memcpy(buf_ + buffered_, p, n);
+    buffered_ += n;
+    return;
+  }
+  if (buffered_ > 0) {
+    const size_t fill = 32 - buffered_;
+    std::memcpy(buf_ + buffered_, p, fill);
+    for (int i = 0; i < 4; ++i) v_[i] = round64(v_[i], read64(buf_ + 8 * i));
+    p += fill;
+    n -= fill;
+    buffered_ = 0;
+  }
+  uint64_t v0 = v_[0], v1 = v_[1], v2 = v_[2], v3 = v_[3];
+  for (; n >= 32; p += 32, n -= 32) {
+    v0 = round64(v0, read64(p));
+    v1 = round64(v1, read64(p + 8));
+    v2 = round64(v2, read64(p + 16));
+    v3 = round64(v3, read64(p + 24));
+  }
+  v_[0] = v0, v_[1] = v1, v_[2] = v2, v_[3] = v3;
+  std::memcpy(buf_, p, n);
+  buffered_ = n;
+}
+
+uint64_t Xxh64::digest() const {
+  uint64_t acc;
+  if (total_ >= 32) {
+    acc = rotl(v_[0], 1) + rotl(v_[1], 7) + rotl(v_[2], 12) + rotl(v_[3], 18);
+    for (const uint64_t v : v_) acc = merge(acc, v);
+  } else {
+    acc = seed_ + kP5;
+  }
+  acc += total_;
+  const unsigned char* p = buf_;
+  size_t n = buffered_;
+  for (; n >= 8; p += 8, n -= 8) acc = rotl(acc ^ round64(0, read64(p)), 27) * kP1 + kP4;
+  if (n >= 4) {
+    acc = rotl(acc ^ (static_cast<uint64_t>(read32(p)) * kP1), 23) * kP2 + kP3;
+    p += 4;
+    n -= 4;
+  }
+  for (; n > 0; ++p, --n) acc = rotl(acc ^ (*p * kP5), 11) * kP1;
+  acc ^= acc >> 33;
+  acc *= kP2;
+  acc ^= acc >> 29;
+  acc *= kP3;
+  return acc ^ (acc >> 32);
+}
+
+uint64_t xxh64(const void* data, size_t n) {
+  Xxh64 h;
+  h.update(data, n);
+  return h.digest();
+}
+
+// torch's own names (str(dtype) without "torch."), the common ones without a call into Python.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kBool: return "bool";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    default: {
+      std::string name = py::str(py::cast(t));
+      return name.rfind("torch.", 0) == 0 ? name.substr(6) : name;
+    }
+  }
+}
+
+std::string tensor_header(at::ScalarType dtype, at::IntArrayRef sizes) {
+  const std::string name = dtype_name(dtype);
+  std::string h;
+  h.reserve(3 + name.size() + 8 * sizes.size());
+  h.push_back('T');
+  h.push_back(static_cast<char>(name.size()));
+  h += name;
+  h.push_back(static_cast<char>(sizes.size()));
+  for (const int64_t s : sizes) append_u64(h, static_cast<uint64_t>(s));
+  return h;
+}
+
+uint64_t bytes_digest(const std::string& header, const void* data, size_t n) {
+  Xxh64 h;
+  h.update(header.data(), header.size());
+  h.update(data, n);
+  return h.digest();
+}
+
+at::Tensor host_elements(const at::Tensor& t) {
+  at::Tensor x = t.resolve_conj().resolve_neg();
+  if (!x.is_cpu()) x = x.cpu();
+  return x.contiguous();
+}
+
+uint64_t sequence_digest(char tag, const std::vector<uint64_t>& children) {
+  std::string s(1, tag);
+  s.reserve(9 + 8 * children.size());
+  append_u64(s, children.size());
+  for (const uint64_t d : children) append_u64(s, d);
+  return xxh64(s.data(), s.size());
+}
+
+uint64_t mapping_digest(std::vector<std::pair<uint64_t, uint64_t>> pairs) {
+  std::sort(pairs.begin(), pairs.end());
+  std::string s(1, 'M');
+  s.reserve(9 + 16 * pairs.size());
+  append_u64(s, pairs.size());
+  for (const auto& [k, v] : pairs) {
+    append_u64(s, k);
+    append_u64(s, v);
+  }
+  return xxh64(s.data(), s.size());
+}
+
+namespace {
+
+uint64_t tensor_digest(const at::Tensor& t) {
+  const std::string header = tensor_header(t.scalar_type(), t.sizes());
+  const at::Tensor x = host_elements(t.detach());
+  return bytes_digest(header, x.const_data_ptr(), x.numel() * x.element_size());
+}
+
+// A list of numbers, rectangular, judged by its first elements (an empty one counts): its sizes
+// and elements; false when `list` is not one (another list, a ragged one, an int past int64).
+struct NumericList {
+  std::vector<int64_t> shape;
+  std::vector<PyObject*> flat;  // borrowed from `list`, which the caller holds
+  bool any_float = false;
+
+  bool walk(PyObject* v, size_t depth) {
+    const Py_ssize_t n = PyList_GET_SIZE(v);
+    if (n != shape[depth]) return false;
+    PyObject** el = PySequence_Fast_ITEMS(v);
+    if (depth + 1 == shape.size()) {
+      for (Py_ssize_t i = 0; i < n; ++i) {
+        if (PyList_Check(el[i])) return false;
+        const Num k = num_kind(el[i]);
+        if (k == Num::Bad) return false;
+        any_float = any_float || k == Num::Float;
+        flat.push_back(el[i]);
+      }
+      return true;
+    }
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (!PyList_Check(el[i]) || !walk(el[i], depth + 1)) return false;
+    }
+    return true;
+  }
+
+  bool read(PyObject* list) {
+    PyObject* y = list;
+    while (PyList_Check(y)) {
+      shape.push_back(PyList_GET_SIZE(y));
+      if (PyList_GET_SIZE(y) == 0) break;
+      y = PyList_GET_ITEM(y, 0);
+    }
+    if (shape.size() > kMaxDims) return false;
+    if (shape.back() != 0 && (PyList_Check(y) || num_kind(y) == Num::Bad)) return false;
+    return walk(list, 0);
+  }
+};
+
+// Digest of a numeric list: int64 elements, or float64 when any is a float; nullopt-like false
+// when an int does not fit int64 (then the list is hashed as a container).
+bool numeric_digest(const NumericList& nl, uint64_t* out) {
+  const std::string header = tensor_header(nl.any_float ? at::kDouble : at::kLong, nl.shape);
+  if (nl.any_float) {
+    std::vector<double> values(nl.flat.size());
+    for (size_t i = 0; i < values.size(); ++i) {
+      PyObject* o = nl.flat[i];
+      values[i] = num_kind(o) == Num::Bool ? (bool_value(o) ? 1.0 : 0.0) : float_value(o);
+    }
+    *out = bytes_digest(header, values.data(), values.size() * sizeof(double));
+    return true;
+  }
+  std::vector<int64_t> values(nl.flat.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    PyObject* o = nl.flat[i];
+    if (num_kind(o) == Num::Bool) {
+      values[i] = bool_value(o);
+    } else if (!int_value(o, &values[i])) {
+      return false;
+    }
+  }
+  *out = bytes_digest(header, values.data(), values.size() * sizeof(int64_t));
+  return true;
+}
+
+uint64_t int_digest(PyObject* o) {
+  const py::object v = py::reinterpret_steal<py::object>(PyNumber_Long(o));
+  if (!v) throw py::error_already_set();
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(v.ptr(), &overflow);
+  if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
+  if (overflow == 0) return tagged('I', &x, 8);
+  const std::string text = py::str(v);
+  return tagged('J', text.data(), text.size());
+}
+
+uint64_t utf8_digest(PyObject* o) {
+  const py::object b = py::reinterpret_steal<py::object>(PyUnicode_AsEncodedString(o, "utf-8", "surrogatepass"));
+  if (!b) throw py::error_already_set();
+  return tagged('S', PyBytes_AS_STRING(b.ptr()), PyBytes_GET_SIZE(b.ptr()));
+}
+
+uint64_t type_digest(PyObject* o) {
+  const py::handle type(reinterpret_cast<PyObject*>(Py_TYPE(o)));
+  const std::string name = py::str(type.attr("__module__")).cast<std::string>() + "." +
+                           py::str(type.attr("__qualname__")).cast<std::string>();
+  const py::bytes encoded = py::reinterpret_steal<py::bytes>(
+      PyUnicode_AsEncodedString(py::str(name).ptr(), "utf-8", "surrogatepass"));
+  if (!encoded) throw py::error_already_set();
+  const std::string bytes = encoded;
+  return tagged('O', bytes.data(), bytes.size());
+}
+
+// A numpy array or scalar as a tensor; an undefined tensor when torch cannot hold its dtype.
+at::Tensor numpy_tensor(PyObject* o) {
+  const NumpyTypes& np = numpy_types();
+  py::object arr = np.asarray(py::handle(o));
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    try {
+      return torch::utils::tensor_from_numpy(arr.ptr(), /*warn_if_not_writeable=*/false);
+    } catch (const c10::Error&) {
+    } catch (py::error_already_set&) {
+    }
+    if (attempt == 0) arr = np.array(arr);
+  }
+  return at::Tensor();
+}
+
+}  // namespace
+
+uint64_t object_digest(PyObject* o, int depth) {
+  if (depth > kMaxDepth) {
+    throw py::value_error("fingerprint: data nested deeper than " + std::to_string(kMaxDepth) + " levels");
+  }
+  if (THPVariable_Check(o)) return tensor_digest(THPVariable_Unpack(o));
+  const NumpyTypes& np = numpy_types();
+  if (np.ok && (isinstance(o, np.ndarray) || isinstance(o, np.generic))) {
+    const at::Tensor t = numpy_tensor(o);
+    return t.defined() ? tensor_digest(t) : type_digest(o);
+  }
+  if (PyLong_Check(o)) return int_digest(o);  // bool too: True is 1
+  if (PyFloat_Check(o)) {
+    const double x = PyFloat_AS_DOUBLE(o);
+    return tagged('F', &x, 8);
+  }
+  if (PyUnicode_Check(o)) return utf8_digest(o);
+  if (PyBytes_Check(o)) return tagged('B', PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o));
+  if (o == Py_None) return tagged('N', "", 0);
+  if (PyList_Check(o) || PyTuple_Check(o)) {
+    const py::object held = py::reinterpret_borrow<py::object>(o);  // elements stay alive while read
+    if (PyList_Check(o)) {
+      NumericList nl;
+      uint64_t d = 0;
+      if (nl.read(o) && numeric_digest(nl, &d)) return d;
+    }
+    std::vector<uint64_t> children;
+    const py::object items = py::reinterpret_steal<py::object>(PySequence_Fast(o, "fingerprint"));
+    if (!items) throw py::error_already_set();
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(items.ptr()); ++i) {
+      const py::object child = py::reinterpret_borrow<py::object>(PySequence_Fast_GET_ITEM(items.ptr(), i));
+      children.push_back(object_digest(child.ptr(), depth + 1));
+    }
+    return sequence_digest(PyList_Check(o) ? 'L' : 'U', children);
+  }
+  if (PyDict_Check(o) || isinstance(o, mapping_abc())) {
+    std::vector<std::pair<uint64_t, uint64_t>> pairs;
+    const py::object entries = py::reinterpret_borrow<py::object>(o).attr("items")();
+    for (const py::handle kv : entries) {
+      const py::tuple pair = py::reinterpret_borrow<py::tuple>(kv);
+      pairs.emplace_back(object_digest(pair[0].ptr(), depth + 1), object_digest(pair[1].ptr(), depth + 1));
+    }
+    return mapping_digest(std::move(pairs));
+  }
+  return type_digest(o);
+}
+
+void bind_fingerprint(py::module_& m) {
+  m.def(
+      "fingerprint", [](const py::handle& data) { return static_cast<int64_t>(object_digest(data.ptr())); },
+      py::arg("data"), "The fingerprint of one example's data (signed int64); see provcollate.fingerprint.");
+}
+
+}  // namespace provcollate

@@ -1,0 +1,279 @@
+"""Fingerprints: ``batch.fingerprint`` and ``pc.fingerprint`` follow the documented algorithm, agree
+between the compiled pass, its pure-Python twin and a fresh process, depend on each example's data
+only (never on padding, packing, batch, worker or process) and change with any change of it."""
+import os
+import pickle
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+import provcollate as pc
+from provcollate import collate as collate_mod
+from provcollate import fingerprints as fp
+
+xxhash = pytest.importorskip("xxhash")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def signed(d):
+    return d - (1 << 64) if d >= 1 << 63 else d
+
+
+def python_fingerprint(x):
+    return fp.signed(fp.digest(x))
+
+
+def collate_both(samples, **kw):
+    """batch.fingerprint from the compiled pass (when built) and from the pure-Python pass."""
+    batch = pc.Collator(**kw)(samples)
+    native = collate_mod._native
+    collate_mod._native = None
+    try:
+        python = pc.Collator(**kw)(samples)
+    finally:
+        collate_mod._native = native
+    return batch.fingerprint, python.fingerprint
+
+
+# --------------------------------------------------------------------------------------------
+# The algorithm, as documented
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 7, 8, 15, 31, 32, 33, 63, 64, 65, 100, 1000, 4099])
+def test_xxh64_in_python_and_in_the_extension_equal_the_reference(n):
+    data = bytes(np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8))
+    assert fp._xxh64_python(data) == xxhash.xxh64_intdigest(data)
+    assert fp.xxh64(data) == xxhash.xxh64_intdigest(data)
+    # bytes hash as b"B" + their bytes: the extension's streaming XXH64 across the tag's boundary
+    assert pc.fingerprint(data) == signed(xxhash.xxh64_intdigest(b"B" + data))
+
+
+def test_documented_encoding():
+    h = lambda b: signed(xxhash.xxh64_intdigest(b))
+    t = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    assert pc.fingerprint(t) == h(b"T\x05int32\x02" + struct.pack("<2q", 1, 3) + struct.pack("<3i", 1, 2, 3))
+    assert pc.fingerprint([1, True, 3]) == h(b"T\x05int64\x01" + struct.pack("<q", 3) + struct.pack("<3q", 1, 1, 3))
+    assert pc.fingerprint([1, 2.5]) == h(b"T\x07float64\x01" + struct.pack("<q", 2) + struct.pack("<2d", 1.0, 2.5))
+    assert pc.fingerprint(7) == h(b"I" + struct.pack("<q", 7))
+    assert pc.fingerprint(True) == h(b"I" + struct.pack("<q", 1))
+    assert pc.fingerprint(2**70) == h(b"J" + str(2**70).encode())
+    assert pc.fingerprint(0.5) == h(b"F" + struct.pack("<d", 0.5))
+    assert pc.fingerprint("héllo") == h(b"S" + "héllo".encode())
+    assert pc.fingerprint(None) == h(b"N")
+    u = lambda x: struct.pack("<Q", x)
+    d = lambda x: xxhash.xxh64_intdigest(x)
+    i1, s1 = d(b"I" + struct.pack("<q", 1)), d(b"S" + b"a")
+    assert pc.fingerprint(("a", 1)) == h(b"U" + u(2) + u(s1) + u(i1))
+    assert pc.fingerprint(["a", 1]) == h(b"L" + u(2) + u(s1) + u(i1))
+    assert pc.fingerprint({"a": 1}) == h(b"M" + u(1) + u(s1) + u(i1))
+
+    class Thing:
+        pass
+
+    assert pc.fingerprint(Thing()) == h(b"O" + f"{__name__}.test_documented_encoding.<locals>.Thing".encode())
+
+
+# --------------------------------------------------------------------------------------------
+# The compiled pass, the Python pass and pc.fingerprint agree
+
+DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+          torch.float32, torch.float64, torch.complex64]
+
+
+@st.composite
+def leaf_schema(draw):
+    kind = draw(st.sampled_from(["tensor", "array", "ints", "floats", "bools", "nested", "int", "float", "str", "none"]))
+    if kind == "tensor":
+        return kind, draw(st.sampled_from(DTYPES)), draw(st.lists(st.integers(1, 3), max_size=2))
+    if kind == "array":
+        return kind, draw(st.sampled_from([np.int32, np.int64, np.float32, np.float64, np.bool_])), []
+    if kind == "nested":
+        return kind, None, [draw(st.integers(0, 3))]
+    return kind, None, []
+
+
+def make_leaf(schema, rng):
+    kind, dtype, trailing = schema
+    n = int(rng.integers(0, 6))
+    if kind == "tensor":
+        t = torch.from_numpy(rng.normal(size=(n, *trailing)) * 50)
+        return t.to(dtype) if dtype is not torch.complex64 else torch.complex(t.float(), t.float() + 1)
+    if kind == "array":
+        return (rng.normal(size=n) * 50).astype(dtype)
+    if kind == "ints":
+        return [int(v) for v in rng.integers(-2**40, 2**40, n)]
+    if kind == "floats":
+        return [float(v) for v in rng.normal(size=n)] + ([3] if n % 2 else [])  # some hold ints too
+    if kind == "bools":
+        return [bool(v) for v in rng.integers(0, 2, n)]
+    if kind == "nested":
+        return [[int(v) for v in rng.integers(0, 9, trailing[0])] for _ in range(n)]
+    if kind == "int":
+        return int(rng.integers(-100, 100))
+    if kind == "float":
+        return float(rng.normal())
+    if kind == "str":
+        return "ab" * n + "é"
+    return None
+
+
+@st.composite
+def schema(draw, depth=0):
+    if depth >= 2 or draw(st.booleans()):
+        return "leaf", draw(leaf_schema())
+    kind = draw(st.sampled_from(["dict", "tuple"]))
+    children = draw(st.lists(schema(depth=depth + 1), min_size=1, max_size=3))
+    return kind, children
+
+
+def make(s, rng):
+    kind, body = s
+    if kind == "leaf":
+        return make_leaf(body, rng)
+    parts = [make(c, rng) for c in body]
+    return {f"k{i}": v for i, v in enumerate(parts)} if kind == "dict" else tuple(parts)
+
+
+@given(schema(), st.integers(0, 2**31), st.integers(1, 5), st.booleans())
+def test_batch_fingerprints_equal_each_example_alone_in_both_passes(s, seed, n, packed):
+    rng = np.random.default_rng(seed)
+    data = [make(s, rng) for _ in range(n)]
+    samples = [pc.Sample(i, 0, d) for i, d in enumerate(data)]
+    try:
+        native, python = collate_both(samples, packed=packed)
+    except (TypeError, ValueError):
+        return  # a batch the Collator refuses (ragged nested lists, promotions torch refuses)
+    expected = [python_fingerprint(d) for d in data]
+    assert python.tolist() == expected
+    assert native.tolist() == expected
+    assert [pc.fingerprint(d) for d in data] == expected
+
+
+def test_raw_samples_with_an_index_are_fingerprinted_without_it():
+    rows = [{"x": [1, 2], "idx": 0, "y": "a"}, {"idx": 1, "y": "b", "x": [3]}]
+    native, python = collate_both(rows, index="idx")
+    assert native.tolist() == python.tolist() == [pc.fingerprint({"x": [1, 2], "y": "a"}), pc.fingerprint({"x": [3], "y": "b"})]
+    tuples = [(torch.ones(2), 5, 0), (torch.zeros(3), 6, 1)]
+    native, python = collate_both(tuples, index=2)
+    assert native.tolist() == python.tolist() == [pc.fingerprint((torch.ones(2), 5)), pc.fingerprint((torch.zeros(3), 6))]
+    # what is left of a list is still a list container, even when it holds only numbers
+    lists = [[0, 1.5, 2.5], [1, 3.5, 4.5]]
+    native, python = collate_both(lists, index=0)
+    assert native.tolist() == python.tolist() == [fp.without_index(r, 0) for r in lists]
+    assert native[0].item() != pc.fingerprint([1.5, 2.5])
+
+
+# --------------------------------------------------------------------------------------------
+# Stable: the data only
+
+
+def tokenized(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"input_ids": [int(v) for v in rng.integers(0, 30000, int(rng.integers(1, 40)))], "label": int(rng.integers(0, 3)),
+             "text": f"example {i}"} for i in range(n)]
+
+
+def test_fingerprints_never_depend_on_padding_packing_batch_or_dtype_promotion():
+    data = tokenized()
+    alone = [pc.fingerprint(d) for d in data]
+    samples = [pc.Sample(i, 0, d) for i, d in enumerate(data)]
+    for kw in ({}, {"packed": True}, {"padding_side": "left"}, {"pad_value": -7}, {"pad_to_multiple_of": 64},
+               {"primary": "input_ids"}):
+        assert pc.Collator(**kw)(samples).fingerprint.tolist() == alone, kw
+    # batch composition: every example in a batch of its own, and in reversed order
+    assert [pc.Collator()([s]).fingerprint.item() for s in samples] == alone
+    assert pc.Collator()(samples[::-1]).fingerprint.tolist() == alone[::-1]
+    # an int list in a batch made float by another sample's float keeps its own fingerprint
+    mixed = [pc.Sample(0, 0, [1, 2]), pc.Sample(1, 0, [0.5])]
+    batch = pc.Collator()(mixed)
+    assert batch.data.dtype == torch.get_default_dtype()
+    assert batch.fingerprint.tolist() == [pc.fingerprint([1, 2]), pc.fingerprint([0.5])]
+    # a tensor item promoted to the batch's dtype keeps its own
+    promoted = pc.Collator()([pc.Sample(0, 0, torch.tensor([1, 2], dtype=torch.int32)), pc.Sample(1, 0, torch.tensor([1.5]))])
+    assert promoted.fingerprint[0].item() == pc.fingerprint(torch.tensor([1, 2], dtype=torch.int32))
+
+
+def test_lists_and_tensors_of_the_same_numbers_agree():
+    assert pc.fingerprint([1, 2, 3]) == pc.fingerprint(torch.tensor([1, 2, 3])) == pc.fingerprint(np.array([1, 2, 3]))
+    assert pc.fingerprint([[1.0, 2.0]]) == pc.fingerprint(torch.tensor([[1.0, 2.0]], dtype=torch.float64))
+    assert pc.fingerprint({"a": 1, "b": 2}) == pc.fingerprint({"b": 2, "a": 1})  # dicts: order does not count
+    view = torch.arange(12).reshape(3, 4)[:, 1]  # a strided view hashes its elements
+    assert pc.fingerprint(view) == pc.fingerprint(torch.tensor([1, 5, 9]))
+    assert pc.fingerprint(torch.tensor([1.0, -2.0]).neg()) == pc.fingerprint(torch.tensor([-1.0, 2.0]))
+
+
+def test_sensitive_to_every_change_of_the_data():
+    base = {"input_ids": torch.tensor([5, 6, 7]), "label": 1}
+    variants = [
+        {"input_ids": torch.tensor([5, 6, 8]), "label": 1},                      # one token
+        {"input_ids": torch.tensor([5, 6, 7], dtype=torch.int32), "label": 1},  # the dtype
+        {"input_ids": torch.tensor([5, 6, 7]), "label": 2},                      # the label
+        {"ids": torch.tensor([5, 6, 7]), "label": 1},                            # a renamed key
+        {"input_ids": torch.tensor([5, 6, 7]), "label": 1.0},                    # int -> float
+        {"input_ids": torch.tensor([5, 6, 7]), "label": 1, "x": None},           # one more field
+        (torch.tensor([5, 6, 7]), 1),                                            # another container
+    ]
+    seen = {pc.fingerprint(base)}
+    for v in variants:
+        f = pc.fingerprint(v)
+        assert f not in seen, v
+        seen.add(f)
+    flat = torch.arange(6)
+    assert pc.fingerprint(flat) != pc.fingerprint(flat.view(2, 3))  # the same bytes in another shape
+    assert pc.fingerprint("a") != pc.fingerprint(b"a") != pc.fingerprint(["a"])
+
+
+def test_through_a_dataloader_with_workers_and_to_and_pickle():
+    data = tokenized(40)
+    alone = {i: pc.fingerprint(d) for i, d in enumerate(data)}
+    loader = DataLoader(pc.Indexed(data), batch_size=7, shuffle=True, num_workers=2, collate_fn=pc.Collator())
+    seen = {}
+    for batch in loader:
+        moved = pickle.loads(pickle.dumps(batch.to("cpu")))
+        for i, f in zip(moved.index.tolist(), moved.fingerprint.tolist()):
+            seen[i] = f
+    assert seen == alone
+
+
+def test_fingerprint_off_and_in_the_repr():
+    batch = pc.Collator(fingerprint=False)([pc.Sample(0, 0, [1, 2])])
+    assert batch.fingerprint is None
+    assert "fingerprint=False" in repr(pc.Collator(fingerprint=False)) and "fingerprint" not in repr(pc.Collator())
+    with pytest.raises(TypeError, match="fingerprint must be a bool, got int"):
+        pc.Collator(fingerprint=1)
+
+
+def test_deep_nesting_is_refused_by_name():
+    x = []
+    for _ in range(300):
+        x = [x, "s"]
+    with pytest.raises(ValueError, match="nested deeper than 200"):
+        pc.fingerprint(x)
+    with pytest.raises(ValueError, match="nested deeper than 200"):
+        python_fingerprint(x)
+
+
+SCRIPT = """
+import torch, numpy as np, provcollate as pc
+data = [{"input_ids": [101, 2023, 102], "label": 1, "text": "a"}, (torch.arange(6.0).view(2, 3), np.int16(4), None)]
+samples = [pc.Sample(0, 0, data[0])]
+print([pc.fingerprint(d) for d in data], pc.Collator()(samples).fingerprint.tolist())
+"""
+
+
+@pytest.mark.parametrize("extension", ["1", "0"])
+def test_the_same_in_a_fresh_process_with_and_without_the_extension(extension):
+    env = {**os.environ, "PROVCOLLATE_EXTENSION": extension}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", SCRIPT], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = [{"input_ids": [101, 2023, 102], "label": 1, "text": "a"}, (torch.arange(6.0).view(2, 3), np.int16(4), None)]
+    expected = [pc.fingerprint(d) for d in data]
+    assert out.stdout.strip() == f"{expected} {expected[:1]}"
