@@ -25,7 +25,7 @@ test: build
 	$(PY) -m pytest -q tests
 	@echo "make test: again on the pure-PyTorch paths (PROVCOLLATE_EXTENSION=0): same outputs, same errors"
 	PROVCOLLATE_EXTENSION=0 $(PY) -m pytest -q -W "ignore:provcollate. PROVCOLLATE_EXTENSION=0:RuntimeWarning" \
-		tests/test_collate.py tests/test_ops.py tests/test_record.py tests/test_hardening.py tests/test_fuzz.py tests/test_keys.py
+		tests/test_collate.py tests/test_ops.py tests/test_record.py tests/test_hardening.py tests/test_fuzz.py tests/test_keys.py tests/test_fingerprints.py
 
 # provcollate.integrations.ray on a local 2-CPU Ray (also part of `make test`: about a minute).
 test-ray: build

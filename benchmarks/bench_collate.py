@@ -11,7 +11,10 @@ Peers, on the same samples in the same process, each returning the padded fields
   hand pad + default_collate   pad every sample to the longest by hand, then torch's default_collate
   DataCollatorWithPadding      transformers' collator (token cases; the all-MiniLM-L6-v2 tokenizer, offline)
   provcollate fallback         the Collator without its compiled pass (the pure-Python path)
-Every peer's result must equal provcollate's before anything is timed.
+Every peer's result must equal provcollate's before anything is timed. The Collator computes
+``batch.fingerprint`` by default; beside it run the same Collator with ``fingerprint=False`` and
+the fingerprints alone (``pc.fingerprint`` of each sample: the hash and its walk, no collate).
+Target: fingerprints cost at most 10% (on / off <= 1.10).
 
 The memcpy bound is a clone() of a uint8 tensor as large as every tensor the batch holds (data,
 index, lengths, mask), allocation included. Targets: items/s >= 3x the seed article's collate,
@@ -64,6 +67,9 @@ BOUND = "clone() (memcpy bound)"
 FLOOR_READ = "floor: read every int, write nothing (C++)"
 FLOOR_PAD = "floor: bare C++ pad, no checks, no Batch"
 FLOOR_WRITE = "floor: write the batch's bytes once, read nothing"
+FP_OFF = "provcollate Collator, fingerprint=False"
+FP_ALONE = "fingerprints alone: pc.fingerprint of each sample"
+FP_TARGET = 1.10
 TOKEN_FIELDS = ["input_ids", "attention_mask"]
 
 
@@ -205,7 +211,7 @@ def run_case(label: str, samples: list, peers: Dict[str, Callable], nbytes: int,
     """Every collate's per-round median seconds; every peer's result must equal provcollate's first."""
     reference = peers[OURS](samples)
     for name, fn in peers.items():
-        if name != OURS and not name.startswith("floor"):
+        if name not in (OURS, FP_ALONE) and not name.startswith("floor"):
             check_same(name, reference, fn(samples))
     buffer = torch.empty(nbytes, dtype=torch.uint8)
     fns = {name: (lambda fn=fn: fn(samples)) for name, fn in peers.items()}
@@ -277,10 +283,12 @@ def main(argv=None) -> None:
     floors = floors_module() if args.floors else None
     token_collator = pc.Collator(index="idx")
     feature_collator = pc.Collator(index=2)
+    fingerprints_alone = lambda s: [pc.fingerprint(x) for x in s]
 
     cases = []
     for as_tensors in (False, True):
-        peers = {OURS: ours_tokens(token_collator), SEED: seed_tokens, HAND: hand_pad_tokens}
+        peers = {OURS: ours_tokens(token_collator), FP_OFF: ours_tokens(pc.Collator(index="idx", fingerprint=False)),
+                 FP_ALONE: fingerprints_alone, SEED: seed_tokens, HAND: hand_pad_tokens}
         if tok is not None:
             from transformers import DataCollatorWithPadding
 
@@ -294,7 +302,8 @@ def main(argv=None) -> None:
         label = f"tokens as {'tensors' if as_tensors else 'lists'}"
         cases.append((label, samples, peers, token_collator))
     for dim in (80, 768):
-        peers = {OURS: ours_features(feature_collator), SEED: seed_features, HAND: hand_pad_features,
+        peers = {OURS: ours_features(feature_collator), FP_OFF: ours_features(pc.Collator(index=2, fingerprint=False)),
+                 FP_ALONE: fingerprints_alone, SEED: seed_features, HAND: hand_pad_features,
                  FALLBACK: without_extension(ours_features(feature_collator))}
         samples = feature_samples(lengths, dim)
         nbytes = batch_bytes(feature_collator(samples))
@@ -317,6 +326,10 @@ def main(argv=None) -> None:
                 target, met = f">= {SEED_TARGET:g}x", "yes" if speedup >= SEED_TARGET else "NO"
             elif name == DCWP:
                 target, met = f">= {DCWP_TARGET:g}x", "yes" if speedup >= DCWP_TARGET else "NO"
+            elif name == FP_OFF:
+                on_off = 1 / speedup
+                target, met = f"on / off <= {FP_TARGET:.2f}", "yes" if on_off <= FP_TARGET else "NO"
+                summary.append(f"{label}: fingerprints on / off = {on_off:.3f} (median of per-round ratios)")
             elif name == BOUND:
                 target, met = f">= {1 / MEMCPY_TARGET:g}x (within {MEMCPY_TARGET:g}x)", "yes" if speedup >= 1 / MEMCPY_TARGET else "NO"
             rows.append([label, name, f"{seconds * 1e3:.3f}", f"{args.batch / seconds:,.0f}", f"{nbytes / seconds / 1e9:.2f}",

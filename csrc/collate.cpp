@@ -756,28 +756,36 @@ void digest_keys(Node& n) {
 }
 
 // The digest of sample b's data under node n, from its leaves' digests; the index and view
-// nodes are not data (a raw sample's index is left out of its container).
-uint64_t combine(const Node& n, int64_t b, const std::vector<LeafOut>& outs) {
-  switch (n.kind) {
-    case kLeaf:
-      return outs[n.leaf].digests[b];
-    case kMap: {
-      std::vector<std::pair<uint64_t, uint64_t>> pairs;
-      pairs.reserve(n.children.size());
-      for (size_t i = 0; i < n.children.size(); ++i) {
-        if (n.children[i].kind != kIndex) pairs.emplace_back(n.key_digests[i], combine(n.children[i], b, outs));
-      }
-      return mapping_digest(std::move(pairs));
+// nodes are not data (a raw sample's index is left out of its container). `scratch` holds the
+// children's digests of every level, reused from sample to sample.
+struct Scratch {
+  std::vector<uint64_t> digests;
+  std::vector<std::pair<uint64_t, uint64_t>> pairs;
+};
+
+uint64_t combine(const Node& n, int64_t b, const std::vector<LeafOut>& outs, Scratch& s) {
+  if (n.kind == kLeaf) return outs[n.leaf].digests[b];
+  if (n.kind == kMap) {
+    const size_t base = s.pairs.size();
+    for (size_t i = 0; i < n.children.size(); ++i) {
+      if (n.children[i].kind == kIndex) continue;
+      const uint64_t value = combine(n.children[i], b, outs, s);
+      s.pairs.emplace_back(n.key_digests[i], value);
     }
-    default: {  // kSeq (index and view nodes never reach here: their containers skip them)
-      std::vector<uint64_t> children;
-      children.reserve(n.children.size());
-      for (const Node& c : n.children) {
-        if (c.kind != kIndex && c.kind != kView) children.push_back(combine(c, b, outs));
-      }
-      return sequence_digest(n.is_list ? 'L' : 'U', children);
+    const uint64_t d = mapping_digest(s.pairs.data() + base, s.pairs.size() - base);
+    s.pairs.resize(base);
+    return d;
+  }
+  const size_t base = s.digests.size();
+  for (const Node& c : n.children) {  // kSeq
+    if (c.kind != kIndex && c.kind != kView) {
+      const uint64_t value = combine(c, b, outs, s);
+      s.digests.push_back(value);
     }
   }
+  const uint64_t d = sequence_digest(n.is_list ? 'L' : 'U', s.digests.data() + base, s.digests.size() - base);
+  s.digests.resize(base);
+  return d;
 }
 
 py::tuple collate(const py::list& samples, const py::tuple& walk_plan, const py::tuple& leaf_plan, bool left,
@@ -838,7 +846,8 @@ py::tuple collate(const py::list& samples, const py::tuple& walk_plan, const py:
     digest_keys(root);
     const Node& data = data_child >= 0 ? root.children[data_child] : root;
     std::vector<int64_t> fp(opt.batch);
-    for (int64_t b = 0; b < opt.batch; ++b) fp[b] = static_cast<int64_t>(combine(data, b, outs));
+    Scratch scratch;
+    for (int64_t b = 0; b < opt.batch; ++b) fp[b] = static_cast<int64_t>(combine(data, b, outs, scratch));
     fingerprints = py::cast(long_tensor(fp, opt));
   }
   return py::make_tuple(long_tensor(w.index, opt), long_tensor(w.view, opt), result, primary, mask, fingerprints);

@@ -161,24 +161,35 @@ at::Tensor host_elements(const at::Tensor& t) {
   return x.contiguous();
 }
 
+uint64_t sequence_digest(char tag, const uint64_t* children, size_t n) {
+  Xxh64 h;
+  const uint64_t count = n;
+  h.update(&tag, 1);
+  h.update(&count, 8);
+  h.update(children, 8 * n);
+  return h.digest();
+}
+
 uint64_t sequence_digest(char tag, const std::vector<uint64_t>& children) {
-  std::string s(1, tag);
-  s.reserve(9 + 8 * children.size());
-  append_u64(s, children.size());
-  for (const uint64_t d : children) append_u64(s, d);
-  return xxh64(s.data(), s.size());
+  return sequence_digest(tag, children.data(), children.size());
+}
+
+uint64_t mapping_digest(std::pair<uint64_t, uint64_t>* pairs, size_t n) {
+  std::sort(pairs, pairs + n);
+  Xxh64 h;
+  const char tag = 'M';
+  const uint64_t count = n;
+  h.update(&tag, 1);
+  h.update(&count, 8);
+  for (size_t i = 0; i < n; ++i) {
+    h.update(&pairs[i].first, 8);
+    h.update(&pairs[i].second, 8);
+  }
+  return h.digest();
 }
 
 uint64_t mapping_digest(std::vector<std::pair<uint64_t, uint64_t>> pairs) {
-  std::sort(pairs.begin(), pairs.end());
-  std::string s(1, 'M');
-  s.reserve(9 + 16 * pairs.size());
-  append_u64(s, pairs.size());
-  for (const auto& [k, v] : pairs) {
-    append_u64(s, k);
-    append_u64(s, v);
-  }
-  return xxh64(s.data(), s.size());
+  return mapping_digest(pairs.data(), pairs.size());
 }
 
 namespace {
@@ -267,6 +278,9 @@ uint64_t int_digest(PyObject* o) {
 }
 
 uint64_t utf8_digest(PyObject* o) {
+  Py_ssize_t size = 0;
+  if (const char* utf8 = PyUnicode_AsUTF8AndSize(o, &size)) return tagged('S', utf8, size);
+  PyErr_Clear();  // lone surrogates: encoded with surrogatepass below
   const py::object b = py::reinterpret_steal<py::object>(PyUnicode_AsEncodedString(o, "utf-8", "surrogatepass"));
   if (!b) throw py::error_already_set();
   return tagged('S', PyBytes_AS_STRING(b.ptr()), PyBytes_GET_SIZE(b.ptr()));
@@ -304,6 +318,14 @@ uint64_t object_digest(PyObject* o, int depth) {
   if (depth > kMaxDepth) {
     throw py::value_error("fingerprint: data nested deeper than " + std::to_string(kMaxDepth) + " levels");
   }
+  // Exact builtins first: no numpy scalar is one of them.
+  int64_t small = 0;
+  if (PyLong_CheckExact(o) && compact_int(o, &small)) return tagged('I', &small, 8);
+  if (PyFloat_CheckExact(o)) {
+    const double x = PyFloat_AS_DOUBLE(o);
+    return tagged('F', &x, 8);
+  }
+  if (PyUnicode_CheckExact(o)) return utf8_digest(o);
   if (THPVariable_Check(o)) return tensor_digest(THPVariable_Unpack(o));
   const NumpyTypes& np = numpy_types();
   if (np.ok && (isinstance(o, np.ndarray) || isinstance(o, np.generic))) {

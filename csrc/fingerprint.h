@@ -45,7 +45,9 @@ at::Tensor host_elements(const at::Tensor& t);
 
 // Containers over their children's digests: b"L"/b"U" + u64(n) + digests; b"M" + u64(n) +
 // (key digest, value digest) pairs sorted.
+uint64_t sequence_digest(char tag, const uint64_t* children, size_t n);
 uint64_t sequence_digest(char tag, const std::vector<uint64_t>& children);
+uint64_t mapping_digest(std::pair<uint64_t, uint64_t>* pairs, size_t n);  // sorts them in place
 uint64_t mapping_digest(std::vector<std::pair<uint64_t, uint64_t>> pairs);
 
 // The digest of any Python value (GIL held): the algorithm of provcollate/fingerprints.py.
