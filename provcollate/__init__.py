@@ -15,6 +15,7 @@ from .dataset import Indexed, IndexedIterable, Sample
 from .fingerprints import fingerprint
 from .ops import HAS_EXTENSION
 from .record import Predictions, Recorder, Summary
+from .verify import Verification
 from .sampler import LengthBucketSampler, lengths_of
 
 __version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it from here
@@ -46,4 +47,4 @@ def _check_build_torch(info_path: str, running: str) -> None:
 if not HAS_EXTENSION:
     _check_build_torch(_os.path.join(_os.path.dirname(__file__), "_build_info.json"), _torch.__version__)
 
-__all__ = ["Indexed", "IndexedIterable", "Sample", "Collator", "Batch", "LengthBucketSampler", "lengths_of", "Recorder", "Predictions", "Summary", "fingerprint", "ops", "reference", "HAS_EXTENSION", "__version__"]
+__all__ = ["Indexed", "IndexedIterable", "Sample", "Collator", "Batch", "LengthBucketSampler", "lengths_of", "Recorder", "Predictions", "Summary", "Verification", "fingerprint", "ops", "reference", "HAS_EXTENSION", "__version__"]

@@ -131,8 +131,13 @@ def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[
                 raise TypeError(f"{owner}: batch.key must be None, a LongTensor or a list of keys, got {type(keys).__name__}")
             if len(keys) != len(index):
                 raise ValueError(f"{owner}: the batch has {len(index)} indices but {len(keys)} keys")
+        prints = getattr(batch, "fingerprint", None)
+        if prints is not None:
+            prints = host_long(owner, "batch.fingerprint", prints)
+            if len(prints) != len(index):
+                raise ValueError(f"{owner}: the batch has {len(index)} indices but {len(prints)} fingerprints")
         return Identity(index_t, index, views, item_lengths, batch.padding_side == "left", getattr(batch, "max_len", None),
-                        getattr(batch, "offsets", None) is not None, keys)
+                        getattr(batch, "offsets", None) is not None, keys, prints)
     raise TypeError(f"{owner}: batch must be a provcollate.Batch or an index tensor [B], got {type(batch).__name__}")
 
 

@@ -15,7 +15,7 @@ pyarrow (and pandas, for :func:`to_pandas`) are imported only when these functio
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,21 @@ _DTYPES = {
     torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
 }
 _RESERVED = ("index", "view", "key")
-_PROVENANCE = ("records", "slots", "incomplete", "ranks", "shards", "views", "on_duplicate")
+_PROVENANCE = ("records", "slots", "incomplete", "ranks", "shards", "views", "on_duplicate", "conflicts", "disagreements",
+               "max_disagreement")
+_FINGERPRINT = "fingerprint"  # the column of each entry's input fingerprint, after the outputs
+
+
+def _check_fingerprint_name(owner: str, t: ColumnTable) -> None:
+    if t.prints is not None and _FINGERPRINT in t.columns:
+        raise ValueError(f"{owner}: an output may not be named {_FINGERPRINT!r} when fingerprints were recorded (a "
+                         "column of its own); rename it")
+
+
+def _jsonable_ids(ids) -> Optional[list]:
+    """Conflicting ids for the metadata: ints and strs as they are (None when another kind)."""
+    ids = [int(i) if isinstance(i, (int, np.integer)) else i for i in ids]
+    return ids if all(isinstance(i, (int, str)) for i in ids) else None
 
 
 def _pyarrow():
@@ -123,9 +137,14 @@ def to_arrow(t: ColumnTable):
             columns[name] = _nested_array(col)
             dtype, shape = col.dtype, col.shape[1:]
         outputs.append({"name": name, "per_token": isinstance(col, Jagged), "dtype": _dtype_name(dtype), "shape": list(shape)})
+    _check_fingerprint_name("Predictions.to_arrow", t)
+    if t.prints is not None:
+        columns[_FINGERPRINT] = pa.array(t.prints, pa.int64())
+    provenance = {k: getattr(t, k) for k in _PROVENANCE}
+    provenance["conflicted"] = _jsonable_ids(t.conflicted)
     meta = {"format": _FORMAT, "single": t.single, "num_items": t.num_items,
             "stacked_views": t.stacked_views, "has_view": t.view is not None, "outputs": outputs,
-            "provenance": {k: getattr(t, k) for k in _PROVENANCE},
+            "provenance": provenance, "has_fingerprint": t.prints is not None,
             "keys": None if t.keys is None else keys_kind(t.keys)}
     table = pa.table(columns)
     return table.replace_schema_metadata({_META_KEY: json.dumps(meta).encode()})
@@ -160,8 +179,12 @@ def from_arrow(table) -> ColumnTable:
     provenance = {k: v for k, v in (meta.get("provenance") or {}).items() if k in _PROVENANCE}
     if "views" not in provenance:
         provenance["views"] = 1 if view is None or not len(view) else int(view.max()) + 1
+    conflicted = (meta.get("provenance") or {}).get("conflicted")
+    prints = None
+    if meta.get("has_fingerprint"):
+        prints = _unnested(table.column(_FINGERPRINT).combine_chunks(), torch.int64, ()).numpy()
     return ColumnTable(index, view, columns, meta["single"], meta["num_items"], meta["stacked_views"], len(index),
-                       keys=keys, **provenance)
+                       keys=keys, prints=prints, conflicted=tuple(conflicted or ()), **provenance)
 
 
 def write_parquet(t: ColumnTable, path) -> None:
@@ -230,6 +253,9 @@ def to_pandas(t: ColumnTable, dataset=None):
         else:
             host = _readable(col)
             data[name] = host if host.ndim == 1 else list(host)
+    _check_fingerprint_name("Predictions.to_pandas", t)
+    if t.prints is not None:
+        data[_FINGERPRINT] = t.prints
     if dataset is not None:
         for name, values in _dataset_columns(dataset, _host_index(t)).items():
             data[f"{name}_input" if name in data else name] = values

@@ -42,8 +42,9 @@ from ._keys import check_key, describe_key
 from ._checks import check_int
 from .dataset import Indexed
 from .store import ON_DUPLICATE, SINGLE, VIEWS, ColumnTable, Jagged, Store
+from .verify import Verification
 
-__all__ = ["Recorder", "Predictions", "Summary"]
+__all__ = ["Recorder", "Predictions", "Summary", "Verification"]
 
 _Tensor, _ndarray = torch.Tensor, np.ndarray  # add()'s type checks, one lookup each
 
@@ -67,6 +68,15 @@ class Summary:
         incomplete: recorded items missing some of their views.
         ranks: processes merged (1 unless gathered or read from several ranks' shards).
         shards: shard files merged (0 unless read or resumed from a directory).
+        fingerprinted: whether records carried input fingerprints (``batch.fingerprint``); the
+            three fields below are checks only they make possible.
+        conflicts: records filed under an id that already held another input (a different
+            fingerprint): a misaligned index, data changed before a resume, two examples with one
+            key. Counted whatever ``on_duplicate`` kept; ``conflicted`` lists those ids.
+        disagreements: repeats of one input (same id, same fingerprint: a ``DistributedSampler``
+            pad, accelerate's ``even_batches``, a retried task) whose outputs differ from the
+            record they repeat; ``max_disagreement`` is the largest absolute difference (0.0 when
+            none): a nondeterminism probe for free.
 
     ``str(summary)`` is a small table; ``dataclasses.asdict(summary)`` the same as a dict.
     """
@@ -81,6 +91,11 @@ class Summary:
     incomplete: int
     ranks: int
     shards: int
+    fingerprinted: bool = False
+    conflicts: int = 0
+    disagreements: int = 0
+    max_disagreement: float = 0.0
+    conflicted: tuple = ()
 
     @property
     def resolution(self) -> str:
@@ -106,6 +121,11 @@ class Summary:
         ]
         if self.shards:
             rows.append(("shards merged", str(self.shards)))
+        if self.fingerprinted or self.conflicts or self.disagreements:
+            shown = ", ".join(map(repr, self.conflicted[:5])) + (", ..." if len(self.conflicted) > 5 else "")
+            rows.append(("conflicts", f"{self.conflicts}: another input under ids {shown}" if self.conflicts else "0"))
+            rows.append(("disagreements", f"{self.disagreements} (max |difference| {self.max_disagreement:.3g})"
+                         if self.disagreements else "0"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
@@ -704,7 +724,32 @@ class Predictions:
         records = slots if t.records is None else t.records
         return Summary(expected=self.num_items, recorded=recorded, missing=missing, records=records,
                        repeats=records - slots, on_duplicate=t.on_duplicate, views=t.views, incomplete=t.incomplete,
-                       ranks=t.ranks, shards=t.shards)
+                       ranks=t.ranks, shards=t.shards, fingerprinted=t.prints is not None or bool(t.conflicts),
+                       conflicts=t.conflicts, disagreements=t.disagreements, max_disagreement=t.max_disagreement,
+                       conflicted=tuple(t.conflicted))
+
+    @property
+    def fingerprints(self) -> Optional[torch.Tensor]:
+        """LongTensor [E]: each entry's input fingerprint (``batch.fingerprint`` of the record
+        kept), in entry order; None when some record carried none, or views were combined."""
+        prints = self._table.prints
+        return None if prints is None else torch.from_numpy(prints)
+
+    def verify(self, dataset, k: int = 64, seed: int = 0, *, index=None) -> "Verification":
+        """Re-read ``k`` recorded items (every one when ``k >= len(self)``) from ``dataset``,
+        fingerprint them again and compare with the fingerprints recorded.
+
+        ``dataset`` is an :class:`provcollate.Indexed` (a view's input is ``ds.replay(index,
+        view)``; keyed predictions find each key's position through its ``key``) or the dataset
+        it wraps. The items are drawn with ``numpy.random.default_rng(seed)``. Returns a
+        :class:`Verification`: ``checked`` items, ``mismatched`` ids (dataset indices, or keys):
+        inputs that changed since they were recorded, or outputs filed under the wrong id.
+        ``index``: for raw samples collated with ``Collator(index=K)``, the same K (their
+        fingerprints leave the index out). Raises ValueError when no fingerprints were recorded.
+        """
+        from .verify import verify
+
+        return verify(self, dataset, k, seed, index)
 
     def column_info(self, name: Optional[str] = None) -> Tuple[bool, torch.dtype, Tuple[int, ...]]:
         """(per_token, dtype, row shape) of one output (the only one when ``name`` is None)."""

@@ -65,7 +65,7 @@ def test_parquet_has_every_text_once_in_dataset_order(run, corpus):
     assert df["index"].tolist() == list(range(LIMIT))
     assert df["text"].tolist() == texts[:LIMIT]
     assert df["source"].tolist() == sources[:LIMIT]
-    assert list(df.columns) == ["index", "text", "source", "embedding", "token_embeddings"]
+    assert list(df.columns) == ["index", "text", "source", "embedding", "token_embeddings", "fingerprint"]
 
 
 def test_embeddings_match_the_model_run_on_each_text_alone(run, corpus):

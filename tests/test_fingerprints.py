@@ -277,3 +277,180 @@ def test_the_same_in_a_fresh_process_with_and_without_the_extension(extension):
     data = [{"input_ids": [101, 2023, 102], "label": 1, "text": "a"}, (torch.arange(6.0).view(2, 3), np.int16(4), None)]
     expected = [pc.fingerprint(d) for d in data]
     assert out.stdout.strip() == f"{expected} {expected[:1]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Stored with every record; the summary checks; verify
+
+def feature_data(n=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(4, generator=gen), "y": i % 3} for i in range(n)]
+
+
+class Model(torch.nn.Module):
+    """A linear layer, plus noise of scale ``noise``: a model that is not deterministic."""
+
+    def __init__(self, noise=0.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3)
+        self.noise = noise
+
+    def forward(self, x):
+        out = self.lin(x)
+        return out + self.noise * torch.randn_like(out) if self.noise else out
+
+
+def run(rec, loader, model):
+    with torch.no_grad():
+        for batch in loader:
+            rec.add(batch, model(batch["x"]))
+
+
+@pytest.mark.parametrize("policy", ["first", "last", "mean"])
+def test_distributed_sampler_pads_are_repeats_of_one_input_and_nondeterminism_shows(policy):
+    from torch.utils.data.distributed import DistributedSampler
+
+    data = feature_data(10)
+    ds = pc.Indexed(data)
+    for noise, expect_disagreements in ((0.0, 0), (0.1, 2)):
+        model = Model(noise)
+        rec = pc.Recorder(num_items=ds, on_duplicate=policy)
+        for rank in range(3):  # 10 items over 3 ranks: 4 each, 2 of them repeats
+            sampler = DistributedSampler(ds, num_replicas=3, rank=rank, shuffle=True, seed=0)
+            run(rec, DataLoader(ds, batch_size=3, sampler=sampler, collate_fn=pc.Collator()), model)
+        s = rec.result().summary()
+        assert (s.repeats, s.conflicts, s.fingerprinted) == (2, 0, True)
+        assert s.disagreements == expect_disagreements
+        assert (s.max_disagreement > 0) == (expect_disagreements > 0)
+        assert "disagreements" in str(s) and "conflicts       0" in str(s)
+
+
+class Misaligned(torch.utils.data.Dataset):
+    """Returns item i's data under the index of item i + 1 for i in ``shifted``: a hand-made
+    index that went wrong (the Collator then files it under the wrong id)."""
+
+    def __init__(self, data, shifted):
+        self.data, self.shifted = data, shifted
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        return {**self.data[i], "idx": (i + 1) % len(self.data) if i in self.shifted else i}
+
+
+def test_a_misaligned_index_is_caught_by_conflicts_and_by_verify():
+    data = feature_data(12)
+    model = Model()
+    collate = pc.Collator(index="idx")
+    # One run with a misaligned index: item 3's input lands under id 4, which item 4 also fills.
+    rec = pc.Recorder(num_items=len(data), on_duplicate="first")
+    run(rec, DataLoader(Misaligned(data, {3, 7}), batch_size=5, collate_fn=collate), model)
+    preds = rec.result()
+    s = preds.summary()
+    assert (s.conflicts, s.conflicted, preds.missing().tolist()) == (2, (4, 8), [3, 7])
+    check = preds.verify(data, index="idx")  # "first" kept items 3 and 7's inputs under ids 4 and 8
+    assert check.checked == 10 and check.mismatched == [4, 8] and not check.ok
+    assert "MISMATCHED" in str(check)
+    # A correct run, then the misaligned one: each misfiled record meets another input under its id,
+    # whatever on_duplicate keeps.
+    for policy in ("first", "last", "mean"):
+        rec = pc.Recorder(num_items=len(data), on_duplicate=policy)
+        run(rec, DataLoader(Misaligned(data, set()), batch_size=5, collate_fn=collate), model)
+        run(rec, DataLoader(Misaligned(data, {3, 7}), batch_size=5, shuffle=True, collate_fn=collate), model)
+        s = rec.result().summary()
+        # under "last" a slot takes each new input's print, so its own input may meet item 3's again
+        assert s.conflicts == (2 if policy != "last" else s.conflicts) >= 2 and sorted(s.conflicted) == [4, 8], policy
+        assert s.disagreements == 0 and f"conflicts       {s.conflicts}: another input under ids" in str(s)
+    rec = pc.Recorder(num_items=len(data))  # "error" still refuses repeats
+    run(rec, DataLoader(Misaligned(data, set()), batch_size=5, collate_fn=collate), model)
+    with pytest.raises(ValueError, match="already recorded"):
+        run(rec, DataLoader(Misaligned(data, {3}), batch_size=5, collate_fn=collate), model)
+
+
+def test_verify_catches_changed_data_and_samples_k():
+    data = feature_data(30)
+    ds = pc.Indexed(data)
+    rec = pc.Recorder(num_items=ds)
+    run(rec, DataLoader(ds, batch_size=7, shuffle=True, num_workers=2, collate_fn=pc.Collator()), Model())
+    preds = rec.result()
+    assert torch.equal(preds.fingerprints, torch.tensor([pc.fingerprint(d) for d in data]))
+    assert preds.verify(ds).ok and preds.verify(data).checked == 30
+    data[11]["x"][2] += 1e-6  # one value of one example, changed after it was recorded
+    data[20]["y"] = 99
+    assert preds.verify(ds, k=1000).mismatched == [11, 20]
+    few = preds.verify(ds, k=5, seed=3)
+    assert few.checked == 5 and set(few.mismatched) <= {11, 20}
+    assert preds.verify(ds, k=5, seed=3) == few  # the same draw for the same seed
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        preds.verify(ds, k=-1)
+    unprinted = pc.Recorder(num_items=ds)
+    run(unprinted, DataLoader(ds, batch_size=7, collate_fn=pc.Collator(fingerprint=False)), Model())
+    with pytest.raises(ValueError, match="hold no fingerprints"):
+        unprinted.result().verify(ds)
+    assert unprinted.result().fingerprints is None and not unprinted.result().summary().fingerprinted
+
+
+def test_views_are_verified_through_replay():
+    data = feature_data(6)
+
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return {"x": data[i]["x"] + torch.randn(4), "y": data[i]["y"]}
+
+    ds = pc.Indexed(Noisy(), views=3, seed=5)
+    rec = pc.Recorder(num_items=ds, views="none")
+    run(rec, DataLoader(ds, batch_size=4, shuffle=True, num_workers=2, collate_fn=pc.Collator()), Model())
+    preds = rec.result()
+    assert preds.verify(ds).ok and preds.verify(ds).checked == 18
+    data[2]["x"][0] += 1
+    assert preds.verify(ds).mismatched == [(2, 0), (2, 1), (2, 2)]
+
+
+def test_keyed_records_carry_fingerprints_and_key_collisions_conflict():
+    rows = [{"id": f"doc-{i}", "x": torch.randn(4)} for i in range(8)]
+    ds = pc.Indexed(rows, key="id")
+    rec = pc.Recorder(keys=True, on_duplicate="first")
+    run(rec, DataLoader(ds, batch_size=3, shuffle=True, collate_fn=pc.Collator()), Model())
+    preds = rec.result()
+    assert preds.verify(ds).ok
+    other = pc.Indexed([{"id": "doc-2", "x": torch.randn(4)}], key="id")  # another example under a known key
+    run(rec, DataLoader(other, batch_size=1, collate_fn=pc.Collator()), Model())
+    s = rec.result().summary()
+    assert s.conflicts == 1 and s.conflicted == ("doc-2",)
+    df = rec.result().to_pandas()
+    assert list(df.columns) == ["key", "prediction", "fingerprint"]
+    assert df.set_index("key").loc["doc-5", "fingerprint"] == pc.fingerprint(rows[5])
+
+
+def test_fingerprints_survive_arrow_parquet_and_pandas(tmp_path):
+    data = feature_data(9)
+    ds = pc.Indexed(data)
+    rec = pc.Recorder(num_items=ds, on_duplicate="last")
+    run(rec, DataLoader(ds, batch_size=4, collate_fn=pc.Collator()), Model())
+    run(rec, DataLoader(Misaligned(data, {2}), batch_size=4, collate_fn=pc.Collator(index="idx")), Model())
+    preds = rec.result()
+    path = tmp_path / "p.parquet"
+    preds.to_parquet(path)
+    for back in (pc.Predictions.from_arrow(preds.to_arrow()), pc.Predictions.read(path)):
+        assert torch.equal(back.fingerprints, preds.fingerprints)
+        s, t = back.summary(), preds.summary()
+        assert (s.conflicts, s.conflicted, s.disagreements) == (t.conflicts, t.conflicted, t.disagreements) == (1, (3,), 0)
+    df = preds.to_pandas()
+    assert df["fingerprint"].tolist() == preds.fingerprints.tolist()
+
+
+def test_a_compiled_add_books_the_fingerprints_too():
+    data = feature_data(20)
+    ds = pc.Indexed(data)
+    rec = pc.Recorder(num_items=ds)
+    run(rec, DataLoader(ds, batch_size=5, shuffle=True, collate_fn=pc.Collator()), Model())
+    assert torch.equal(rec.result().fingerprints, torch.tensor([pc.fingerprint(d) for d in data]))
+    batch = pc.Collator()([pc.Sample(i, 0, d) for i, d in enumerate(data[:3])])
+    with pytest.raises(ValueError, match="already recorded"):
+        rec.add(batch, torch.zeros(3, 3))  # rejected: the books, prints included, are as they were
+    assert torch.equal(rec.result().fingerprints, torch.tensor([pc.fingerprint(d) for d in data]))

@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Each module's layer: a module may import only modules of lower layers.
 LAYERS = {
     "_checks": 0, "_progress": 0, "_keys": 0, "reference": 0,
-    "ops": 1, "dataset": 1, "fingerprints": 1.5,
+    "ops": 1, "dataset": 1, "fingerprints": 1.5, "verify": 1.6,
     "collate": 2, "sampler": 2,
     # the storage core, bottom up
     "store.memory": 3.0, "store.staging": 3.0,

@@ -49,7 +49,8 @@ class Identity(NamedTuple):
     ``left`` whether padding is on the left; ``max_len`` the padded length of a Batch (None for a
     plain index); ``jagged`` whether per-token outputs may come as rows ``[total, ...]`` in item
     order (a packed Batch, or ``offsets=``); ``keys`` the rows' keys (an int64 array, or a list of
-    checked str / bytes / tuple keys) when they are filed by key, else None.
+    checked str / bytes / tuple keys) when they are filed by key, else None; ``prints`` the
+    rows' input fingerprints (int64 ``[B]``, ``batch.fingerprint``) or None.
     """
 
     index_t: Optional[torch.Tensor]
@@ -60,6 +61,7 @@ class Identity(NamedTuple):
     max_len: Optional[int]
     jagged: bool
     keys: Any = None
+    prints: Optional[np.ndarray] = None
 
 
 class Output(NamedTuple):
@@ -121,7 +123,7 @@ class SlotBlock:
     list) when the slots are filed by key, else None (``index`` then numbers the block's items).
     """
 
-    __slots__ = ("index", "view", "count", "lengths", "columns", "records", "keys", "key_data")
+    __slots__ = ("index", "view", "count", "lengths", "columns", "records", "keys", "key_data", "prints")
 
     def __init__(self, index: np.ndarray, view: Optional[np.ndarray], count: Optional[np.ndarray],
                  lengths: Optional[np.ndarray], columns: Dict[str, torch.Tensor], records: Optional[int] = None,
@@ -129,6 +131,7 @@ class SlotBlock:
         self.index, self.view, self.count, self.lengths, self.columns = index, view, count, lengths, columns
         self.records, self.keys = records, keys
         self.key_data = None  # keys as (bytes, offsets) on their way to another rank
+        self.prints: Optional[np.ndarray] = None  # each slot's input fingerprint (int64 [E]), when all have one
 
     def __len__(self) -> int:
         return len(self.index)
@@ -144,6 +147,10 @@ class ColumnTable(NamedTuple):
     the policy that resolved repeats (None when unknown). A keyed table's ``keys`` holds each
     entry's key (an int64 array for int keys, else a list), its entries sorted by key (then
     view), its ``index`` the slots the store gave the keys, and ``num_items`` the items expected.
+    ``prints`` holds each entry's input fingerprint (int64 ``[E]``) when every entry has one and
+    entries are slots (views not combined), else None; ``conflicts`` counts records filed under an
+    id that held another input's fingerprint (``conflicted``: those ids' slots), ``disagreements``
+    repeats of one input whose outputs differed, by at most ``max_disagreement``.
     """
 
     index: Optional[np.ndarray]
@@ -161,3 +168,8 @@ class ColumnTable(NamedTuple):
     views: int = 1
     on_duplicate: Optional[str] = None
     keys: Any = None
+    prints: Optional[np.ndarray] = None
+    conflicts: int = 0
+    disagreements: int = 0
+    max_disagreement: float = 0.0
+    conflicted: Any = ()

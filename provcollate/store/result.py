@@ -29,7 +29,9 @@ def finished_table(store, owner: str, ranks: int, shards: int) -> Tuple[ColumnTa
         incomplete = int(np.count_nonzero((views_present > 0) & (views_present < vcap)))
     keyed = store.keys is not None
     common = dict(num_items=store.expected if keyed else store.num_items, records=store.records, slots=slots,
-                  incomplete=incomplete, ranks=ranks, shards=shards, views=vcap, on_duplicate=store.on_duplicate)
+                  incomplete=incomplete, ranks=ranks, shards=shards, views=vcap, on_duplicate=store.on_duplicate,
+                  conflicts=table.conflicts, disagreements=table.disagreements,
+                  max_disagreement=table.max_disagreement, conflicted=_conflicted(store))
     if store.specs is None:
         empty = ([] if keyed else None)
         return ColumnTable(np.zeros(0, np.int64), None, {}, False, stacked_views=None, size=0, keys=empty, **common), False
@@ -39,6 +41,27 @@ def finished_table(store, owner: str, ranks: int, shards: int) -> Tuple[ColumnTa
     else:
         out, shared = _combined_views(store, owner, common), False
     return (_by_key(store, out), False) if keyed else (out, shared)
+
+
+def _conflicted(store) -> tuple:
+    """The ids (dataset indices, or keys) of every conflict, each once, in the order first seen."""
+    flat = list(dict.fromkeys(store.table.conflicted))
+    vcap = store.table.shape[1]
+    items = [s // vcap for s in flat]
+    if store.keys is not None:
+        return tuple(store.keys.keys[i] for i in items)
+    return tuple(items)
+
+
+def _prints(store, flat) -> "np.ndarray | None":
+    """The fingerprints of the slots ``flat`` (None: every slot), when each of them has one."""
+    table = store.table
+    if table.printed is None:
+        return None
+    printed, prints = table.printed.reshape(-1), table.prints.reshape(-1)
+    if flat is None:
+        return prints.copy() if printed.all() else None
+    return prints[flat] if printed[flat].all() else None
 
 
 def _by_key(store, table: ColumnTable) -> ColumnTable:
@@ -56,7 +79,8 @@ def _by_key(store, table: ColumnTable) -> ColumnTable:
             columns[name] = col.index_select(0, order_t)
     keys = np.asarray(keys, np.int64)[order] if store.keys.kind == "int" else [keys[e] for e in order.tolist()]
     view = None if table.view is None else table.view[order]
-    return table._replace(index=index[order], view=view, columns=columns, keys=keys)
+    prints = None if table.prints is None else table.prints[order]
+    return table._replace(index=index[order], view=view, columns=columns, keys=keys, prints=prints)
 
 
 def _slot_columns(store, everything: bool, common: Dict[str, Any]) -> Tuple[ColumnTable, bool]:
@@ -78,9 +102,11 @@ def _slot_columns(store, everything: bool, common: Dict[str, Any]) -> Tuple[Colu
             rows = store.dense[name].rows
             columns[name] = rows if everything else rows.index_select(0, to_device(flat, store.device))
     if implicit:
-        return ColumnTable(None, None, columns, store.single, stacked_views=None, size=cap, **common), everything
+        return ColumnTable(None, None, columns, store.single, stacked_views=None, size=cap, prints=_prints(store, None),
+                           **common), everything
     view = flat % vcap if store.views == "none" else None
-    return ColumnTable(flat // vcap, view, columns, store.single, stacked_views=None, size=len(flat), **common), everything
+    return ColumnTable(flat // vcap, view, columns, store.single, stacked_views=None, size=len(flat),
+                       prints=_prints(store, flat), **common), everything
 
 
 def _combined_views(store, owner: str, common: Dict[str, Any]) -> ColumnTable:

@@ -16,7 +16,10 @@ class Claim(NamedTuple):
 
     ``keep`` masks the rows to write (None: all); ``prev`` holds the slots' record counts before
     (None for an empty block); ``merge`` says rows are averaged into their slots; ``top`` and
-    ``vmax`` are the largest index and view.
+    ``vmax`` are the largest index and view. With fingerprints, ``conflict`` masks the rows whose
+    input differs from the one their slot already holds (or an earlier row of this block gave it),
+    ``same`` the rows that repeat that input, and ``ref`` says for each ``same`` row what it
+    repeats: an earlier row of this block, or -1 for the row in the store (None without fingerprints).
     """
 
     keep: Optional[np.ndarray]
@@ -24,6 +27,9 @@ class Claim(NamedTuple):
     merge: bool
     top: int
     vmax: int
+    conflict: Optional[np.ndarray] = None
+    same: Optional[np.ndarray] = None
+    ref: Optional[np.ndarray] = None
 
 
 _KEEP_ONE = "; pass on_duplicate='first', 'last' or 'mean' to keep one"
@@ -34,7 +40,9 @@ def _what(item: str, views, b: int) -> str:
 
 
 class SlotTable:
-    """Host bookkeeping of every slot: ``count``, ``token_len`` and ``disk`` arrays ``[capacity, V]``."""
+    """Host bookkeeping of every slot: ``count``, ``token_len`` and ``disk`` arrays ``[capacity, V]``;
+    with fingerprints also ``prints`` (int64) and ``printed`` (bool), and the conflicts and
+    disagreements seen so far."""
 
     def __init__(self, num_items: Optional[int], on_duplicate: str) -> None:
         self.num_items = num_items
@@ -44,6 +52,11 @@ class SlotTable:
         self.flat = self.count.reshape(-1)
         self.token_len = np.zeros((0, 1), np.int64)
         self.disk: Optional[np.ndarray] = None  # slots a shard on disk holds, once a directory is linked
+        self.prints: Optional[np.ndarray] = None  # each slot's input fingerprint, once one is recorded
+        self.printed: Optional[np.ndarray] = None
+        self.conflicted: list = []  # flat slots of every conflict, in order seen
+        self.disagreements = 0
+        self.max_disagreement = 0.0
 
     @staticmethod
     def count_dtype(on_duplicate: str):
@@ -76,7 +89,64 @@ class SlotTable:
             disk = np.zeros(shape, bool)
             disk[:cap, :vcap] = self.disk
             self.disk = disk
+        if self.prints is not None:
+            prints, printed = np.zeros(shape, np.int64), np.zeros(shape, bool)
+            prints[:cap, :vcap], printed[:cap, :vcap] = self.prints, self.printed
+            self.prints, self.printed = prints, printed
         self.count, self.flat, self.token_len = count, count.reshape(-1), token_len
+
+    @property
+    def conflicts(self) -> int:
+        return len(self.conflicted)
+
+    def book_prints(self, slots: np.ndarray, prints: np.ndarray, claim: Optional["Claim"], disagreements: int = 0,
+                    max_disagreement: float = 0.0) -> None:
+        """After the rows are written: ``slots`` (flat) hold inputs of fingerprints ``prints``
+        (a slot keeps the print of the record it keeps: its first under ``"first"`` and
+        ``"mean"``, its last under ``"last"``), and the claim's conflicts and disagreements count."""
+        if self.prints is None:
+            self.prints, self.printed = np.zeros(self.count.shape, np.int64), np.zeros(self.count.shape, bool)
+        flat_prints, flat_printed = self.prints.reshape(-1), self.printed.reshape(-1)
+        if claim is not None and claim.conflict is not None and claim.conflict.any():
+            self.conflicted.extend(slots[claim.conflict].tolist())
+        if self.on_duplicate == "last":
+            take = np.ones(len(slots), bool)
+        else:  # the first record of a slot: nothing printed there before, and first in this block
+            take = ~flat_printed[slots]
+            if len(slots) > 1:
+                take &= first_last(slots)[0]
+        if claim is not None and claim.keep is not None and self.on_duplicate != "mean":
+            take &= claim.keep
+        flat_prints[slots[take]] = prints[take]
+        flat_printed[slots[take]] = True
+        self.disagreements += disagreements
+        self.max_disagreement = max(self.max_disagreement, max_disagreement)
+
+    def compare_prints(self, index: np.ndarray, views: Optional[np.ndarray], slots: np.ndarray, prints: np.ndarray):
+        """(conflict, same, ref) of a block's rows against the prints held and each other: see
+        :class:`Claim`. ``slots`` numbers the block's (index, view) pairs among themselves."""
+        n = len(slots)
+        ref = np.full(n, -2, np.int64)  # -2: nothing to compare with
+        held = np.zeros(n, np.int64)
+        if self.printed is not None:
+            known = self.recorded(index, views, self.printed)
+            rows = np.flatnonzero(known)
+            ref[rows] = -1
+            held[rows] = self.prints[index[rows], 0 if views is None else views[rows]]
+        if n > 1:
+            order = np.argsort(slots, kind="stable")
+            s = slots[order]
+            again = np.flatnonzero(s[1:] == s[:-1]) + 1  # sorted positions that repeat the one before
+            if len(again):
+                start = np.maximum.accumulate(np.where(np.concatenate(([True], s[1:] != s[:-1])), np.arange(n), 0))
+                rows, firsts = order[again], order[start[again]]
+                fresh = ref[rows] == -2  # no print held: the block's first row of the slot is the reference
+                ref[rows[fresh]] = firsts[fresh]
+                held[rows[fresh]] = prints[firsts[fresh]]
+        compared = ref != -2
+        conflict = compared & (held != prints)
+        same = compared & (held == prints)
+        return conflict, same, ref
 
     def recount(self, on_duplicate: str) -> None:
         """Counts in the width ``on_duplicate`` needs (narrowed counts saturate)."""
@@ -147,7 +217,7 @@ class SlotTable:
 
     def claim(self, index: np.ndarray, views: Optional[np.ndarray], lengths: Optional[np.ndarray], per_token: bool,
               combine_views: bool, source: Optional[str] = None, repeat_hint: str = "",
-              names: Optional[Callable[[int], str]] = None) -> Claim:
+              names: Optional[Callable[[int], str]] = None, prints: Optional[np.ndarray] = None) -> Claim:
         """Check a block of (index, view) pairs against what is recorded and apply ``on_duplicate``.
 
         ``source`` None means a batch of ``Recorder.add`` (its messages name batch positions),
@@ -156,7 +226,7 @@ class SlotTable:
         views of an item agree in per-token length. ``names(b)`` names the item of row b in
         messages (default "item 5"; a keyed store's "key 'doc-3'"). Raises ValueError, changing
         nothing, for an index outside ``range(num_items)``, a repeat under ``"error"`` or lengths
-        that clash.
+        that clash. ``prints``: the rows' input fingerprints, compared with those held (see :class:`Claim`).
         """
         item = names if names is not None else (lambda b: f"item {index[b]}")
         def what(b: int) -> str:
@@ -194,8 +264,11 @@ class SlotTable:
                              "pass on_duplicate='first', 'last' or 'mean' to allow repeats")
         if lengths is not None and per_token:
             self._check_lengths(index, views, lengths, slot, combine_views, source, what, item)
+        printed = {}
+        if prints is not None and (seen or repeats):
+            printed = dict(zip(("conflict", "same", "ref"), self.compare_prints(index, views, slot, prints)))
         if not (seen or repeats) or self.on_duplicate == "mean":
-            return Claim(None, prev, seen or repeats, top, vmax)
+            return Claim(None, prev, seen or repeats, top, vmax, **printed)
         first, last = first_last(slot) if repeats else (None, None)
         if self.on_duplicate == "first":
             keep = prev == 0
@@ -203,7 +276,7 @@ class SlotTable:
                 keep &= first
         else:
             keep = last
-        return Claim(None if keep is None or keep.all() else keep, prev, False, top, vmax)
+        return Claim(None if keep is None or keep.all() else keep, prev, False, top, vmax, **printed)
 
     def _check_lengths(self, index, views, lengths, slot, combine_views: bool, source: Optional[str], what, item) -> None:
         """Slots that will be combined (views of one item, or averaged repeats) share one length."""

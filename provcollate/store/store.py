@@ -171,16 +171,18 @@ class Store(RowWriter):
         lengths = ids.lengths if per_token else None
 
         def write(ids: Identity, names) -> None:
-            claim = self.table.claim(ids.index, ids.views, lengths, per_token, combine_views, names=names)
+            claim = self.table.claim(ids.index, ids.views, lengths, per_token, combine_views, names=names, prints=ids.prints)
             first = self.specs is None
             if first:
                 self.setup(specs, single, "Recorder.add")
             try:
+                differ = self.disagreement(ids, outputs, claim)
                 self._take(ids, outputs, claim, len(ids.index))
             except BaseException:
                 if first:
                     self._forget_outputs()
                 raise
+            self._book_prints(ids, claim, differ)
 
         self._filed("Recorder.add", ids, write)
 
@@ -190,7 +192,12 @@ class Store(RowWriter):
         if self.fast is None:
             return -1
         if ids.keys is None:
-            return -1 if self.keyed else self.fast.add(ids, outputs, per_token)
+            if self.keyed:
+                return -1
+            n = self.fast.add(ids, outputs, per_token)
+            if n >= 0:
+                self._book_prints(ids, None)
+            return n
         if not self.keyed:
             return -1  # the first keyed record, or keys given to a positional store: the general path
         keys = ids.keys.tolist() if isinstance(ids.keys, np.ndarray) else ids.keys
@@ -201,7 +208,13 @@ class Store(RowWriter):
         n = self.fast.add(ids._replace(index=slots, index_t=None), outputs, per_token)
         if n >= 0:
             self.keys.commit(new_keys)
+            self._book_prints(ids._replace(index=slots), None)
         return n
+
+    def _book_prints(self, ids: Identity, claim, differ=(0, 0.0)) -> None:
+        """The fingerprints of rows just written (nothing without them)."""
+        if ids.prints is not None and len(ids.index):
+            self.table.book_prints(self.table.slots(ids.index, ids.views), ids.prints, claim, *differ)
 
     def absorb(self, block: SlotBlock, source: str, repeat_hint: str = "") -> None:
         """Merge ``block`` under ``on_duplicate``, as a batch added now would be; ``source`` names it in errors.
@@ -217,10 +230,13 @@ class Store(RowWriter):
 
         def write(ids: Identity, names) -> None:
             claim = self.table.claim(ids.index, ids.views, ids.lengths, ids.lengths is not None, False, source, repeat_hint,
-                                     names=names)
+                                     names=names, prints=ids.prints)
+            differ = self.disagreement(ids, outputs, claim)
             self._take(ids, outputs, claim, records, block.count)
+            self._book_prints(ids, claim, differ)
 
-        self._filed(source, Identity(None, block.index, block.view, block.lengths, False, None, True, block.keys), write)
+        self._filed(source, Identity(None, block.index, block.view, block.lengths, False, None, True, block.keys,
+                                     block.prints), write)
 
     def load_index(self, block: SlotBlock, source: str) -> None:
         """Count the slots of a shard on disk as recorded (``block`` holds bookkeeping only).

@@ -12,6 +12,7 @@ import torch
 from .. import ops
 from .memory import exclusive_cumsum, row_positions, to_device
 from .records import Identity, Output
+from .slots import Claim
 from .staging import Staging
 
 __all__ = ["RowWriter"]
@@ -78,6 +79,64 @@ class RowWriter:
             store.unreserve(total)
             raise
         return base + (local if keep is None else local[keep])
+
+    def disagreement(self, ids: Identity, outputs: Dict[str, Output], claim: Claim):
+        """(how many, the largest absolute difference) of the rows that repeat an input (same
+        fingerprint, ``claim.same``) and differ from what they repeat: an earlier row of this
+        block, or the row the store holds (its average so far under ``"mean"``); a slot held only
+        in a shard is not read back, nor one that met another input (a conflict: what it holds is
+        not this input's output). Read before the rows are written."""
+        if claim.same is None or not claim.same.any():
+            return 0, 0.0
+        self.staging.drain(wait=True)  # the rows held must have landed
+        rows = np.flatnonzero(claim.same)
+        ref = claim.ref[rows]
+        if (ref == -1).any():  # held rows: those in memory only
+            held = ref == -1
+            flat = self.table.slots(ids.index[rows], None if ids.views is None else ids.views[rows])
+            in_memory = ~held | (self.table.flat[np.where(held, flat, 0)] > 0)
+            rows, ref = rows[in_memory], ref[in_memory]
+        flat = self.table.slots(ids.index[rows], None if ids.views is None else ids.views[rows])
+        conflicted = set(self.table.conflicted)
+        if claim.conflict is not None and claim.conflict.any():
+            hit = np.flatnonzero(claim.conflict)
+            conflicted.update(self.table.slots(ids.index[hit], None if ids.views is None else ids.views[hit]).tolist())
+        if conflicted:
+            clean = ~np.isin(flat, np.fromiter(conflicted, np.int64, len(conflicted)))
+            rows, ref, flat = rows[clean], ref[clean], flat[clean]
+        if not len(rows):
+            return 0, 0.0
+        lengths = ids.lengths
+        starts = exclusive_cumsum(lengths) if lengths is not None else None
+        worst = np.zeros(len(rows))
+        for name, out in outputs.items():
+            for r, (b, a) in enumerate(zip(rows.tolist(), ref.tolist())):
+                mine = self._batch_row(out, b, lengths, starts, ids.left)
+                if a >= 0:
+                    theirs = self._batch_row(out, a, lengths, starts, ids.left)
+                elif out.per_token:
+                    store = self.tokens[name]
+                    theirs = store.gather(store.starts.reshape(-1)[flat[r:r + 1]], self.table.token_len.reshape(-1)[flat[r:r + 1]])
+                else:
+                    theirs = self.dense[name].rows[int(flat[r])]
+                if mine.shape != theirs.shape:
+                    worst[r] = float("inf")
+                elif mine.numel():
+                    worst[r] = max(worst[r], float((mine.double() - theirs.to(mine.device).double()).abs().max()))
+        differ = worst > 0
+        return int(np.count_nonzero(differ)), float(worst.max()) if len(worst) else 0.0
+
+    @staticmethod
+    def _batch_row(out: Output, b: int, lengths, starts, left: bool) -> torch.Tensor:
+        """Row ``b``'s output in a batch: its real rows when per token."""
+        src = out.tensor
+        if not out.per_token:
+            return src[b]
+        n = int(lengths[b])
+        if out.jagged:
+            return src[int(starts[b]):int(starts[b]) + n]
+        begin = src.shape[1] - n if left else 0
+        return src[b, begin:begin + n]
 
     def _take_mean(self, slots, ids: Identity, outputs: Dict[str, Output], prev, weight: Optional[np.ndarray]) -> None:
         """Average rows into their slots (repeats among them included), each weighed by ``weight``
