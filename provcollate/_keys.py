@@ -172,3 +172,28 @@ def decode_keys(data: np.ndarray, offsets: np.ndarray, kind: str) -> list:
             at += 9 + size
         keys.append(tuple(elements))
     return keys
+
+
+def encode_id(i):
+    """An id (a dataset index, an ``(index, view)`` pair or a key) as JSON data: ints and strs as
+    they are, bytes as ``{"bytes": hex}``, tuples as ``{"tuple": [...]}``; :func:`decode_id` inverts it."""
+    if isinstance(i, (bool, np.bool_)):
+        return bool(i)
+    if isinstance(i, (int, np.integer)):
+        return int(i)
+    if isinstance(i, bytes):
+        return {"bytes": i.hex()}
+    if isinstance(i, tuple):
+        return {"tuple": [encode_id(e) for e in i]}
+    return i
+
+
+def decode_id(i):
+    """The id that :func:`encode_id` made ``i`` from."""
+    if isinstance(i, dict):
+        if "bytes" in i:
+            return bytes.fromhex(i["bytes"])
+        return tuple(decode_id(e) for e in i["tuple"])
+    if isinstance(i, list):  # JSON has no tuples
+        return tuple(decode_id(e) for e in i)
+    return i

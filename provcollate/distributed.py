@@ -27,7 +27,7 @@ import torch.distributed as dist
 from . import _progress
 from ._checks import check_int
 from ._keys import decode_keys, encode_keys, keys_kind
-from .store import SlotBlock, Store, specs_from_meta, specs_to_meta, to_device
+from .store import SlotBlock, Store, books, specs_from_meta, specs_to_meta, to_device
 
 __all__ = ["gather"]
 
@@ -53,10 +53,11 @@ def _comm_device(group, storage: torch.device) -> torch.device:
 def _header(store: Store, block: Optional[SlotBlock]) -> Dict[str, Any]:
     header: Dict[str, Any] = {"on_duplicate": store.on_duplicate, "views": store.views, "num_items": store.expected,
                               "outputs": None, "single": False, "entries": 0, "tokens": 0, "width": 1, "records": store.records,
-                              "keys": None, "key_bytes": 0}
+                              "keys": None, "key_bytes": 0, "prints": False, "books": books(store)}
     if block is not None:
         header.update(outputs=specs_to_meta(store.specs), single=store.single, entries=len(block),
-                      tokens=0 if block.lengths is None else int(block.lengths.sum()), width=store.table.shape[1])
+                      tokens=0 if block.lengths is None else int(block.lengths.sum()), width=store.table.shape[1],
+                      prints=block.prints is not None)
         if block.keys is not None:
             kind = keys_kind(block.keys)
             header.update(keys=kind, key_bytes=0 if kind == "int" else len(block.key_data[0]))
@@ -80,6 +81,8 @@ def _sections(header: Dict[str, Any], outputs: List[Dict[str, Any]], mean: bool)
         parts += [("key_offsets", 8 * (n + 1)), ("key_data", header["key_bytes"])]
     if mean:
         parts.append(("count", 8 * n))
+    if header.get("prints"):
+        parts.append(("print", 8 * n))
     if any(o["per_token"] for o in outputs):
         parts.append(("length", 8 * n))
     for o in outputs:
@@ -95,7 +98,7 @@ def _sections(header: Dict[str, Any], outputs: List[Dict[str, Any]], mean: bool)
 def _pack(block: SlotBlock, width: int, sections, nbytes: int, device: torch.device) -> torch.Tensor:
     buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
     slot = block.index if width == 1 else block.index * width + (0 if block.view is None else block.view)
-    host = {"slot": slot, "count": block.count, "length": block.lengths, "key": block.keys}
+    host = {"slot": slot, "count": block.count, "length": block.lengths, "key": block.keys, "print": block.prints}
     if block.key_data is not None:
         host["key_offsets"], host["key_data"] = block.key_data[1], block.key_data[0]
     for name, offset, size in sections:
@@ -126,7 +129,9 @@ def _unpack(buf: torch.Tensor, header: Dict[str, Any], outputs, sections, width:
         rows = tokens if o["per_token"] else n
         raw = parts[o["name"]]
         columns[o["name"]] = raw.view(dtype).view(rows, *shape) if raw.numel() else torch.empty((rows, *shape), dtype=dtype, device=buf.device)
-    return SlotBlock(index, view, count, lengths, columns, records=max(n, int(header["records"])), keys=keys)
+    block = SlotBlock(index, view, count, lengths, columns, records=max(n, int(header["records"])), keys=keys)
+    block.prints = parts["print"].view(torch.int64).cpu().numpy() if "print" in parts else None
+    return block
 
 
 def _check_headers(headers: List[Dict[str, Any]], owner: str) -> Tuple[Optional[List[Dict[str, Any]]], bool]:
@@ -201,6 +206,7 @@ def gather(store: Store, dst: Optional[int] = None, group=None, progress: bool =
     for r in _progress.bar(owner, progress, range(world), world, "merging ranks", "rank"):
         block = _unpack(bufs[r], headers[r], outputs, layout[r], width, mean)
         merged.absorb(block, f"{owner}: rank {ranks[r]}", repeat_hint=hint)
+        merged.carry(headers[r].get("books"))  # the fingerprint checks each rank made itself
         bufs[r] = None  # each rank's buffer is freed once merged
     merged.table.check_view_lengths(owner, merged.views)
     _progress.logger.info("%s: %d entries from %d ranks, %d bytes per rank", owner, int(np.count_nonzero(merged.table.flat)), world, nbytes)

@@ -15,13 +15,13 @@ pyarrow (and pandas, for :func:`to_pandas`) are imported only when these functio
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
 
 from ._checks import io_extra
-from ._keys import key_array, keys_from_arrow, keys_kind
+from ._keys import decode_id, encode_id, key_array, keys_from_arrow, keys_kind
 from .store import ColumnTable, Jagged
 from .dataset import Indexed, Sample
 
@@ -35,7 +35,7 @@ _DTYPES = {
     torch.uint16, torch.uint32, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
 }
 _RESERVED = ("index", "view", "key")
-_PROVENANCE = ("records", "slots", "incomplete", "ranks", "shards", "views", "on_duplicate", "conflicts", "disagreements",
+_PROVENANCE = ("records", "slots", "incomplete", "ranks", "shards", "views", "on_duplicate", "disagreements",
                "max_disagreement")
 _FINGERPRINT = "fingerprint"  # the column of each entry's input fingerprint, after the outputs
 
@@ -44,12 +44,6 @@ def _check_fingerprint_name(owner: str, t: ColumnTable) -> None:
     if t.prints is not None and _FINGERPRINT in t.columns:
         raise ValueError(f"{owner}: an output may not be named {_FINGERPRINT!r} when fingerprints were recorded (a "
                          "column of its own); rename it")
-
-
-def _jsonable_ids(ids) -> Optional[list]:
-    """Conflicting ids for the metadata: ints and strs as they are (None when another kind)."""
-    ids = [int(i) if isinstance(i, (int, np.integer)) else i for i in ids]
-    return ids if all(isinstance(i, (int, str)) for i in ids) else None
 
 
 def _pyarrow():
@@ -141,7 +135,7 @@ def to_arrow(t: ColumnTable):
     if t.prints is not None:
         columns[_FINGERPRINT] = pa.array(t.prints, pa.int64())
     provenance = {k: getattr(t, k) for k in _PROVENANCE}
-    provenance["conflicted"] = _jsonable_ids(t.conflicted)
+    provenance["conflicted"] = [encode_id(i) for i in t.conflicted]
     meta = {"format": _FORMAT, "single": t.single, "num_items": t.num_items,
             "stacked_views": t.stacked_views, "has_view": t.view is not None, "outputs": outputs,
             "provenance": provenance, "has_fingerprint": t.prints is not None,
@@ -179,12 +173,12 @@ def from_arrow(table) -> ColumnTable:
     provenance = {k: v for k, v in (meta.get("provenance") or {}).items() if k in _PROVENANCE}
     if "views" not in provenance:
         provenance["views"] = 1 if view is None or not len(view) else int(view.max()) + 1
-    conflicted = (meta.get("provenance") or {}).get("conflicted")
+    conflicted = tuple(decode_id(i) for i in (meta.get("provenance") or {}).get("conflicted") or ())
     prints = None
     if meta.get("has_fingerprint"):
         prints = _unnested(table.column(_FINGERPRINT).combine_chunks(), torch.int64, ()).numpy()
     return ColumnTable(index, view, columns, meta["single"], meta["num_items"], meta["stacked_views"], len(index),
-                       keys=keys, prints=prints, conflicted=tuple(conflicted or ()), **provenance)
+                       keys=keys, prints=prints, conflicted=conflicted, conflicts=len(conflicted), **provenance)
 
 
 def write_parquet(t: ColumnTable, path) -> None:

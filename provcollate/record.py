@@ -42,7 +42,8 @@ from ._keys import check_key, describe_key
 from ._checks import check_int
 from .dataset import Indexed
 from .store import ON_DUPLICATE, SINGLE, VIEWS, ColumnTable, Jagged, Store
-from .verify import Verification
+from .verify import Verification, verify_resumed
+from .verify import verify as _verify
 
 __all__ = ["Recorder", "Predictions", "Summary", "Verification"]
 
@@ -70,9 +71,9 @@ class Summary:
         shards: shard files merged (0 unless read or resumed from a directory).
         fingerprinted: whether records carried input fingerprints (``batch.fingerprint``); the
             three fields below are checks only they make possible.
-        conflicts: records filed under an id that already held another input (a different
-            fingerprint): a misaligned index, data changed before a resume, two examples with one
-            key. Counted whatever ``on_duplicate`` kept; ``conflicted`` lists those ids.
+        conflicts: ids under which records of different inputs (different fingerprints) were
+            filed: a misaligned index, data changed before a resume, two examples with one key.
+            Counted whatever ``on_duplicate`` kept; ``conflicted`` lists those ids.
         disagreements: repeats of one input (same id, same fingerprint: a ``DistributedSampler``
             pad, accelerate's ``even_batches``, a retried task) whose outputs differ from the
             record they repeat; ``max_disagreement`` is the largest absolute difference (0.0 when
@@ -173,6 +174,10 @@ class Recorder:
             :meth:`result` / :meth:`gather` include it; later writes go to the same directory.
             The shards must have been written with the same ``num_items``, ``on_duplicate``
             and ``views``. Only their bookkeeping is read now; values stay on disk until needed.
+        verify: with ``resume`` and ``num_items=`` a :class:`provcollate.Indexed`: re-read this
+            many of the items the shards hold (all when larger), fingerprint them again and raise
+            ValueError, before anything is recorded, naming those whose input changed since it
+            was written (records made with ``fingerprint=False`` are not checked).
 
     The first :meth:`add` fixes the outputs' names, which of them are per token, their dtypes
     and their row shapes; later calls may differ in batch size, padded length and device.
@@ -185,7 +190,9 @@ class Recorder:
     """
 
     def __init__(self, num_items=None, device=None, on_duplicate: str = "error",
-                 views: str = "mean", reduce: Optional[str] = None, resume=None, keys: bool = False) -> None:
+                 views: str = "mean", reduce: Optional[str] = None, resume=None, keys: bool = False,
+                 verify: Optional[int] = None) -> None:
+        dataset = num_items
         num_items = _num_items(num_items)
         if on_duplicate not in ON_DUPLICATE:
             raise ValueError(f"Recorder: on_duplicate must be one of {', '.join(map(repr, ON_DUPLICATE))}, got {on_duplicate!r}")
@@ -208,8 +215,22 @@ class Recorder:
         self._store = Store(num_items, device, on_duplicate, views, compiled=self._reduce is None, keyed=keys)
         self._lock = threading.RLock()  # add, result, gather, write, done, on_duplicate=: one thread at a time
         self._stream: Optional[shards.Stream] = None
+        if verify is not None:
+            if resume is None:
+                raise ValueError("Recorder: verify= checks the items that resume= finds written; pass resume= too")
+            if not isinstance(dataset, Indexed):
+                raise TypeError("Recorder: verify= re-reads resumed items from the dataset: pass num_items=<the pc.Indexed "
+                                f"dataset>, got num_items of type {type(dataset).__name__}")
         if resume is not None:
             self._stream = shards.resume(self._store, resume)
+            if verify is not None:
+                found = verify_resumed(self._store, dataset, verify)
+                if not found.ok:
+                    shown = ", ".join(map(repr, found.mismatched[:5])) + (", ..." if len(found.mismatched) > 5 else "")
+                    raise ValueError(f"Recorder: resume={resume!r}: {len(found.mismatched)} of {found.checked} written items "
+                                     f"checked are no longer the inputs they were recorded from (ids {shown}): the data "
+                                     "changed since, or was misfiled; resume against the data the shards were written "
+                                     "from, or write to a new directory")
         _warn_distributed_padding(num_items, on_duplicate)
 
     @property
@@ -747,9 +768,7 @@ class Predictions:
         ``index``: for raw samples collated with ``Collator(index=K)``, the same K (their
         fingerprints leave the index out). Raises ValueError when no fingerprints were recorded.
         """
-        from .verify import verify
-
-        return verify(self, dataset, k, seed, index)
+        return _verify(self, dataset, k, seed, index)
 
     def column_info(self, name: Optional[str] = None) -> Tuple[bool, torch.dtype, Tuple[int, ...]]:
         """(per_token, dtype, row shape) of one output (the only one when ``name`` is None)."""

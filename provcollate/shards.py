@@ -38,7 +38,7 @@ import torch
 from . import _progress
 from ._checks import io_extra
 from ._keys import key_array, keys_from_arrow, keys_kind
-from .store import ON_DUPLICATE, SlotBlock, Store, specs_from_meta, specs_to_meta
+from .store import ON_DUPLICATE, SlotBlock, Store, books, specs_from_meta, specs_to_meta
 
 __all__ = ["Stream", "write", "read", "resume", "shard_files"]
 
@@ -147,6 +147,8 @@ def _write_shard(file: str, block: SlotBlock, meta: Dict[str, Any], progress: bo
         arrays["count"] = pa.array(block.count)
     if block.lengths is not None:
         arrays["length"] = pa.array(block.lengths)
+    if block.prints is not None:
+        arrays["fingerprint"] = pa.array(block.prints, pa.int64())
     nbytes = 8 * n * len(arrays)
     for out in meta["outputs"]:
         row = _row_bytes(out)
@@ -229,7 +231,7 @@ def _blocks(file: str, meta: Dict[str, Any], owner: str, values: bool = True) ->
         pf = pq.ParquetFile(file, page_checksum_verification=True)
         names = set(pf.schema_arrow.names)
         num_row_groups = pf.num_row_groups
-    wanted = None if values else [c for c in ("index", "view", "count", "length", "key") if c in names]
+    wanted = None if values else [c for c in ("index", "view", "count", "length", "key", "fingerprint") if c in names]
     for g in range(num_row_groups):
         with _reading(file, owner):
             table = pf.read_row_group(g, columns=wanted)
@@ -239,10 +241,13 @@ def _blocks(file: str, meta: Dict[str, Any], owner: str, values: bool = True) ->
             count = np.array(table.column("count").to_numpy()) if "count" in names else None
             lengths = np.array(table.column("length").to_numpy()) if "length" in names else None
             keys = keys_from_arrow(table.column("key").combine_chunks(), meta["keys"]) if meta.get("keys") else None
+            prints = np.array(table.column("fingerprint").to_numpy()) if "fingerprint" in names else None
             columns = {o["name"]: _column(table, o, len(index), lengths, file, owner) for o in meta["outputs"]} if values else {}
         del table  # the block's columns hold the buffers they use, and nothing here outlives the block
-        yield SlotBlock(index, view, count, lengths, columns, keys=keys)
-        del columns
+        block = SlotBlock(index, view, count, lengths, columns, keys=keys)
+        block.prints = prints
+        yield block
+        del columns, block
 
 
 def _grow_to(store: Store, metas: List[Dict[str, Any]]) -> None:
@@ -289,6 +294,7 @@ def _counted(blocks: Iterator[SlotBlock], extra: int) -> Iterator[SlotBlock]:
 
 def _absorb_file(store: Store, file: str, meta: Dict[str, Any], owner: str, tick=None) -> None:
     pool = _pyarrow()[0].default_memory_pool()
+    store.carry(meta.get("books"))  # the fingerprint checks of records resolved before the shard was written
     for block in _counted(_blocks(file, meta, owner), _records(meta) - int(meta["entries"])):
         store.absorb(block, f"{owner}: {file}")
         del block
@@ -317,6 +323,7 @@ class Stream:
         self.since = 0  # rows added since the last shard
         self.owned: List[str] = []
         self.flushed = 0
+        self.booked = None  # the store's fingerprint books when the last shard was written
         self.checked = False  # the directory was checked for an earlier run's shards
 
     def added(self, rows: int) -> None:
@@ -332,8 +339,9 @@ class Stream:
         if store.specs is None:
             return
         flat = store.unwritten()
-        if not len(flat):
-            return
+        pending = books(store, self.booked)
+        if not len(flat) and store.records == self.flushed and not (pending["conflicted"] or pending["disagreements"]):
+            return  # nothing new: no rows, no repeats resolved, no checks counted since the last shard
         block = store.extract(flat)
         os.makedirs(self.path, exist_ok=True)
         if not self.checked:
@@ -343,15 +351,18 @@ class Stream:
         meta = {"format": _FORMAT, "rank": self.rank, "seq": self.seq, "byteorder": sys.byteorder,
                 "outputs": specs_to_meta(store.specs), "single": store.single, "entries": len(block),
                 "records": max(len(block), store.records - self.flushed),
-                "max_index": int(block.index.max()), "max_view": 0 if block.view is None else int(block.view.max()),
+                "max_index": int(block.index.max()) if len(block) else -1,
+                "max_view": int(block.view.max()) if block.view is not None and len(block) else 0,
                 "on_duplicate": store.on_duplicate, "views": store.views, "num_items": store.expected,
-                "keys": None if block.keys is None else keys_kind(block.keys)}
+                "keys": None if block.keys is None else (store.keys.kind or keys_kind(block.keys)),
+                "books": pending}
         _write_shard(file, block, meta, progress)
         _progress.logger.info("Recorder.write: %d entries, %d bytes to %s", len(block), os.path.getsize(file), file)
         del block
         self.seq += 1
         self.owned.append(file)
         self.flushed = store.records
+        self.booked = books(store)
         store.mark_written(flat)
 
     def _check_fresh(self) -> None:
@@ -377,6 +388,7 @@ class Stream:
         for file, meta in zip(self.owned, metas):
             _absorb_file(merged, file, meta, owner)
         merged.absorb(block, f"{owner}: recorded since the last write")
+        merged.carry(books(store, self.booked))  # the checks made in memory since the last write
         return merged
 
 
@@ -439,6 +451,7 @@ def resume(store: Store, path) -> Stream:
                 store.load_index(block, f"{owner}: {file}")
         stream.seq = 1 + max((s for r, s, _ in found if r == rank), default=-1)
         stream.flushed = store.records
+        stream.booked = books(store)
     return stream
 
 

@@ -51,6 +51,37 @@ def _key_positions(owner: str, indexed: Indexed, wanted: set) -> dict:
     return found
 
 
+def check(owner: str, dataset, entries: list, k: int, seed: int, index=None) -> Verification:
+    """Fingerprint again ``k`` of ``entries`` (``(id, item, view, recorded print)``; ``item``
+    None for a key to find through the Indexed's ``key``), drawn with ``default_rng(seed)``."""
+    k = check_int(owner, "k", k)
+    if k < 0:
+        raise ValueError(f"{owner}: k must be >= 0, got {k}")
+    n = len(entries)
+    chosen = range(n) if k >= n else np.sort(np.random.default_rng(seed).choice(n, k, replace=False)).tolist()
+    picked = [entries[e] for e in chosen]
+    indexed = dataset if isinstance(dataset, Indexed) else None
+    if any(item is None for _, item, _, _ in picked):
+        if indexed is None:
+            raise TypeError(f"{owner}: keyed records need the pc.Indexed dataset that gave the keys (its key= finds "
+                            f"each key's example), got {type(dataset).__name__}")
+        where = _key_positions(owner, indexed, {ident for ident, item, _, _ in picked if item is None})
+        picked = [(ident, where.get(ident) if item is None else item, view, p) for ident, item, view, p in picked]
+    size = len(dataset if indexed is None else indexed.dataset)
+    mismatched = []
+    for ident, item, view, recorded in picked:
+        if item is None or item >= size:
+            mismatched.append(ident)
+            continue
+        if indexed is not None:
+            data = (indexed.replay(item, view) if indexed.seed is not None else indexed[item * indexed.views + view]).data
+        else:
+            data = dataset[item]
+        if (fingerprint(data) if index is None else without_index(data, index)) != int(recorded):
+            mismatched.append(ident)
+    return Verification(len(picked), mismatched)
+
+
 def verify(preds, dataset, k: int = 64, seed: int = 0, index=None) -> Verification:
     """See :meth:`provcollate.Predictions.verify`."""
     owner = "Predictions.verify"
@@ -58,42 +89,29 @@ def verify(preds, dataset, k: int = 64, seed: int = 0, index=None) -> Verificati
     if table.prints is None:
         raise ValueError(f"{owner}: these predictions hold no fingerprints (record batches of a pc.Collator with "
                          "fingerprint=True, the default, with views kept apart: views='none' or one view)")
-    k = check_int(owner, "k", k)
-    if k < 0:
-        raise ValueError(f"{owner}: k must be >= 0, got {k}")
-    n = table.size
-    entries = np.arange(n) if k >= n else np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
-    indexed = dataset if isinstance(dataset, Indexed) else None
-    if preds.keyed and indexed is None:
-        raise TypeError(f"{owner}: keyed predictions need the pc.Indexed dataset that gave the keys (its key= finds "
-                        f"each key's example), got {type(dataset).__name__}")
-    positions = preds._host_index()
     views = table.view
-    keys = table.keys
     if preds.keyed:
-        wanted = [keys[e] for e in entries.tolist()]
-        where = _key_positions(owner, indexed, set(wanted))
-    mismatched = []
-    for e in entries.tolist():
-        view = 0 if views is None else int(views[e])
-        if preds.keyed:
-            ident = keys[e]
-            if ident not in where:
-                mismatched.append(ident)
-                continue
-            item = where[ident]
+        entries = [(key, None, 0 if views is None else int(views[e]), table.prints[e]) for e, key in enumerate(table.keys)]
+    else:
+        positions = preds._host_index().tolist()
+        entries = [(i if views is None else (i, int(views[e])), i, 0 if views is None else int(views[e]), table.prints[e])
+                   for e, i in enumerate(positions)]
+    return check(owner, dataset, entries, k, seed, index)
+
+
+def verify_resumed(store, dataset, k: int, seed: int = 0) -> Verification:
+    """``Recorder(resume=..., verify=k)``: ``k`` of the items the shards hold, fingerprinted again."""
+    table = store.table
+    if table.printed is None:
+        return Verification(0, [])
+    flat = np.flatnonzero(table.printed.reshape(-1))
+    vcap = table.shape[1]
+    prints = table.prints.reshape(-1)[flat]
+    entries = []
+    for slot, recorded in zip(flat.tolist(), prints.tolist()):
+        item, view = divmod(slot, vcap)
+        if store.keys is not None:
+            entries.append((store.keys.keys[item], None, view, recorded))
         else:
-            item = int(positions[e])
-            ident = item if views is None else (item, view)
-            if item >= len(dataset if indexed is None else indexed.dataset):
-                mismatched.append(ident)
-                continue
-        if indexed is not None:
-            sample = indexed.replay(item, view) if indexed.seed is not None else indexed[item * indexed.views + view]
-            data = sample.data
-        else:
-            data = dataset[item]
-        print_now = fingerprint(data) if index is None else without_index(data, index)
-        if print_now != int(table.prints[e]):
-            mismatched.append(ident)
-    return Verification(len(entries), mismatched)
+            entries.append((item if vcap == 1 else (item, view), item, view, recorded))
+    return check("Recorder: verify", dataset, entries, k, seed)

@@ -104,6 +104,12 @@ def assert_same(got, expected):
         else:
             g, e = got.tensor(name), expected.tensor(name)
             assert g.dtype == e.dtype and torch.equal(g, e), name
+    # the input fingerprints and the checks made with them, as one process sees them
+    assert (got.fingerprints is None) == (expected.fingerprints is None)
+    if got.fingerprints is not None:
+        assert torch.equal(got.fingerprints, expected.fingerprints)
+    gs, es = got.summary(), expected.summary()
+    assert (gs.conflicts, sorted(gs.conflicted), gs.disagreements) == (es.conflicts, sorted(es.conflicted), es.disagreements)
 
 
 def every_rank(world, batches):
@@ -262,8 +268,25 @@ def streaming_shards(rank, world, group, tmp):
     dist.barrier(group)
 
 
+def misfiled_input(rank, world, group, tmp):
+    """The last rank files another input under an id the first rank records: one conflict after
+    gather(), as in one process; every fingerprint kept is that of the input kept."""
+    ds = pc.Indexed(Points())
+
+    def batches(r):
+        own = list(loader(ds, DistributedSampler(ds, num_replicas=world, rank=r, shuffle=False)))
+        if r == world - 1 and world > 1:
+            own.append(pc.Collator()([pc.Sample(0, 0, ds[1].data)]))  # item 1's input under id 0 (rank 0's)
+        return own
+
+    batches = every_rank(world, batches)
+    for policy in ("first", "last"):
+        got = check(rank, world, group, batches, point_model, {"num_items": N, "on_duplicate": policy}).gather(group=group)
+        assert got.summary().conflicts == (1 if world > 1 else 0)
+
+
 SCENARIOS = [distributed_sampler_padding, distributed_sampler_drop_last, length_buckets_per_token, views,
-             empty_ranks, disagreement, streaming_shards]
+             empty_ranks, disagreement, streaming_shards, misfiled_input]
 
 
 def _worker(rank, world, port, tmp):

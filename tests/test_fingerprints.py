@@ -454,3 +454,46 @@ def test_a_compiled_add_books_the_fingerprints_too():
     with pytest.raises(ValueError, match="already recorded"):
         rec.add(batch, torch.zeros(3, 3))  # rejected: the books, prints included, are as they were
     assert torch.equal(rec.result().fingerprints, torch.tensor([pc.fingerprint(d) for d in data]))
+
+
+def test_fingerprints_survive_shards_read_and_resume_and_resume_verifies(tmp_path):
+    data = feature_data(24)
+    ds = pc.Indexed(data)
+    model = Model()
+    path = tmp_path / "shards"
+    rec = pc.Recorder(num_items=ds, on_duplicate="first")
+    loader = DataLoader(ds, batch_size=5, shuffle=True, collate_fn=pc.Collator())
+    with torch.no_grad():
+        for n, batch in enumerate(loader):
+            if n == 3:
+                break
+            rec.add(batch, model(batch["x"]))
+            rec.write(path)
+            target = int(batch.index[0])  # an item written to a shard
+        # a conflict in memory (another input under a written id), then written: the shard carries it
+        wrong = pc.Collator()([pc.Sample(target, 0, data[(target + 1) % 24])])  # dropped ("first"): a shard of no rows
+        rec.add(wrong, model(wrong["x"]))
+        rec.write(path)
+    expected = {i: pc.fingerprint(d) for i, d in enumerate(data)}
+    for preds in (rec.result(), pc.Predictions.read(path)):
+        assert {int(i): int(f) for i, f in zip(preds.index, preds.fingerprints)} == {i: expected[i] for i in preds.index.tolist()}
+        assert preds.summary().conflicts == 1 and preds.summary().conflicted == (target,)
+    # resume: later records are compared with what the shards hold
+    again = pc.Recorder(num_items=ds, on_duplicate="first", resume=path, verify=100)
+    todo = [i for i in range(24) if not again.done(i)]
+    rest = pc.Collator()([pc.Sample(i, 0, data[i]) for i in todo])
+    again.add(rest, model(rest["x"]))
+    other = next(i for i in pc.Predictions.read(path).index.tolist() if i != target)
+    shifted = pc.Collator()([pc.Sample(other, 0, data[(other + 1) % 24])])
+    again.add(shifted, model(shifted["x"]))  # another input under an id a shard holds
+    s = again.result().summary()
+    assert s.conflicts == 2 and set(s.conflicted) == {other, target} and again.result().verify(ds).ok
+    # the data changed since the shards were written: resume refuses before anything is recorded
+    changed = next(iter(pc.Predictions.read(path).index.tolist()))
+    data[changed]["x"][1] += 0.5
+    with pytest.raises(ValueError, match=rf"no longer the inputs they were recorded from \(ids {changed}\)"):
+        pc.Recorder(num_items=ds, on_duplicate="first", resume=path, verify=100)
+    with pytest.raises(TypeError, match="verify= re-reads resumed items"):
+        pc.Recorder(num_items=24, resume=path, verify=4)
+    with pytest.raises(ValueError, match="pass resume= too"):
+        pc.Recorder(num_items=ds, verify=4)

@@ -38,7 +38,8 @@ from .records import (
     specs_from_meta,
     specs_to_meta,
 )
+from .result import books
 from .store import Store
 
 __all__ = ["SINGLE", "ON_DUPLICATE", "VIEWS", "Spec", "specs_from_meta", "specs_to_meta", "Identity", "Output", "Jagged",
-           "SlotBlock", "ColumnTable", "Store", "FastPath", "first_last", "host_empty", "huge_pages", "to_device"]
+           "SlotBlock", "ColumnTable", "Store", "books", "FastPath", "first_last", "host_empty", "huge_pages", "to_device"]

@@ -148,8 +148,8 @@ class ColumnTable(NamedTuple):
     entry's key (an int64 array for int keys, else a list), its entries sorted by key (then
     view), its ``index`` the slots the store gave the keys, and ``num_items`` the items expected.
     ``prints`` holds each entry's input fingerprint (int64 ``[E]``) when every entry has one and
-    entries are slots (views not combined), else None; ``conflicts`` counts records filed under an
-    id that held another input's fingerprint (``conflicted``: those ids' slots), ``disagreements``
+    entries are slots (views not combined), else None; ``conflicts`` counts the ids under which
+    records of different inputs were filed (``conflicted``: those ids), ``disagreements``
     repeats of one input whose outputs differed, by at most ``max_disagreement``.
     """
 

@@ -3,17 +3,18 @@ test-time views of an item combined as the store's ``views`` says. Reads the sto
 writes it."""
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .._keys import encode_id
 from .memory import exclusive_cumsum, row_positions, to_device
 from .keys import sorted_order
 from .records import ColumnTable, Jagged
 from .rows import combine_views
 
-__all__ = ["finished_table"]
+__all__ = ["finished_table", "conflicted_ids", "books"]
 
 
 def finished_table(store, owner: str, ranks: int, shards: int) -> Tuple[ColumnTable, bool]:
@@ -30,8 +31,9 @@ def finished_table(store, owner: str, ranks: int, shards: int) -> Tuple[ColumnTa
     keyed = store.keys is not None
     common = dict(num_items=store.expected if keyed else store.num_items, records=store.records, slots=slots,
                   incomplete=incomplete, ranks=ranks, shards=shards, views=vcap, on_duplicate=store.on_duplicate,
-                  conflicts=table.conflicts, disagreements=table.disagreements,
-                  max_disagreement=table.max_disagreement, conflicted=_conflicted(store))
+                  disagreements=table.disagreements, max_disagreement=table.max_disagreement)
+    conflicted = _conflicted(store)
+    common.update(conflicts=len(conflicted), conflicted=conflicted)
     if store.specs is None:
         empty = ([] if keyed else None)
         return ColumnTable(np.zeros(0, np.int64), None, {}, False, stacked_views=None, size=0, keys=empty, **common), False
@@ -43,14 +45,30 @@ def finished_table(store, owner: str, ranks: int, shards: int) -> Tuple[ColumnTa
     return (_by_key(store, out), False) if keyed else (out, shared)
 
 
-def _conflicted(store) -> tuple:
-    """The ids (dataset indices, or keys) of every conflict, each once, in the order first seen."""
-    flat = list(dict.fromkeys(store.table.conflicted))
+def conflicted_ids(store, start: int = 0) -> list:
+    """The ids (dataset indices, or keys) of the conflicts this store saw, from its ``start``-th on."""
     vcap = store.table.shape[1]
-    items = [s // vcap for s in flat]
+    items = [s // vcap for s in store.table.conflicted[start:]]
     if store.keys is not None:
-        return tuple(store.keys.keys[i] for i in items)
-    return tuple(items)
+        return [store.keys.keys[i] for i in items]
+    return [int(i) for i in items]
+
+
+def books(store, since: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The fingerprint checks' books of ``store`` as JSON data, what shards and ranks carry: the ids
+    of conflicts, disagreements and the largest; ``since`` (an earlier ``books()``) leaves out what
+    it held. :meth:`SlotTable.carry` counts them in another store."""
+    t = store.table
+    before = since or {"seen": 0, "carried": 0, "total_disagreements": 0}
+    ids = t.carried_ids[before["carried"]:] + conflicted_ids(store, before["seen"])
+    return {"conflicted": [encode_id(i) for i in dict.fromkeys(ids)],
+            "disagreements": t.disagreements - before["total_disagreements"], "max_disagreement": t.max_disagreement,
+            "seen": len(t.conflicted), "carried": len(t.carried_ids), "total_disagreements": t.disagreements}
+
+
+def _conflicted(store) -> tuple:
+    """The ids of every conflict, seen here or carried, each once, in the order first seen."""
+    return tuple(dict.fromkeys(store.table.carried_ids + conflicted_ids(store)))
 
 
 def _prints(store, flat) -> "np.ndarray | None":

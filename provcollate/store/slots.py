@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from .._keys import decode_id
 from .memory import first_last
 
 __all__ = ["Claim", "SlotTable"]
@@ -55,6 +56,7 @@ class SlotTable:
         self.prints: Optional[np.ndarray] = None  # each slot's input fingerprint, once one is recorded
         self.printed: Optional[np.ndarray] = None
         self.conflicted: list = []  # flat slots of every conflict, in order seen
+        self.carried_ids: list = []  # ids of conflicts seen elsewhere (shards written, other ranks)
         self.disagreements = 0
         self.max_disagreement = 0.0
 
@@ -95,9 +97,13 @@ class SlotTable:
             self.prints, self.printed = prints, printed
         self.count, self.flat, self.token_len = count, count.reshape(-1), token_len
 
-    @property
-    def conflicts(self) -> int:
-        return len(self.conflicted)
+    def carry(self, books: Optional[dict]) -> None:
+        """Count the checks of records resolved elsewhere (a shard's, another rank's books)."""
+        if not books:
+            return
+        self.carried_ids += [decode_id(i) for i in books.get("conflicted", ())]
+        self.disagreements += int(books.get("disagreements", 0))
+        self.max_disagreement = max(self.max_disagreement, float(books.get("max_disagreement", 0.0)))
 
     def book_prints(self, slots: np.ndarray, prints: np.ndarray, claim: Optional["Claim"], disagreements: int = 0,
                     max_disagreement: float = 0.0) -> None:

@@ -257,9 +257,13 @@ class Store(RowWriter):
                 kept = slots if keep is None else slots[keep]
                 lengths = ids.lengths if keep is None or ids.lengths is None else ids.lengths[keep]
                 self.table.mark(kept, lengths, count=1 if keep_counts else None, disk=True)
+                # What the shards hold, for later records to be compared with (their own checks
+                # were counted when they were written, and again when they are read).
+                self._book_prints(ids, claim._replace(conflict=None))
             self._records += len(ids.index) if block.records is None else block.records
 
-        self._filed(source, Identity(None, block.index, block.view, block.lengths, False, None, True, block.keys), write)
+        self._filed(source, Identity(None, block.index, block.view, block.lengths, False, None, True, block.keys,
+                                     block.prints), write)
 
     def _filed(self, owner: str, ids: Identity, write) -> None:
         """``write(ids, names)`` with the rows filed the way this store files them: by position, or
@@ -284,6 +288,11 @@ class Store(RowWriter):
             raise
         self.keys.commit(new_keys)
         self.keyed = True
+
+    def carry(self, books: Optional[Dict]) -> None:
+        """Count the fingerprint checks of records resolved elsewhere: a shard's or another rank's
+        books (:func:`provcollate.store.result.books`)."""
+        self.table.carry(books)
 
     def check_mode(self, owner: str, ids: Identity) -> None:
         """ValueError if ``ids`` does not name rows the way this store files them (by key or by position)."""
@@ -413,7 +422,10 @@ class Store(RowWriter):
             slot_keys = self.keys.keys
             keys = [slot_keys[i] for i in index.tolist()]
             keys = np.asarray(keys, np.int64) if self.keys.kind == "int" else keys
-        return SlotBlock(index, view, count, lengths, columns, keys=keys)
+        block = SlotBlock(index, view, count, lengths, columns, keys=keys)
+        if self.table.printed is not None and self.table.printed.reshape(-1)[flat].all():
+            block.prints = self.table.prints.reshape(-1)[flat]
+        return block
 
     def columns(self, owner: str, ranks: int = 1, shards: int = 0) -> ColumnTable:
         """Everything recorded, views combined as ``views`` says, as a finished table.
