@@ -75,7 +75,7 @@ def looks_like_keys(value) -> bool:
 
 
 def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[str] = None, offsets=None,
-             int_keys: bool = False) -> Identity:
+             int_keys: bool = False, fingerprint=None) -> Identity:
     """The identity of ``batch`` (a Batch, a plain index with its keyword arguments, or plain
     keys): its structure checked (types, dtypes, sizes that agree); :func:`checked` checks the
     values. A list of str, bytes or tuples is keys; ``int_keys`` makes int indices keys too (a
@@ -105,9 +105,15 @@ def identify(owner: str, batch, lengths=None, view=None, padding_side: Optional[
         views = view_ids(owner, view, len(index))
         if views is not None and len(views) != len(index):
             raise ValueError(f"{owner}: view must have one entry per index ({len(index)}), got {len(views)}")
-        return Identity(index_t, index, views, item_lengths, padding_side == "left", None, offsets is not None, keys)
+        prints = None
+        if fingerprint is not None:
+            prints = host_long(owner, "fingerprint", fingerprint)
+            if len(prints) != len(index):
+                raise ValueError(f"{owner}: fingerprint must have one entry per index ({len(index)}), got {len(prints)}")
+        return Identity(index_t, index, views, item_lengths, padding_side == "left", None, offsets is not None, keys, prints)
     if hasattr(batch, "host_index"):
-        for name, value in (("lengths", lengths), ("view", view), ("padding_side", padding_side), ("offsets", offsets)):
+        for name, value in (("lengths", lengths), ("view", view), ("padding_side", padding_side), ("offsets", offsets),
+                            ("fingerprint", fingerprint)):
             if value is not None:
                 raise TypeError(f"{owner}: {name}= is only for a plain index; a Batch carries its own, got {name}={value!r}")
         index_t, index = index_arrays(owner, "batch.host_index", batch.host_index)

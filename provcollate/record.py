@@ -262,7 +262,7 @@ class Recorder:
     # ---------------------------------------------------------------------------- add
 
     def add(self, batch, outputs, *, per_token=False, lengths=None, view=None, padding_side: Optional[str] = None,
-            offsets=None) -> None:
+            offsets=None, fingerprint=None) -> None:
         """Record one batch's outputs under the batch's dataset indices.
 
         Args:
@@ -284,6 +284,8 @@ class Recorder:
                 ``[total, ...]``; lengths are their differences.
             view: with a plain index only: the view id of each item ``[B]`` (or one int).
             padding_side: with a plain index only: ``"right"`` (default) or ``"left"``.
+            fingerprint: with a plain index only: each item's input fingerprint ``[B]`` (int64,
+                :func:`provcollate.fingerprint` of its data); a Batch carries its own.
 
         Raises TypeError or ValueError, with nothing recorded changed, if an index lies outside
         ``range(num_items)``, an (index, view) pair repeats with ``on_duplicate="error"``, the
@@ -298,24 +300,27 @@ class Recorder:
             store = self._store
             fast = store.fast
             if (fast is not None and fast.plain and type(outputs) is _Tensor and (type(batch) is _Tensor or type(batch) is _ndarray)
-                    and per_token is False and lengths is None and view is None and padding_side is None and offsets is None):
+                    and per_token is False and lengths is None and view is None and padding_side is None and offsets is None
+                    and fingerprint is None):
                 # The seed article's call, a plain index and one per-example tensor, straight to the compiled pass.
                 n = fast.add_plain(batch, outputs)
                 if n < 0:  # handed back: the general path takes it
-                    n = self._add(batch, outputs, per_token, lengths, view, padding_side, offsets, compiled=False)
+                    n = self._add(batch, outputs, per_token, lengths, view, padding_side, offsets, fingerprint, compiled=False)
             else:
-                n = self._add(batch, outputs, per_token, lengths, view, padding_side, offsets, compiled=fast is not None)
+                n = self._add(batch, outputs, per_token, lengths, view, padding_side, offsets, fingerprint,
+                              compiled=fast is not None)
             if self._stream is not None:
                 self._stream.added(n)
         finally:
             lock.release()
 
-    def _add(self, batch, outputs, per_token, lengths, view, padding_side, offsets, compiled: bool) -> int:
+    def _add(self, batch, outputs, per_token, lengths, view, padding_side, offsets, fingerprint, compiled: bool) -> int:
         """``add`` for any batch: identify its rows, try the compiled pass (if ``compiled``), check
         the outputs, record. Returns the batch size."""
         owner = "Recorder.add"
         store = self._store
-        ids = _inputs.identify(owner, batch, lengths, view, padding_side, offsets, int_keys=bool(store.keyed))
+        ids = _inputs.identify(owner, batch, lengths, view, padding_side, offsets, int_keys=bool(store.keyed),
+                               fingerprint=fingerprint)
         if compiled:
             n = store.add_compiled(ids, outputs, per_token)
             if n >= 0:

@@ -227,6 +227,9 @@ def test_read_a_block_written_twice_is_counted_and_resolved(written_once, tmp_pa
         check_against_alone(preds, rows, list(range(NUM_ITEMS)))
         s = preds.summary()
         assert (s.records, s.repeats, s.on_duplicate, s.missing) == (NUM_ITEMS + 30, 30, policy, 0)
+        # the block's copy repeats the same inputs with the same outputs: fingerprints kept, nothing flagged
+        assert s.fingerprinted and (s.conflicts, s.disagreements) == (0, 0)
+        assert preds.fingerprints is not None and len(set(preds.fingerprints.tolist())) == NUM_ITEMS
 
 
 def test_read_reports_missing_ids_and_skips_a_half_written_file(written_once, tmp_path):
@@ -249,8 +252,9 @@ def test_predict_takes_ray_numpy_batches_and_views():
     rows = token_rows(12, seed=4)
     batch = {"id": np.arange(12) // 2, "view": np.arange(12) % 2, "tokens": np.array([np.array(r) for r in rows], dtype=object)}
     out = pc_ray.Predict(TinyModel, inputs="tokens", view_column="view", per_token={"tokens"})(batch)
-    assert out.column_names == ["id", "view", "pooled", "tokens"]
+    assert out.column_names == ["id", "view", "pooled", "tokens", "fingerprint"]
     assert sorted(zip(out["id"].to_pylist(), out["view"].to_pylist())) == [(i // 2, i % 2) for i in range(12)]
+    assert out["fingerprint"].to_pylist() == [pc.fingerprint(r) for r in rows]  # each row's tokens, as a list hashes
     table = out.rename_columns(["index"] + out.column_names[1:]).replace_schema_metadata(out.schema.metadata)
     preds = pc.Predictions.from_arrow(table)
     for k, tokens in enumerate(rows):
@@ -305,7 +309,7 @@ def test_read_and_written_take_the_id_column_predict_wrote(tmp_path):
     ids = (500 + 3 * np.arange(20)).tolist()
     predict = pc_ray.Predict(TinyModel, inputs="tokens", id_column="doc_id", per_token={"tokens"})
     table = predict(pa.table({"doc_id": ids, "tokens": pa.array(rows)}))
-    assert table.column_names == ["doc_id", "view", "pooled", "tokens"]  # named as Predict's id_column, not "id"
+    assert table.column_names == ["doc_id", "view", "pooled", "tokens", "fingerprint"]  # named as Predict's id_column, not "id"
     pq.write_table(table.slice(0, 12), tmp_path / "a.parquet")
     pq.write_table(table.slice(12), tmp_path / "b.parquet")
     preds = pc_ray.read(tmp_path)

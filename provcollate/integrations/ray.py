@@ -9,8 +9,9 @@ id column through it instead, and reads what Ray wrote back in dataset order:
   the source files, a key that is the same on every run over the same files;
 - :class:`Predict`: the callable class for ``Dataset.map_batches``: collates each batch with a
   :class:`provcollate.Collator` (padded or packed, length-bucketed within the batch), runs the
-  model (built once per actor) and returns the columns ``<id_column>, view, <outputs>``
-  (``id, view, ...`` by default), per-token outputs unpadded as list columns;
+  model (built once per actor) and returns the columns ``<id_column>, view, <outputs>`` and
+  ``fingerprint`` (each row's input, :func:`provcollate.fingerprint`; not with a Collator made
+  with ``fingerprint=False``), per-token outputs unpadded as list columns;
 - :func:`read`: the Parquet files of ``write_parquet`` as :class:`provcollate.Predictions` in
   dataset order, under a :class:`provcollate.Recorder`'s duplicate policy, missing ids reported;
 - :func:`written`: the ids already in an output directory, so that a rerun skips them
@@ -388,8 +389,9 @@ class Predict:
     4. records the outputs (a tensor, or a dict of tensors: ``[B, ...]`` per example, ``[B, T, ...]``
        per token, or with a packed Collator ``[total, ...]`` in ``batch.offsets`` order) with a
        :class:`provcollate.Recorder`, which unpads per-token ones;
-    5. returns a ``pyarrow.Table`` of the columns ``id_column``, ``view``, then one per output:
-       per-token outputs are list columns of each row's real positions only. Its schema metadata
+    5. returns a ``pyarrow.Table`` of the columns ``id_column``, ``view``, then one per output
+       (per-token outputs are list columns of each row's real positions only), then
+       ``fingerprint``, each row's input fingerprint, which :func:`read` keeps. Its schema metadata
        names ``id_column``, so :func:`read` and :func:`written` of what ``write_parquet`` made
        of it need no ``id_column=``.
 
@@ -519,6 +521,7 @@ def _add_entries(recorder: pc.Recorder, preds: pc.Predictions, rows_per_add: int
     names = preds.names
     single = isinstance(next(iter(preds.items()))[1], torch.Tensor)
     token = preds.per_token
+    prints = preds.fingerprints
     jagged = {name: preds.jagged(name) for name in names if name in token}
     dense = {name: preds.tensor(name) for name in names if name not in token}
     for start in range(0, len(index), rows_per_add):
@@ -532,7 +535,8 @@ def _add_entries(recorder: pc.Recorder, preds: pc.Predictions, rows_per_add: int
         outputs = {name: outputs[name] for name in names}
         recorder.add(index[start:stop], outputs[names[0]] if single else outputs,
                      per_token=bool(token) if single else set(token), offsets=offsets,
-                     view=None if view is None else view[start:stop])
+                     view=None if view is None else view[start:stop],
+                     fingerprint=None if prints is None else prints[start:stop])
 
 
 def read(path, num_items=None, *, on_duplicate: str = "error", views: str = "mean", id_column: Optional[str] = None,
