@@ -231,7 +231,7 @@ struct NumericList {
     PyObject* y = list;
     while (PyList_Check(y)) {
       shape.push_back(PyList_GET_SIZE(y));
-      if (PyList_GET_SIZE(y) == 0) break;
+      if (PyList_GET_SIZE(y) == 0 || shape.size() > kMaxDims) break;  // (a list that holds itself ends here too)
       y = PyList_GET_ITEM(y, 0);
     }
     if (shape.size() > kMaxDims) return false;

@@ -62,13 +62,18 @@ def _is_number(x) -> bool:
     return np is not None and isinstance(x, (np.bool_, np.integer, np.floating))
 
 
+_MAX_LIST_DEPTH = 64  # deeper nesting (or a list that holds itself) is not a list of numbers
+
+
 def _numeric_list(x: list) -> bool:
-    """A list of numbers, nested to any depth (judged by its first elements), or an empty one."""
-    while isinstance(x, list):
+    """A list of numbers, nested up to 64 deep (judged by its first elements), or an empty one."""
+    for _ in range(_MAX_LIST_DEPTH + 1):
+        if not isinstance(x, list):
+            return _is_number(x)
         if not x:
             return True
         x = x[0]
-    return _is_number(x)
+    return False
 
 
 def _kind(x) -> int:

@@ -145,7 +145,7 @@ def _numeric_list(x: list):
     y = x
     while isinstance(y, list):
         shape.append(len(y))
-        if not y:
+        if not y or len(shape) > _MAX_DIMS:  # (a list that holds itself ends here too)
             break
         y = y[0]
     if len(shape) > _MAX_DIMS or (shape[-1] != 0 and not _is_number(y)):
