@@ -98,9 +98,11 @@ TARGETS = {"case 1": {}, "case 2": {"seed": 10.0, "pure": 3.0}}
 FLOOR_FACTORS = {"case 1": {"claims": 1.5, "memcpy": 3.0}, "case 2": {"memcpy": 3.0}}
 ADD_MEAN_FACTOR = 1.5  # the plain-index add's whole-pass mean, at most this factor of its median
 MEMORY_FACTOR = 1.25
-METHODS = ("provcollate", "seed", "pure", "nested_concat", "memcpy", "floor", "claims")
+METHODS = ("provcollate", "fingerprinted", "seed", "pure", "nested_concat", "memcpy", "floor", "claims")
+FINGERPRINT_FACTOR = 1.10  # recording each input's fingerprint too: at most this factor of the time without
 LABELS = {
     "provcollate": "provcollate Recorder",
+    "fingerprinted": "provcollate Recorder, fingerprints recorded too",
     "seed": "seed article loop (.item())",
     "pure": "pure PyTorch (cat, argsort, gather/split)",
     "nested_concat": "transformers nested_concat",
@@ -179,6 +181,15 @@ def run_provcollate(case: Case, batches: Iterable[Batch]):
     rec = pc.Recorder(num_items=case.items)
     for index, outputs, lengths in batches:
         rec.add(index, outputs, per_token=case.per_token, lengths=lengths)
+    return rec.result()
+
+
+def run_fingerprinted(case: Case, batches: Iterable[Batch]):
+    """The same adds, each with its items' input fingerprints (one int64 per item, as a Batch from
+    the Collator carries them; here derived from the index so that making them costs nothing)."""
+    rec = pc.Recorder(num_items=case.items)
+    for index, outputs, lengths in batches:
+        rec.add(index, outputs, per_token=case.per_token, lengths=lengths, fingerprint=index)
     return rec.result()
 
 
@@ -287,7 +298,7 @@ def run_claims(case: Case, batches: Iterable[Batch]):
 
 
 RUNNERS: Dict[str, Callable] = {
-    "provcollate": run_provcollate, "seed": run_seed, "pure": run_pure,
+    "provcollate": run_provcollate, "fingerprinted": run_fingerprinted, "seed": run_seed, "pure": run_pure,
     "nested_concat": run_nested_concat, "memcpy": run_memcpy, "floor": run_floor, "claims": run_claims,
 }
 
@@ -298,15 +309,15 @@ def check(case: Case, method: str, result, expected, items: Optional[torch.Tenso
         return
     if case.per_token:
         values, offsets = expected
-        if method in ("provcollate", "floor"):
-            got_values, got_offsets = result.jagged() if method == "provcollate" else result
+        if method in ("provcollate", "fingerprinted", "floor"):
+            got_values, got_offsets = result.jagged() if method != "floor" else result
             ok = torch.equal(got_offsets, offsets) and torch.equal(got_values, values)
         else:
             ids = range(case.items) if items is None else items.tolist()
             rows = result if isinstance(result, dict) else dict(zip(ids, result))
             ok = all(torch.equal(rows[i], values[offsets[i]:offsets[i + 1]]) for i in ids)
     else:
-        if method == "provcollate":
+        if method in ("provcollate", "fingerprinted"):
             ok = torch.equal(result.tensor(), expected)
         elif method == "floor":
             ok = torch.equal(result, expected)
@@ -314,6 +325,8 @@ def check(case: Case, method: str, result, expected, items: Optional[torch.Tenso
             ok = len(result) == case.items and torch.equal(torch.stack([result[i] for i in range(case.items)]), expected)
         else:
             ok = torch.equal(result, expected if items is None else expected[items])
+    if ok and method == "fingerprinted" and items is None:  # each item's fingerprint, kept beside its row
+        ok = torch.equal(result.fingerprints, torch.arange(case.items))
     if not ok:
         raise AssertionError(f"{case.name}: {LABELS[method]} disagrees with the expected predictions")
 
@@ -411,7 +424,8 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
             continue
         t, note = timed[method]
         extrapolated = bool(note)
-        skip_memory = args.no_memory or method in ("nested_concat", "floor", "claims") or (args.quick and method != "provcollate")
+        skip_memory = (args.no_memory or method in ("nested_concat", "floor", "claims", "fingerprinted")
+                       or (args.quick and method != "provcollate"))
         memory = None if skip_memory else measure_memory(case, method, args)
         mem = "" if memory is None else f"{memory['peak_bytes'] / 1e6:.1f} MB ({memory['peak_bytes'] / memory['result_bytes']:.2f}x result)"
         if method == "provcollate":
@@ -433,6 +447,10 @@ def run_case(case: Case, args, sizes: dict) -> Tuple[str, List[str]]:
         # unpad_scatter_ call per batch on this machine.
         ceiling = seconds[peer] / seconds["floor"]
         checks.append((f"provcollate >= {target:g}x {LABELS[peer]}", f"{ratio:.1f}x (floor: {ceiling:.1f}x)", ratio >= target))
+    if "fingerprinted" in seconds:
+        ratio = seconds["fingerprinted"] / ours
+        checks.append((f"fingerprints recorded too: at most {FINGERPRINT_FACTOR:.2f}x the time without", f"{ratio:.2f}x",
+                       ratio <= FINGERPRINT_FACTOR))
     for floor, factor in FLOOR_FACTORS[case.name].items():
         if floor in seconds:
             ratio = ours / seconds[floor]

@@ -37,9 +37,9 @@ except ImportError:  # pragma: no cover - numpy is optional
     np = None
 
 try:
-    from xxhash import xxh64_intdigest as _xxh64
+    from xxhash import xxh64 as _xxh64_stream
 except ImportError:  # the pure-Python XXH64 below computes the same digest, slower
-    _xxh64 = None
+    _xxh64_stream = None
 
 __all__ = ["fingerprint", "xxh64"]
 
@@ -95,10 +95,14 @@ def _xxh64_python(data: bytes, seed: int = 0) -> int:
     return acc ^ (acc >> 32)
 
 
-def xxh64(data) -> int:
-    """XXH64 (seed 0) of a bytes-like object, as an unsigned int: the hash every fingerprint is made of."""
-    data = bytes(data)
-    return _xxh64(data) if _xxh64 is not None else _xxh64_python(data)
+def xxh64(*parts) -> int:
+    """XXH64 (seed 0) of bytes-like objects joined, as an unsigned int: the hash every fingerprint is made of."""
+    if _xxh64_stream is not None:
+        h = _xxh64_stream()
+        for p in parts:
+            h.update(p)
+        return h.intdigest()
+    return _xxh64_python(b"".join(bytes(p) for p in parts))
 
 
 def _u64(x: int) -> bytes:
@@ -118,8 +122,8 @@ def _tensor_digest(t: torch.Tensor) -> int:
     t = t.to("cpu").contiguous()
     name = _dtype_name(t.dtype).encode()
     header = b"T" + bytes([len(name)]) + name + bytes([t.dim()]) + struct.pack(f"<{t.dim()}q", *t.shape)
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return xxh64(header + data)
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+    return xxh64(header, data)
 
 
 def _numpy_tensor(x):
@@ -139,8 +143,24 @@ def _is_number(x) -> bool:
     return np is not None and isinstance(x, (np.bool_, np.integer, np.floating))
 
 
+def _flat_numbers(x: list):
+    """A flat list of Python ints (or of ints and floats) as its numeric digest's parts, at C speed;
+    None when it holds anything else (the general walk below decides then)."""
+    kinds = set(map(type, x))
+    if not kinds or not kinds <= {int, float, bool}:
+        return None
+    if float in kinds:
+        return [len(x)], np.array(x, dtype=np.float64), True
+    values = np.array(x, dtype=object if len(x) and max(max(x), -min(x)) > _INT64_MAX else np.int64) if x else np.zeros(0, np.int64)
+    return ([len(x)], values, False) if values.dtype == np.int64 else None
+
+
 def _numeric_list(x: list):
     """(shape, flat numbers, any float) of a rectangular list of numbers, or None when it is not one."""
+    if np is not None and x and not isinstance(x[0], list):
+        flat = _flat_numbers(x)
+        if flat is not None:
+            return flat
     shape = []
     y = x
     while isinstance(y, list):
@@ -177,14 +197,16 @@ def _numeric_list(x: list):
     return shape, [float(e) for e in flat], True
 
 
-def _list_digest(shape: list, values: list, is_float: bool) -> int:
+def _list_digest(shape: list, values, is_float: bool) -> int:
     name = b"float64" if is_float else b"int64"
     header = b"T" + bytes([len(name)]) + name + bytes([len(shape)]) + struct.pack(f"<{len(shape)}q", *shape)
-    return xxh64(header + struct.pack(f"<{len(values)}{'d' if is_float else 'q'}", *values))
+    if np is not None and isinstance(values, np.ndarray):
+        return xxh64(header, memoryview(np.ascontiguousarray(values, "<f8" if is_float else "<i8")))
+    return xxh64(header, struct.pack(f"<{len(values)}{'d' if is_float else 'q'}", *values))
 
 
 def _container(tag: bytes, digests: list) -> int:
-    return xxh64(tag + _u64(len(digests)) + b"".join(_u64(d) for d in digests))
+    return xxh64(tag, _u64(len(digests)), *(_u64(d) for d in digests))
 
 
 def _mapping(pairs) -> int:
