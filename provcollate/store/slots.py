@@ -113,7 +113,15 @@ class SlotTable:
         if self.prints is None:
             self.prints, self.printed = np.zeros(self.count.shape, np.int64), np.zeros(self.count.shape, bool)
         flat_prints, flat_printed = self.prints.reshape(-1), self.printed.reshape(-1)
-        if claim is not None and claim.conflict is not None and claim.conflict.any():
+        if claim is None:  # the compiled pass: slots held no record in memory and none repeats
+            if self.on_duplicate != "last":
+                fresh = ~flat_printed[slots]  # a slot written to a shard keeps its first input's print
+                if not fresh.all():
+                    slots, prints = slots[fresh], prints[fresh]
+            flat_prints[slots] = prints
+            flat_printed[slots] = True
+            return
+        if claim.conflict is not None and claim.conflict.any():
             self.conflicted.extend(slots[claim.conflict].tolist())
         if self.on_duplicate == "last":
             take = np.ones(len(slots), bool)
@@ -121,7 +129,7 @@ class SlotTable:
             take = ~flat_printed[slots]
             if len(slots) > 1:
                 take &= first_last(slots)[0]
-        if claim is not None and claim.keep is not None and self.on_duplicate != "mean":
+        if claim.keep is not None and self.on_duplicate != "mean":
             take &= claim.keep
         flat_prints[slots[take]] = prints[take]
         flat_printed[slots[take]] = True
