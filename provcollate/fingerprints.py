@@ -95,9 +95,12 @@ def _xxh64_python(data: bytes, seed: int = 0) -> int:
     return acc ^ (acc >> 32)
 
 
+_SMALL = 512  # bytes hashed in Python: xxhash releases the GIL on every call, and taking it back can wait
+
+
 def xxh64(*parts) -> int:
     """XXH64 (seed 0) of bytes-like objects joined, as an unsigned int: the hash every fingerprint is made of."""
-    if _xxh64_stream is not None:
+    if _xxh64_stream is not None and sum(map(len, parts)) > _SMALL:
         h = _xxh64_stream()
         for p in parts:
             h.update(p)
@@ -113,17 +116,30 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _tensor_digest(t: torch.Tensor) -> int:
-    t = t.detach()
+def _tensor_bytes(t: torch.Tensor):
+    """A tensor's elements in C order as a bytes-like object (few torch calls: each releases the GIL)."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
     if t.is_conj():
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    t = t.to("cpu").contiguous()
+    if np is not None and t.dtype not in (torch.bfloat16, torch.complex32) and not str(t.dtype).startswith("torch.float8"):
+        try:
+            arr = t.numpy()
+        except (TypeError, RuntimeError):
+            arr = None
+        if arr is not None:
+            return memoryview(np.ascontiguousarray(arr)).cast("B")
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _tensor_digest(t: torch.Tensor) -> int:
     name = _dtype_name(t.dtype).encode()
     header = b"T" + bytes([len(name)]) + name + bytes([t.dim()]) + struct.pack(f"<{t.dim()}q", *t.shape)
-    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
-    return xxh64(header, data)
+    return xxh64(header, _tensor_bytes(t) if t.numel() else b"")
 
 
 def _numpy_tensor(x):

@@ -43,7 +43,9 @@ def test_collate_survives_a_thread_replacing_fields():
                     s.data["n"] = {"deep": [1.5] * 50}
         t = threading.Thread(target=mutate, daemon=True)
         t.start()
-        for _ in range(150):
+        # The compiled pass is what could crash (150 rounds); the pure-Python one (which hands the
+        # GIL to the mutating thread at every torch call and hash) checks the values in fewer.
+        for _ in range(150 if pc.HAS_EXTENSION else 40):
             b = pc.Collator()(samples)
             assert torch.equal(b["ids"], expected["ids"]) and torch.equal(b["n"]["deep"], expected["n"]["deep"])
         stop = True
