@@ -9,6 +9,9 @@ Two cases, batches in shuffled order, all made before any timing:
 Methods, each producing every item's prediction in dataset order:
 
 - provcollate: ``pc.Recorder(num_items=N)``, ``add`` per batch (index, outputs, lengths), ``result()``;
+- provcollate with fingerprints: the same adds with each item's input fingerprint
+  (``add(..., fingerprint=...)``, as a Collator batch carries them), the result checked to hold
+  them too. Target: at most 1.10x the time without;
 - seed article: collect per batch, ``torch.cat``, then a Python loop over items with ``.item()``
   (its third listing; per-token outputs are first padded to the global longest item, which is
   what ``torch.cat`` of differently padded batches needs) filling a dict index -> prediction;
