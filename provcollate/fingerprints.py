@@ -126,13 +126,11 @@ def _tensor_bytes(t: torch.Tensor):
         t = t.resolve_conj()
     if t.is_neg():
         t = t.resolve_neg()
-    if np is not None and t.dtype not in (torch.bfloat16, torch.complex32) and not str(t.dtype).startswith("torch.float8"):
+    if np is not None:
         try:
-            arr = t.numpy()
-        except (TypeError, RuntimeError):
-            arr = None
-        if arr is not None:
-            return memoryview(np.ascontiguousarray(arr)).cast("B")
+            return memoryview(np.ascontiguousarray(t.numpy())).cast("B")
+        except (TypeError, RuntimeError):  # dtypes numpy lacks (bfloat16, float8, ...): their bytes as uint8
+            pass
     return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 

@@ -39,7 +39,7 @@ class Verification:
         return f"MISMATCHED: {len(self.mismatched)} of {self.checked} items checked differ from their recorded input: {shown}"
 
 
-def _key_positions(owner: str, indexed: Indexed, wanted: set) -> dict:
+def _key_positions(indexed: Indexed, wanted: set) -> dict:
     """{key: position} for the keys in ``wanted``, reading the dataset until all are found."""
     found = {}
     for i in range(len(indexed.dataset)):
@@ -65,7 +65,7 @@ def check(owner: str, dataset, entries: list, k: int, seed: int, index=None) -> 
         if indexed is None:
             raise TypeError(f"{owner}: keyed records need the pc.Indexed dataset that gave the keys (its key= finds "
                             f"each key's example), got {type(dataset).__name__}")
-        where = _key_positions(owner, indexed, {ident for ident, item, _, _ in picked if item is None})
+        where = _key_positions(indexed, {ident for ident, item, _, _ in picked if item is None})
         picked = [(ident, where.get(ident) if item is None else item, view, p) for ident, item, view, p in picked]
     size = len(dataset if indexed is None else indexed.dataset)
     mismatched = []
