@@ -439,34 +439,48 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const
   if (fill && !host) out.fill_(leaf.pad_value);
   // Fingerprints hash each item's own elements (its dtype, not the batch's), read right after
   // they are copied; items whose bytes cannot be read as they lie are made contiguous on the host.
-  std::vector<std::string> headers;
+  std::string headers;  // item b's is headers[header_at[b], header_at[b + 1])
+  std::vector<size_t> header_at;
   std::vector<uint64_t> digests;
   if (opt.fingerprint) {
-    headers.reserve(B);
-    for (int64_t b = 0; b < B; ++b) headers.push_back(tensor_header(items[b].scalar_type(), items[b].sizes()));
+    header_at.reserve(B + 1);
+    for (int64_t b = 0; b < B; ++b) {
+      header_at.push_back(headers.size());
+      append_tensor_header(headers, items[b].scalar_type(), items[b].sizes());
+    }
+    header_at.push_back(headers.size());
     digests.assign(B, 0);
   }
   {
     py::gil_scoped_release nogil;
     const int64_t item_bytes = std::max<int64_t>(1, l.max_len * row);
     constexpr int64_t kTaskBytes = 1 << 18;  // enough work per task to be worth a thread
+    constexpr int64_t kHashPiece = 16 << 10;  // copied, then hashed from L1
     const bool stream = host && use_streaming(l.total_rows() * row);
     at::parallel_for(0, B, std::max<int64_t>(1, kTaskBytes / item_bytes), [&](int64_t begin, int64_t end) {
       const at::NoGradGuard no_grad;  // a batch never carries autograd history
       for (int64_t b = begin; b < end; ++b) {
         if (fill && host) fill_item_padding(base, row, l, b, *fill, stream);
-        if (src[b] != nullptr) {
+        if (src[b] != nullptr && !digests.empty()) {
+          // each piece hashed right after its copy, while it is still in L1
+          char* dst = base + l.first_row(b) * row;
+          const int64_t n = l.lengths[b] * row;
+          Xxh3 h;
+          h.update(headers.data() + header_at[b], header_at[b + 1] - header_at[b]);
+          for (int64_t at = 0; at < n; at += kHashPiece) {
+            const int64_t piece = std::min(kHashPiece, n - at);
+            copy_span(dst + at, src[b] + at, piece, stream);
+            h.update(src[b] + at, piece);
+          }
+          digests[b] = h.digest();
+        } else if (src[b] != nullptr) {
           copy_span(base + l.first_row(b) * row, src[b], l.lengths[b] * row, stream);
         } else {
           rows.narrow(0, l.first_row(b), l.lengths[b]).copy_(items[b]);
-        }
-        if (!digests.empty()) {
-          const at::Tensor& x = items[b];
-          if (src[b] != nullptr) {
-            digests[b] = bytes_digest(headers[b], src[b], l.lengths[b] * row);
-          } else {
-            const at::Tensor own = host_elements(x);
-            digests[b] = bytes_digest(headers[b], own.const_data_ptr(), own.numel() * own.element_size());
+          if (!digests.empty()) {
+            const at::Tensor own = host_elements(items[b]);
+            digests[b] = bytes_digest(headers.data() + header_at[b], header_at[b + 1] - header_at[b],
+                                      own.const_data_ptr(), own.numel() * own.element_size());
           }
         }
       }
@@ -641,10 +655,14 @@ std::vector<uint64_t> list_digests(const std::vector<py::object>& objs, const st
   const int64_t inner = c10::multiply_integers(trailing);
   std::vector<uint64_t> d(l.batch);
   std::vector<int64_t> widened;
+  std::vector<int64_t> shape{0};
+  std::string header;
   for (int64_t b = 0; b < l.batch; ++b) {
-    std::vector<int64_t> shape{l.lengths[b]};
+    shape.resize(1);
+    shape[0] = l.lengths[b];
     if (l.lengths[b] > 0) shape.insert(shape.end(), trailing.begin(), trailing.end());
-    const std::string header = tensor_header(at::kLong, shape);
+    header.clear();
+    append_tensor_header(header, at::kLong, shape);
     const int64_t n = l.lengths[b] * inner;
     if (kind == Num::Int) {
       d[b] = bytes_digest(header, out.const_data_ptr<int64_t>() + l.first_row(b) * inner, n * sizeof(int64_t));

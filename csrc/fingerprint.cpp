@@ -1,4 +1,4 @@
-// Fingerprints of Python values: XXH64 and the tagged encoding of provcollate/fingerprints.py.
+// Fingerprints of Python values: XXH3-64 over the tagged encoding of provcollate/fingerprints.py.
 #include "fingerprint.h"
 
 #include <ATen/ATen.h>
@@ -18,101 +18,25 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "fingerprints hash litt
 
 namespace {
 
-constexpr uint64_t kP1 = 0x9E3779B185EBCA87ULL;
-constexpr uint64_t kP2 = 0xC2B2AE3D27D4EB4FULL;
-constexpr uint64_t kP3 = 0x165667B19E3779F9ULL;
-constexpr uint64_t kP4 = 0x85EBCA77C2B2AE63ULL;
-constexpr uint64_t kP5 = 0x27D4EB2F165667C5ULL;
 constexpr int kMaxDepth = 200;
 constexpr size_t kMaxDims = 64;
-
-inline uint64_t rotl(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-inline uint64_t round64(uint64_t acc, uint64_t lane) { return rotl(acc + lane * kP2, 31) * kP1; }
-inline uint64_t merge(uint64_t acc, uint64_t v) { return (acc ^ round64(0, v)) * kP1 + kP4; }
-
-inline uint64_t read64(const unsigned char* p) {
-  uint64_t v;
-  std::memcpy(&v, p, 8);
-  return v;
-}
-
-inline uint32_t read32(const unsigned char* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
 
 void append_u64(std::string& s, uint64_t v) { s.append(reinterpret_cast<const char*>(&v), 8); }
 
 uint64_t tagged(char tag, const void* data, size_t n) {
-  Xxh64 h;
+  unsigned char small[240];
+  if (n < sizeof(small)) {  // one call, no streaming state
+    small[0] = static_cast<unsigned char>(tag);
+    if (n > 0) std::memcpy(small + 1, data, n);
+    return xxh3_64(small, n + 1);
+  }
+  Xxh3 h;
   h.update(&tag, 1);
   h.update(data, n);
   return h.digest();
 }
 
 }  // namespace
-
-Xxh64::Xxh64(uint64_t seed) : v_{seed + kP1 + kP2, seed + kP2, seed, seed - kP1}, seed_(seed) {}
-
-void Xxh64::update(const void* data, size_t n) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  total_ += n;
-  if (buffered_ + n < 32) {
-    std::memcpy(buf_ + buffered_, p, n);
-    buffered_ += n;
-    return;
-  }
-  if (buffered_ > 0) {
-    const size_t fill = 32 - buffered_;
-    std::memcpy(buf_ + buffered_, p, fill);
-    for (int i = 0; i < 4; ++i) v_[i] = round64(v_[i], read64(buf_ + 8 * i));
-    p += fill;
-    n -= fill;
-    buffered_ = 0;
-  }
-  uint64_t v0 = v_[0], v1 = v_[1], v2 = v_[2], v3 = v_[3];
-  for (; n >= 32; p += 32, n -= 32) {
-    v0 = round64(v0, read64(p));
-    v1 = round64(v1, read64(p + 8));
-    v2 = round64(v2, read64(p + 16));
-    v3 = round64(v3, read64(p + 24));
-  }
-  v_[0] = v0, v_[1] = v1, v_[2] = v2, v_[3] = v3;
-  std::memcpy(buf_, p, n);
-  buffered_ = n;
-}
-
-uint64_t Xxh64::digest() const {
-  uint64_t acc;
-  if (total_ >= 32) {
-    acc = rotl(v_[0], 1) + rotl(v_[1], 7) + rotl(v_[2], 12) + rotl(v_[3], 18);
-    for (const uint64_t v : v_) acc = merge(acc, v);
-  } else {
-    acc = seed_ + kP5;
-  }
-  acc += total_;
-  const unsigned char* p = buf_;
-  size_t n = buffered_;
-  for (; n >= 8; p += 8, n -= 8) acc = rotl(acc ^ round64(0, read64(p)), 27) * kP1 + kP4;
-  if (n >= 4) {
-    acc = rotl(acc ^ (static_cast<uint64_t>(read32(p)) * kP1), 23) * kP2 + kP3;
-    p += 4;
-    n -= 4;
-  }
-  for (; n > 0; ++p, --n) acc = rotl(acc ^ (*p * kP5), 11) * kP1;
-  acc ^= acc >> 33;
-  acc *= kP2;
-  acc ^= acc >> 29;
-  acc *= kP3;
-  return acc ^ (acc >> 32);
-}
-
-uint64_t xxh64(const void* data, size_t n) {
-  Xxh64 h;
-  h.update(data, n);
-  return h.digest();
-}
 
 // torch's own names (str(dtype) without "torch."), the common ones without a call into Python.
 std::string dtype_name(at::ScalarType t) {
@@ -136,23 +60,30 @@ std::string dtype_name(at::ScalarType t) {
   }
 }
 
-std::string tensor_header(at::ScalarType dtype, at::IntArrayRef sizes) {
+void append_tensor_header(std::string& out, at::ScalarType dtype, at::IntArrayRef sizes) {
   const std::string name = dtype_name(dtype);
+  out.push_back('T');
+  out.push_back(static_cast<char>(name.size()));
+  out += name;
+  out.push_back(static_cast<char>(sizes.size()));
+  for (const int64_t s : sizes) append_u64(out, static_cast<uint64_t>(s));
+}
+
+std::string tensor_header(at::ScalarType dtype, at::IntArrayRef sizes) {
   std::string h;
-  h.reserve(3 + name.size() + 8 * sizes.size());
-  h.push_back('T');
-  h.push_back(static_cast<char>(name.size()));
-  h += name;
-  h.push_back(static_cast<char>(sizes.size()));
-  for (const int64_t s : sizes) append_u64(h, static_cast<uint64_t>(s));
+  append_tensor_header(h, dtype, sizes);
   return h;
 }
 
-uint64_t bytes_digest(const std::string& header, const void* data, size_t n) {
-  Xxh64 h;
-  h.update(header.data(), header.size());
+uint64_t bytes_digest(const char* header, size_t header_size, const void* data, size_t n) {
+  Xxh3 h;
+  h.update(header, header_size);
   h.update(data, n);
   return h.digest();
+}
+
+uint64_t bytes_digest(const std::string& header, const void* data, size_t n) {
+  return bytes_digest(header.data(), header.size(), data, n);
 }
 
 at::Tensor host_elements(const at::Tensor& t) {
@@ -162,10 +93,18 @@ at::Tensor host_elements(const at::Tensor& t) {
 }
 
 uint64_t sequence_digest(char tag, const uint64_t* children, size_t n) {
-  Xxh64 h;
+  unsigned char head[9];
+  head[0] = static_cast<unsigned char>(tag);
   const uint64_t count = n;
-  h.update(&tag, 1);
-  h.update(&count, 8);
+  std::memcpy(head + 1, &count, 8);
+  if (n <= 28) {  // 9 + 8n <= 240 bytes: one call
+    unsigned char small[240];
+    std::memcpy(small, head, 9);
+    if (n > 0) std::memcpy(small + 9, children, 8 * n);
+    return xxh3_64(small, 9 + 8 * n);
+  }
+  Xxh3 h;
+  h.update(head, 9);
   h.update(children, 8 * n);
   return h.digest();
 }
@@ -176,16 +115,22 @@ uint64_t sequence_digest(char tag, const std::vector<uint64_t>& children) {
 
 uint64_t mapping_digest(std::pair<uint64_t, uint64_t>* pairs, size_t n) {
   std::sort(pairs, pairs + n);
-  Xxh64 h;
-  const char tag = 'M';
-  const uint64_t count = n;
-  h.update(&tag, 1);
-  h.update(&count, 8);
-  for (size_t i = 0; i < n; ++i) {
-    h.update(&pairs[i].first, 8);
-    h.update(&pairs[i].second, 8);
+  std::vector<uint64_t> large;
+  uint64_t small[30];  // b"M" + u64(n) + 2n u64s, after one byte of tag: up to 14 entries here
+  uint64_t* words = small;
+  if (2 * n + 2 > 30) {
+    large.resize(2 * n + 2);
+    words = large.data();
   }
-  return h.digest();
+  for (size_t i = 0; i < n; ++i) {
+    words[2 + 2 * i] = pairs[i].first;
+    words[3 + 2 * i] = pairs[i].second;
+  }
+  words[1] = n;
+  // the encoding starts 7 bytes into words[0]: the tag byte right before u64(n)
+  unsigned char* bytes = reinterpret_cast<unsigned char*>(words) + 7;
+  bytes[0] = 'M';
+  return xxh3_64(bytes, 9 + 16 * n);
 }
 
 uint64_t mapping_digest(std::vector<std::pair<uint64_t, uint64_t>> pairs) {
@@ -372,6 +317,19 @@ void bind_fingerprint(py::module_& m) {
   m.def(
       "fingerprint", [](const py::handle& data) { return static_cast<int64_t>(object_digest(data.ptr())); },
       py::arg("data"), "The fingerprint of one example's data (signed int64); see provcollate.fingerprint.");
+  m.def(
+      "xxh3_64",
+      [](const py::bytes& data, size_t piece) {
+        const std::string_view b(data);
+        Xxh3 h;
+        for (size_t at = 0; at < b.size(); at += std::max<size_t>(piece, 1)) {
+          h.update(b.data() + at, std::min(b.size() - at, std::max<size_t>(piece, 1)));
+        }
+        return h.digest();
+      },
+      py::arg("data"), py::arg("piece") = SIZE_MAX,
+      "XXH3-64 of `data` fed to the streaming hash `piece` bytes at a time (the digest does not depend on it).");
+  m.attr("xxh3_isa") = xxh3_isa();
 }
 
 }  // namespace provcollate

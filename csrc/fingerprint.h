@@ -1,6 +1,6 @@
 // Fingerprints: the 64-bit hash of one example's data that the Collator computes in its fused
 // pass (batch.fingerprint) and provcollate.fingerprint() computes for one example. The algorithm
-// is documented in provcollate/fingerprints.py (its Python twin) and docs/fingerprints.md: XXH64
+// is documented in provcollate/fingerprints.py (its Python twin) and docs/fingerprints.md: XXH3-64
 // (seed 0) over a tagged, little-endian encoding, containers hashed over their children's digests.
 #pragma once
 
@@ -13,31 +13,18 @@
 #include <utility>
 #include <vector>
 
+#include "xxh3.h"
+
 namespace provcollate {
-
-// XXH64 (Yann Collet's xxHash, 64-bit), fed in pieces: the digest equals that of the pieces joined.
-class Xxh64 {
- public:
-  explicit Xxh64(uint64_t seed = 0);
-  void update(const void* data, size_t n);
-  uint64_t digest() const;
-
- private:
-  uint64_t v_[4];
-  uint64_t seed_;
-  uint64_t total_ = 0;
-  unsigned char buf_[32];
-  size_t buffered_ = 0;
-};
-
-uint64_t xxh64(const void* data, size_t n);
 
 // b"T" + u8(len(name)) + name + u8(ndim) + i64 sizes: what precedes a tensor's bytes. The GIL
 // must be held (a dtype's name may come from Python).
 std::string tensor_header(at::ScalarType dtype, at::IntArrayRef sizes);
+void append_tensor_header(std::string& out, at::ScalarType dtype, at::IntArrayRef sizes);
 
 // The digest of `header` followed by `n` bytes at `data`; needs no GIL.
 uint64_t bytes_digest(const std::string& header, const void* data, size_t n);
+uint64_t bytes_digest(const char* header, size_t header_size, const void* data, size_t n);
 
 // The tensor's elements as one contiguous host tensor of its own dtype (conj/neg resolved); a
 // tensor on a device is copied to the host (a sync). Needs no GIL.

@@ -3,7 +3,7 @@
 The Collator computes ``batch.fingerprint`` in its fused pass (csrc/fingerprint.cpp); this module
 is the same algorithm in Python, :func:`fingerprint` for one example, and what the pure-Python
 collate path uses. The algorithm (docs/fingerprints.md), on little-endian bytes, with
-``H(b) = XXH64(b, seed=0)``:
+``H(b) = XXH3_64(b, seed=0)`` (XXH3, 64-bit, default secret):
 
 * a tensor, numpy array or numpy scalar: ``H(b"T" + u8(len(name)) + name + u8(ndim) + i64(size)
   for each dim + its elements in C order)``, ``name`` its dtype as torch names it (``"int64"``,
@@ -37,11 +37,11 @@ except ImportError:  # pragma: no cover - numpy is optional
     np = None
 
 try:
-    from xxhash import xxh64 as _xxh64_stream
-except ImportError:  # the pure-Python XXH64 below computes the same digest, slower
-    _xxh64_stream = None
+    from xxhash import xxh3_64 as _xxh3_stream
+except ImportError:  # the pure-Python XXH3 below computes the same digest, slower
+    _xxh3_stream = None
 
-__all__ = ["fingerprint", "xxh64"]
+__all__ = ["fingerprint", "xxh3_64"]
 
 if ops.HAS_EXTENSION:
     from ._C import fingerprint as _native
@@ -56,56 +56,123 @@ _MAX_DIMS = 64
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
+_SECRET = bytes.fromhex(
+    "b8fe6c3923a44bbe7c01812cf721ad1cded46de9839097db7240a4a4b7b3671f"
+    "cb79e64eccc0e578825ad07dccff7221b8084674f743248ee03590e6813a264c"
+    "3c2852bb91c300cb88d0658b1b532ea371644897a20df94e3819ef46a9deacd8"
+    "a8fa763fe39c343ff9dcbbc7c70b4f1d8a51e04bcdb45931c89f7ec9d9787364"
+    "eac5ac8334d3ebc3c581a0fffa1363eb170ddd51b7f0da49d3165526"
+    "29d4689e2b16be587d47a1fc8ff8b8d17ad031ce45cb3a8f95160428afd7fbcabb4b407e")
+_KEY = struct.unpack("<24Q", _SECRET)  # the secret as 64-bit words, for the aligned reads
+_MX1, _MX2 = 0x165667919E3779F9, 0x9FB21C651E98DF25
+_P32_1, _P32_2, _P32_3 = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D
+
+
 def _rotl(x: int, r: int) -> int:
     return ((x << r) | (x >> (64 - r))) & _MASK
 
 
-def _round(acc: int, lane: int) -> int:
-    return (_rotl((acc + lane * _P2) & _MASK, 31) * _P1) & _MASK
+def _secret64(offset: int) -> int:
+    return struct.unpack_from("<Q", _SECRET, offset)[0]
 
 
-def _xxh64_python(data: bytes, seed: int = 0) -> int:
-    """XXH64 of ``data`` (Yann Collet's xxHash, 64-bit), in Python."""
-    n, p = len(data), 0
-    if n >= 32:
-        v = [(seed + _P1 + _P2) & _MASK, (seed + _P2) & _MASK, seed, (seed - _P1) & _MASK]
-        lanes = struct.unpack_from(f"<{(n // 32) * 4}Q", data)
-        for i in range(0, len(lanes), 4):
-            v = [_round(v[j], lanes[i + j]) for j in range(4)]
-        p = (n // 32) * 32
-        acc = (_rotl(v[0], 1) + _rotl(v[1], 7) + _rotl(v[2], 12) + _rotl(v[3], 18)) & _MASK
-        for x in v:
-            acc = ((acc ^ _round(0, x)) * _P1 + _P4) & _MASK
-    else:
-        acc = (seed + _P5) & _MASK
-    acc = (acc + n) & _MASK
-    while p + 8 <= n:
-        acc = (_rotl(acc ^ _round(0, struct.unpack_from("<Q", data, p)[0]), 27) * _P1 + _P4) & _MASK
-        p += 8
-    if p + 4 <= n:
-        acc = (_rotl(acc ^ (struct.unpack_from("<I", data, p)[0] * _P1 & _MASK), 23) * _P2 + _P3) & _MASK
-        p += 4
-    while p < n:
-        acc = (_rotl(acc ^ (data[p] * _P5 & _MASK), 11) * _P1) & _MASK
-        p += 1
-    acc ^= acc >> 33
-    acc = (acc * _P2) & _MASK
-    acc ^= acc >> 29
-    acc = (acc * _P3) & _MASK
-    return acc ^ (acc >> 32)
+def _fold(a: int, b: int) -> int:
+    m = a * b
+    return (m ^ (m >> 64)) & _MASK
 
 
-_SMALL = 512  # bytes hashed in Python: xxhash releases the GIL on every call, and taking it back can wait
+def _avalanche(x: int) -> int:
+    x ^= x >> 37
+    x = (x * _MX1) & _MASK
+    return x ^ (x >> 32)
 
 
-def xxh64(*parts) -> int:
-    """XXH64 (seed 0) of bytes-like objects joined, as an unsigned int: the hash every fingerprint is made of."""
-    if _xxh64_stream is not None and sum(map(len, parts)) > _SMALL:
-        h = _xxh64_stream()
+def _avalanche_xxh64(x: int) -> int:
+    x ^= x >> 33
+    x = (x * _P2) & _MASK
+    x ^= x >> 29
+    x = (x * _P3) & _MASK
+    return x ^ (x >> 32)
+
+
+def _mix16(data: bytes, p: int, offset: int) -> int:
+    lo, hi = struct.unpack_from("<2Q", data, p)
+    return _fold(lo ^ _secret64(offset), hi ^ _secret64(offset + 8))
+
+
+def _accumulate(acc: list, lanes, at: int, key_offset: int) -> None:
+    for i in range(8):
+        lane = lanes[at + i]
+        k = lane ^ _secret64(key_offset + 8 * i)
+        acc[i ^ 1] = (acc[i ^ 1] + lane) & _MASK
+        acc[i] = (acc[i] + (k & 0xFFFFFFFF) * (k >> 32)) & _MASK
+
+
+def _xxh3_python(data: bytes) -> int:
+    """XXH3-64 (seed 0, default secret) of ``data`` (Yann Collet's xxHash), in Python."""
+    n = len(data)
+    if n == 0:
+        return _avalanche_xxh64(_secret64(56) ^ _secret64(64))
+    if n <= 3:
+        combined = data[-1] | (n << 8) | (data[0] << 16) | (data[n >> 1] << 24)
+        s0, s1 = struct.unpack_from("<2I", _SECRET, 0)
+        return _avalanche_xxh64((s0 ^ s1) ^ combined)
+    if n <= 8:
+        first, last = struct.unpack_from("<I", data, 0)[0], struct.unpack_from("<I", data, n - 4)[0]
+        v = (_secret64(8) ^ _secret64(16)) ^ (last | (first << 32))
+        v ^= _rotl(v, 49) ^ _rotl(v, 24)
+        v = (v * _MX2) & _MASK
+        v ^= (v >> 35) + n
+        v = (v * _MX2) & _MASK
+        return v ^ (v >> 28)
+    if n <= 16:
+        lo = (_secret64(24) ^ _secret64(32)) ^ struct.unpack_from("<Q", data, 0)[0]
+        hi = (_secret64(40) ^ _secret64(48)) ^ struct.unpack_from("<Q", data, n - 8)[0]
+        swapped = int.from_bytes(lo.to_bytes(8, "little"), "big")
+        return _avalanche((n + swapped + hi + _fold(lo, hi)) & _MASK)
+    if n <= 240:
+        acc = n * _P1 & _MASK
+        if n <= 128:
+            for i in range((n - 1) // 32, -1, -1):
+                acc += _mix16(data, 16 * i, 32 * i) + _mix16(data, n - 16 * i - 16, 32 * i + 16)
+            return _avalanche(acc & _MASK)
+        for i in range(8):
+            acc += _mix16(data, 16 * i, 16 * i)
+        acc = _avalanche(acc & _MASK)
+        for i in range(8, n // 16):
+            acc += _mix16(data, 16 * i, 16 * (i - 8) + 3)
+        return _avalanche((acc + _mix16(data, n - 16, 119)) & _MASK)
+    acc = [_P32_3, _P1, _P2, _P3, _P4, _P32_2, _P5, _P32_1]
+    stripes = (n - 1) // 64  # every stripe followed by at least one byte; a scramble after each 16th
+    lanes = struct.unpack_from(f"<{stripes * 8}Q", data)
+    for s in range(stripes):
+        _accumulate(acc, lanes, 8 * s, 8 * (s % 16))
+        if s % 16 == 15:
+            for i in range(8):
+                a = acc[i] ^ (acc[i] >> 47) ^ _KEY[16 + i]
+                acc[i] = (a * _P32_1) & _MASK
+    _accumulate(acc, struct.unpack_from("<8Q", data, n - 64), 0, 121)
+    result = n * _P1
+    for i in range(4):
+        result += _fold(acc[2 * i] ^ _secret64(11 + 16 * i), acc[2 * i + 1] ^ _secret64(19 + 16 * i))
+    return _avalanche(result & _MASK)
+
+
+_SMALL = 240  # bytes hashed in Python: xxhash releases the GIL on every call, and taking it back can wait
+
+
+def _nbytes(part) -> int:
+    return part.nbytes if isinstance(part, memoryview) else len(part)
+
+
+def xxh3_64(*parts) -> int:
+    """XXH3-64 (seed 0) of bytes-like objects joined, as an unsigned int: the hash every fingerprint is made of."""
+    if _xxh3_stream is not None and sum(map(_nbytes, parts)) > _SMALL:
+        h = _xxh3_stream()
         for p in parts:
             h.update(p)
         return h.intdigest()
-    return _xxh64_python(b"".join(bytes(p) for p in parts))
+    return _xxh3_python(b"".join(bytes(p) for p in parts))
 
 
 def _u64(x: int) -> bytes:
@@ -137,7 +204,7 @@ def _tensor_bytes(t: torch.Tensor):
 def _tensor_digest(t: torch.Tensor) -> int:
     name = _dtype_name(t.dtype).encode()
     header = b"T" + bytes([len(name)]) + name + bytes([t.dim()]) + struct.pack(f"<{t.dim()}q", *t.shape)
-    return xxh64(header, _tensor_bytes(t) if t.numel() else b"")
+    return xxh3_64(header, _tensor_bytes(t) if t.numel() else b"")
 
 
 def _numpy_tensor(x):
@@ -215,17 +282,17 @@ def _list_digest(shape: list, values, is_float: bool) -> int:
     name = b"float64" if is_float else b"int64"
     header = b"T" + bytes([len(name)]) + name + bytes([len(shape)]) + struct.pack(f"<{len(shape)}q", *shape)
     if np is not None and isinstance(values, np.ndarray):
-        return xxh64(header, memoryview(np.ascontiguousarray(values, "<f8" if is_float else "<i8")))
-    return xxh64(header, struct.pack(f"<{len(values)}{'d' if is_float else 'q'}", *values))
+        return xxh3_64(header, memoryview(np.ascontiguousarray(values, "<f8" if is_float else "<i8")))
+    return xxh3_64(header, struct.pack(f"<{len(values)}{'d' if is_float else 'q'}", *values))
 
 
 def _container(tag: bytes, digests: list) -> int:
-    return xxh64(tag, _u64(len(digests)), *(_u64(d) for d in digests))
+    return xxh3_64(tag, _u64(len(digests)), *(_u64(d) for d in digests))
 
 
 def _mapping(pairs) -> int:
     pairs = sorted(pairs)
-    return xxh64(b"M" + _u64(len(pairs)) + b"".join(_u64(k) + _u64(v) for k, v in pairs))
+    return xxh3_64(b"M" + _u64(len(pairs)) + b"".join(_u64(k) + _u64(v) for k, v in pairs))
 
 
 def digest(x, depth: int = 0) -> int:
@@ -240,15 +307,15 @@ def digest(x, depth: int = 0) -> int:
             return _tensor_digest(t)
     elif isinstance(x, (bool, int)):
         v = int(x)
-        return xxh64(b"I" + struct.pack("<q", v)) if _INT64_MIN <= v <= _INT64_MAX else xxh64(b"J" + str(v).encode())
+        return xxh3_64(b"I" + struct.pack("<q", v)) if _INT64_MIN <= v <= _INT64_MAX else xxh3_64(b"J" + str(v).encode())
     elif isinstance(x, float):
-        return xxh64(b"F" + struct.pack("<d", x))
+        return xxh3_64(b"F" + struct.pack("<d", x))
     elif isinstance(x, str):
-        return xxh64(b"S" + x.encode("utf-8", "surrogatepass"))
+        return xxh3_64(b"S" + x.encode("utf-8", "surrogatepass"))
     elif isinstance(x, bytes):
-        return xxh64(b"B" + x)
+        return xxh3_64(b"B" + x)
     elif x is None:
-        return xxh64(b"N")
+        return xxh3_64(b"N")
     elif isinstance(x, list):
         numeric = _numeric_list(x)
         if numeric is not None:
@@ -259,7 +326,7 @@ def digest(x, depth: int = 0) -> int:
     elif isinstance(x, collections.abc.Mapping):
         return _mapping((digest(k, depth + 1), digest(v, depth + 1)) for k, v in x.items())
     t = type(x)
-    return xxh64(b"O" + f"{t.__module__}.{t.__qualname__}".encode("utf-8", "surrogatepass"))
+    return xxh3_64(b"O" + f"{t.__module__}.{t.__qualname__}".encode("utf-8", "surrogatepass"))
 
 
 def signed(d: int) -> int:

@@ -46,17 +46,61 @@ def collate_both(samples, **kw):
 # The algorithm, as documented
 
 
-@pytest.mark.parametrize("n", [0, 1, 3, 4, 7, 8, 15, 31, 32, 33, 63, 64, 65, 100, 1000, 4099])
-def test_xxh64_in_python_and_in_the_extension_equal_the_reference(n):
+LENGTHS = [0, 1, 3, 4, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 100, 128, 129, 200, 240, 241, 255, 256, 257, 319,
+           320, 321, 1023, 1024, 1025, 1088, 1089, 4099, 16385]
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_xxh3_in_python_and_in_the_extension_equal_the_reference(n):
     data = bytes(np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8))
-    assert fp._xxh64_python(data) == xxhash.xxh64_intdigest(data)
-    assert fp.xxh64(data) == xxhash.xxh64_intdigest(data)
-    # bytes hash as b"B" + their bytes: the extension's streaming XXH64 across the tag's boundary
-    assert pc.fingerprint(data) == signed(xxhash.xxh64_intdigest(b"B" + data))
+    ref = xxhash.xxh3_64_intdigest(data)
+    assert fp._xxh3_python(data) == ref
+    assert fp.xxh3_64(data) == ref
+    assert fp.xxh3_64(data[: n // 3], memoryview(data[n // 3 :])) == ref
+    # bytes hash as b"B" + their bytes: the extension's streaming XXH3 across the tag's boundary
+    assert pc.fingerprint(data) == signed(xxhash.xxh3_64_intdigest(b"B" + data))
+
+
+def test_without_the_xxhash_package_fingerprints_are_the_same(monkeypatch):
+    """The pure-Python XXH3 the fallback uses when xxhash is not installed gives every digest."""
+    rng = np.random.default_rng(3)
+    values = [torch.from_numpy(rng.standard_normal((37, 5)).astype(np.float32)), list(range(100)),
+              {"ids": torch.arange(300), "text": "x" * 500, "label": 2}, [[0.5] * 40] * 3, b"y" * 1000]
+    expected = [fp.digest(v) for v in values]
+    monkeypatch.setattr(fp, "_xxh3_stream", None)
+    assert [fp.digest(v) for v in values] == expected
+
+
+ISA_CHECK = """
+import os, sys, xxhash
+from provcollate import _C
+rng = __import__("random").Random(1)
+for n in sys.argv[2:]:
+    data = rng.randbytes(int(n))
+    ref = xxhash.xxh3_64_intdigest(data)
+    for piece in (1, 7, 63, 64, 65, 255, 256, 257, 1000, len(data) + 1):
+        assert _C.xxh3_64(data, piece) == ref, (n, piece, _C.xxh3_isa)
+print(_C.xxh3_isa)
+"""
+
+
+@pytest.mark.skipif(not pc.ops.HAS_EXTENSION, reason="the compiled extension is not built")
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_xxh3_every_instruction_set_streams_in_any_pieces(isa):
+    """Each vectorized loop the CPU has gives the reference digest, fed in pieces of any size."""
+    env = dict(os.environ, PROVCOLLATE_XXH3_ISA=isa)
+    lengths = [str(n) for n in LENGTHS + [2047, 2048, 2049, 65537]]
+    run = subprocess.run([sys.executable, "-c", ISA_CHECK, isa, *lengths], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    used = run.stdout.strip()
+    if used != isa:  # this CPU lacks it: the next narrower one ran instead
+        assert ["scalar", "avx2", "avx512"].index(used) < ["scalar", "avx2", "avx512"].index(isa)
+        pytest.skip(f"this CPU has no {isa}; {used} ran")
 
 
 def test_documented_encoding():
-    h = lambda b: signed(xxhash.xxh64_intdigest(b))
+    h = lambda b: signed(xxhash.xxh3_64_intdigest(b))
     t = torch.tensor([[1, 2, 3]], dtype=torch.int32)
     assert pc.fingerprint(t) == h(b"T\x05int32\x02" + struct.pack("<2q", 1, 3) + struct.pack("<3i", 1, 2, 3))
     assert pc.fingerprint([1, True, 3]) == h(b"T\x05int64\x01" + struct.pack("<q", 3) + struct.pack("<3q", 1, 1, 3))
@@ -68,7 +112,7 @@ def test_documented_encoding():
     assert pc.fingerprint("héllo") == h(b"S" + "héllo".encode())
     assert pc.fingerprint(None) == h(b"N")
     u = lambda x: struct.pack("<Q", x)
-    d = lambda x: xxhash.xxh64_intdigest(x)
+    d = lambda x: xxhash.xxh3_64_intdigest(x)
     i1, s1 = d(b"I" + struct.pack("<q", 1)), d(b"S" + b"a")
     assert pc.fingerprint(("a", 1)) == h(b"U" + u(2) + u(s1) + u(i1))
     assert pc.fingerprint(["a", 1]) == h(b"L" + u(2) + u(s1) + u(i1))
