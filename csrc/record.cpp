@@ -83,6 +83,13 @@ struct Targets {
   // Rows recorded by add_plain through these Targets: the store adds them to its count when it
   // drops the Targets, so that the seed article's add needs no Python step of its own.
   int64_t records = 0;
+  // The slot table's fingerprints [cap, 1] and whether each slot has one (set_prints), for a
+  // pass given its batch's fingerprints: each slot claimed takes its record's; a slot that has
+  // one already (its record in a shard) hands the batch back, for the claim to compare them.
+  py::object prints;
+  py::object printed;
+  int64_t* prints_data = nullptr;
+  bool* printed_data = nullptr;
 };
 
 // One output's source rows and where they go.
@@ -104,14 +111,15 @@ struct Output {
 };
 
 // The data of a numpy array the Recorder owns, if it is C-contiguous, writable and holds
-// `size` integers of one of `itemsizes` bytes; else null.
-char* host_array(const py::handle& h, int64_t size, std::initializer_list<int64_t> itemsizes) {
+// `size` integers (bools with `boolean`) of one of `itemsizes` bytes; else null.
+char* host_array(const py::handle& h, int64_t size, std::initializer_list<int64_t> itemsizes, bool boolean = false) {
   if (!py::isinstance<py::array>(h)) return nullptr;
   py::array a = py::reinterpret_borrow<py::array>(h);
   const char kind = a.dtype().kind();
   bool itemsize_ok = false;
   for (const int64_t s : itemsizes) itemsize_ok |= a.itemsize() == s;
-  if (!itemsize_ok || (kind != 'i' && kind != 'u') || a.size() != size || !a.writeable() ||
+  const bool kind_ok = boolean ? kind == 'b' : (kind == 'i' || kind == 'u');
+  if (!itemsize_ok || !kind_ok || a.size() != size || !a.writeable() ||
       !(a.flags() & py::array::c_style)) {
     return nullptr;
   }
@@ -233,6 +241,7 @@ struct DenseCopy {
 struct OneDense {
   DenseCopy d;
   PC_INLINE void touch(int64_t slot) const { d.touch(slot); }
+  PC_INLINE bool taken(int64_t) const { return false; }
   PC_INLINE void copy(int64_t b, int64_t slot) const { d.copy(b, slot); }
 };
 struct ManyDense {
@@ -241,8 +250,33 @@ struct ManyDense {
   PC_INLINE void touch(int64_t slot) const {
     for (const DenseCopy* d = begin; d != end; ++d) d->touch(slot);
   }
+  PC_INLINE bool taken(int64_t) const { return false; }
   PC_INLINE void copy(int64_t b, int64_t slot) const {
     for (const DenseCopy* d = begin; d != end; ++d) d->copy(b, slot);
+  }
+};
+
+// The batch's input fingerprints, booked with the claims: a slot that has a print already (its
+// record went to a shard) stops the pass, for the general path to compare the two.
+struct Prints {
+  const int64_t* fp;  // [B]
+  int64_t* prints;    // the slot table's, [cap]
+  bool* printed;
+};
+template <typename Rows>
+struct PrintedRows {
+  Rows rows;
+  Prints p;
+  PC_INLINE void touch(int64_t slot) const {
+    rows.touch(slot);
+    __builtin_prefetch(p.prints + slot, 1);
+    __builtin_prefetch(p.printed + slot, 1);
+  }
+  PC_INLINE bool taken(int64_t slot) const { return p.printed[slot]; }
+  PC_INLINE void copy(int64_t b, int64_t slot) const {
+    rows.copy(b, slot);
+    p.prints[slot] = p.fp[b];
+    p.printed[slot] = true;
   }
 };
 
@@ -268,7 +302,7 @@ int64_t claim_rows(const int64_t* index, int64_t B, int64_t cap, count_t* count,
     }
     touch(b + kRowAhead);
     const int64_t slot = index[b];
-    if (slot < 0 || slot >= cap || count[slot] != 0) return b;
+    if (slot < 0 || slot >= cap || count[slot] != 0 || rows.taken(slot)) return b;
     count[slot] = 1;
     rows.copy(b, slot);
   }
@@ -276,10 +310,17 @@ int64_t claim_rows(const int64_t* index, int64_t B, int64_t cap, count_t* count,
 }
 
 // Checks, claims and copies, without Python objects (the caller may have released the GIL).
+template <typename count_t, typename Rows>
+int64_t claim_with_prints(const int64_t* index, int64_t B, int64_t cap, count_t* count, const Rows rows,
+                          const Prints* prints) {
+  if (prints == nullptr) return claim_rows(index, B, cap, count, rows);
+  return claim_rows(index, B, cap, count, PrintedRows<Rows>{rows, *prints});
+}
+
 template <typename count_t>
 int64_t record(const int64_t* index, const int64_t* views, const int64_t* lengths, bool left,
                int64_t B, int64_t cap, count_t* count, int64_t* token_len,
-               c10::SmallVectorImpl<Output>& outputs) {
+               c10::SmallVectorImpl<Output>& outputs, const Prints* prints) {
   bool any_token = false;
   for (const Output& o : outputs) any_token |= o.per_token;
   if (views != nullptr) {
@@ -309,8 +350,11 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   // counts and of the rows they land in overlap. A slot outside the storage, recorded before or
   // twice in this batch undoes the claims made; the rows copied by then sit in slots no count
   // marks, which nothing reads (a result or a shard takes recorded slots only).
-  const auto release = [&](int64_t upto) {
+  const auto release = [&](int64_t upto) {  // the slots claimed had neither a count nor a print
     for (int64_t b = 0; b < upto; ++b) count[index[b]] = 0;
+    if (prints != nullptr) {
+      for (int64_t b = 0; b < upto; ++b) prints->printed[index[b]] = false;
+    }
   };
   c10::SmallVector<DenseCopy, 2> dense;
   for (const Output& o : outputs) {
@@ -319,8 +363,9 @@ int64_t record(const int64_t* index, const int64_t* views, const int64_t* length
   // The seed article's one output is held by value: a row store through a char* may alias
   // anything in memory but a local whose address is never taken, so its pointers and sizes
   // need not be reloaded after each row.
-  const int64_t claimed = dense.size() == 1 ? claim_rows(index, B, cap, count, OneDense{dense[0]})
-                                            : claim_rows(index, B, cap, count, ManyDense{dense.begin(), dense.end()});
+  const int64_t claimed = dense.size() == 1
+                              ? claim_with_prints(index, B, cap, count, OneDense{dense[0]}, prints)
+                              : claim_with_prints(index, B, cap, count, ManyDense{dense.begin(), dense.end()}, prints);
   if (claimed < B) {
     release(claimed);
     return kHandBack;
@@ -392,7 +437,8 @@ bool optional_data(const py::object& arg, int64_t B, const int64_t*& data, py::o
 
 // record_rows and record_plain: `n` sources, in the Targets' output order.
 Outcome record_batch(const py::object& index_arg, const py::object& views_arg, const py::object& lengths_arg, bool left,
-                     const py::handle* sources, size_t n, const Targets& targets, int64_t* batch_size = nullptr) {
+                     const py::handle* sources, size_t n, const Targets& targets, int64_t* batch_size = nullptr,
+                     const py::object& prints_arg = py::none()) {
   Outcome handed_back;
   if (n != targets.storage.size() || n == 0) return handed_back;
   int64_t B = 0;
@@ -402,10 +448,20 @@ Outcome record_batch(const py::object& index_arg, const py::object& views_arg, c
   if (idx == nullptr) return handed_back;
   const int64_t* view = nullptr;
   const int64_t* lens = nullptr;
+  const int64_t* fp = nullptr;
+  py::object prints_owner;
+  at::Tensor prints_tensor;
   if (!optional_data(views_arg, B, view, views_owner, views_tensor) ||
-      !optional_data(lengths_arg, B, lens, lengths_owner, lengths_tensor)) {
+      !optional_data(lengths_arg, B, lens, lengths_owner, lengths_tensor) ||
+      !optional_data(prints_arg, B, fp, prints_owner, prints_tensor)) {
     return handed_back;
   }
+  if (fp != nullptr && targets.prints_data == nullptr) return handed_back;  // (a pass takes view 0 only)
+  // Owned here, with their data, for the pass without the GIL.
+  const py::object prints_hold = fp != nullptr ? targets.prints : py::none();
+  const py::object printed_hold = fp != nullptr ? targets.printed : py::none();
+  std::optional<Prints> prints;
+  if (fp != nullptr) prints = Prints{fp, targets.prints_data, targets.printed_data};
   // The Targets (and the arrays they hold) stay alive while the GIL is released: the caller's
   // arguments hold them, whatever another thread does to the Store meanwhile.
   const int64_t cap = targets.cap;
@@ -436,8 +492,9 @@ Outcome record_batch(const py::object& index_arg, const py::object& views_arg, c
     targets.first_pass = false;
     std::optional<py::gil_scoped_release> nogil;
     if (release) nogil.emplace();
-    rows = wide ? record(idx, view, lens, left, B, cap, reinterpret_cast<int32_t*>(count), token_len, outputs)
-                : record(idx, view, lens, left, B, cap, reinterpret_cast<uint8_t*>(count), token_len, outputs);
+    const Prints* p = prints ? &*prints : nullptr;
+    rows = wide ? record(idx, view, lens, left, B, cap, reinterpret_cast<int32_t*>(count), token_len, outputs, p)
+                : record(idx, view, lens, left, B, cap, reinterpret_cast<uint8_t*>(count), token_len, outputs, p);
   }
   if (batch_size != nullptr) *batch_size = B;
   Outcome outcome;
@@ -451,16 +508,16 @@ Outcome record_batch(const py::object& index_arg, const py::object& views_arg, c
 }
 
 Outcome record_rows(const py::object& index_arg, const py::object& views_arg, const py::object& lengths_arg, bool left,
-                    const py::list& sources, const Targets& targets) {
+                    const py::list& sources, const Targets& targets, const py::object& prints) {
   std::vector<py::handle> handles(sources.begin(), sources.end());
-  return record_batch(index_arg, views_arg, lengths_arg, left, handles.data(), handles.size(), targets);
+  return record_batch(index_arg, views_arg, lengths_arg, left, handles.data(), handles.size(), targets, nullptr, prints);
 }
 
 // The seed article's add: a plain index and one per-example output, nothing else to parse.
 // Returns the batch size, or -1: handed back, nothing changed.
-int64_t record_plain(const py::object& index_arg, const py::handle& output, Targets& targets) {
+int64_t record_plain(const py::object& index_arg, const py::handle& output, const py::object& prints, Targets& targets) {
   int64_t B = -1;
-  if (!record_batch(index_arg, py::none(), py::none(), false, &output, 1, targets, &B).recorded) return -1;
+  if (!record_batch(index_arg, py::none(), py::none(), false, &output, 1, targets, &B, prints).recorded) return -1;
   targets.records += B;
   return B;
 }
@@ -470,14 +527,16 @@ int64_t record_plain(const py::object& index_arg, const py::handle& output, Targ
 constexpr const char* kTargetsCapsule = "provcollate.RecordTargets";
 
 PyObject* add_plain_call(PyObject* capsule, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 2) {
-    PyErr_Format(PyExc_TypeError, "add_plain(index, output) takes 2 arguments, got %zd", nargs);
+  if (nargs != 2 && nargs != 3) {
+    PyErr_Format(PyExc_TypeError, "add_plain(index, output[, fingerprint]) takes 2 or 3 arguments, got %zd", nargs);
     return nullptr;
   }
   auto* targets = static_cast<Targets*>(PyCapsule_GetPointer(capsule, kTargetsCapsule));
   if (targets == nullptr) return nullptr;
   try {
-    return PyLong_FromLongLong(record_plain(py::reinterpret_borrow<py::object>(args[0]), py::handle(args[1]), *targets));
+    const py::object prints = nargs == 3 ? py::reinterpret_borrow<py::object>(args[2]) : py::none();
+    return PyLong_FromLongLong(
+        record_plain(py::reinterpret_borrow<py::object>(args[0]), py::handle(args[1]), prints, *targets));
   } catch (py::error_already_set& e) {
     e.restore();
   } catch (const std::exception& e) {
@@ -488,10 +547,11 @@ PyObject* add_plain_call(PyObject* capsule, PyObject* const* args, Py_ssize_t na
 
 PyMethodDef add_plain_def = {"add_plain", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(add_plain_call)),
                              METH_FASTCALL,
-                             "add_plain(index, output): record_rows(index, None, None, False, [output]) into these "
-                             "Targets without building its arguments and outcome (the plain-index add of one "
-                             "per-example output), counting the rows it records in `records`: the batch size, or -1 "
-                             "(handed back, nothing changed)."};
+                             "add_plain(index, output[, fingerprint]): record_rows(index, None, None, False, [output]) "
+                             "into these Targets without building its arguments and outcome (the plain-index add of "
+                             "one per-example output, with each item's input fingerprint when given: int64 [B], "
+                             "booked in the Targets' prints), counting the rows it records in `records`: the batch "
+                             "size, or -1 (handed back, nothing changed)."};
 
 }  // namespace
 
@@ -539,6 +599,19 @@ void bind_record(py::module_& m) {
            },
            "add_plain(index, output): the plain-index add of one per-example output into these Targets (see its "
            "own docstring); a function of its own, called without pybind11's dispatcher.")
+      .def("set_prints", [](Targets& t, py::object prints, py::object printed) {
+             int64_t* p = reinterpret_cast<int64_t*>(host_array(prints, t.cap, {8}));
+             bool* q = reinterpret_cast<bool*>(host_array(printed, t.cap, {1}, true));
+             if (t.count_data == nullptr || p == nullptr || q == nullptr) {
+               throw py::value_error("RecordTargets.set_prints: int64 and bool arrays of the count's shape");
+             }
+             t.prints = std::move(prints);
+             t.printed = std::move(printed);
+             t.prints_data = p;
+             t.printed_data = q;
+           },
+           py::arg("prints"), py::arg("printed"),
+           "The slot table's fingerprints and their marks, which add_plain books a batch's fingerprints in.")
       .def("set_chunks", [](Targets& t, const py::list& chunks) {
              std::vector<Chunk> next;
              for (const py::handle h : chunks) {
@@ -553,9 +626,10 @@ void bind_record(py::module_& m) {
            },
            py::arg("chunks"));
   m.def("record_rows", &record_rows, py::arg("index"), py::arg("views"), py::arg("lengths"), py::arg("left"),
-        py::arg("sources"), py::arg("targets"),
+        py::arg("sources"), py::arg("targets"), py::arg("prints") = py::none(),
         "Recorder.add's fast path (provcollate.store.FastPath): checks, claims and copies one batch "
-        "into host storage; the RecordOutcome says whether it did, or how many rows a chunk lacks.");
+        "into host storage (with `prints`, each item's input fingerprint, booked in the Targets' prints); the "
+        "RecordOutcome says whether it did, or how many rows a chunk lacks.");
 }
 
 }  // namespace provcollate

@@ -300,10 +300,10 @@ class Recorder:
             store = self._store
             fast = store.fast
             if (fast is not None and fast.plain and type(outputs) is _Tensor and (type(batch) is _Tensor or type(batch) is _ndarray)
-                    and per_token is False and lengths is None and view is None and padding_side is None and offsets is None
-                    and fingerprint is None):
-                # The seed article's call, a plain index and one per-example tensor, straight to the compiled pass.
-                n = fast.add_plain(batch, outputs)
+                    and per_token is False and lengths is None and view is None and padding_side is None and offsets is None):
+                # The seed article's call, a plain index and one per-example tensor (and perhaps
+                # each item's fingerprint), straight to the compiled pass.
+                n = fast.add_plain(batch, outputs) if fingerprint is None else fast.add_plain(batch, outputs, fingerprint)
                 if n < 0:  # handed back: the general path takes it
                     n = self._add(batch, outputs, per_token, lengths, view, padding_side, offsets, fingerprint, compiled=False)
             else:

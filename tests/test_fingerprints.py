@@ -494,10 +494,79 @@ def test_a_compiled_add_books_the_fingerprints_too():
     rec = pc.Recorder(num_items=ds)
     run(rec, DataLoader(ds, batch_size=5, shuffle=True, collate_fn=pc.Collator()), Model())
     assert torch.equal(rec.result().fingerprints, torch.tensor([pc.fingerprint(d) for d in data]))
+    if pc.ops.HAS_EXTENSION:
+        assert rec._store.fast.booked_prints  # the last batch's, booked by the compiled pass itself
     batch = pc.Collator()([pc.Sample(i, 0, d) for i, d in enumerate(data[:3])])
     with pytest.raises(ValueError, match="already recorded"):
         rec.add(batch, torch.zeros(3, 3))  # rejected: the books, prints included, are as they were
     assert torch.equal(rec.result().fingerprints, torch.tensor([pc.fingerprint(d) for d in data]))
+
+
+@pytest.mark.skipif(not pc.ops.HAS_EXTENSION, reason="the compiled extension is not built")
+@pytest.mark.parametrize("policy", ["error", "first", "last", "mean"])
+def test_plain_adds_with_fingerprints_take_the_compiled_pass_and_book_what_the_general_path_books(tmp_path, policy):
+    """add(index, out, fingerprint=) through add_plain books the same prints, conflicts and
+    summary as the general path, through repeats (handed back), shards and a policy change."""
+    rng = np.random.default_rng(7)
+    n = 96
+    prints = rng.integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
+    chunks = rng.permutation(n).reshape(6, 16)
+    batches = [chunks[0], chunks[1], chunks[2], chunks[3], chunks[0][::2], chunks[4]]  # the fifth repeats ids
+
+    def feed(rec, path, compiled):
+        """Six adds (the fifth repeats ids of the first under other inputs); with a path, a shard
+        after the third and at the end, else a change of policy and an add under the new one."""
+        calls = []
+        original = rec._add
+        rec._add = lambda *a, **k: calls.append(1) or original(*a, **k)
+        if not compiled:
+            rec._store.fast = None
+        for k, index in enumerate(batches):
+            out = torch.from_numpy(index.astype(np.float32)[:, None] * np.ones((1, 3), np.float32))
+            fp = torch.from_numpy(prints[index])
+            if k == 4:  # another input under ids already recorded: conflicts, unless refused
+                fp = fp + 1
+            try:
+                rec.add(torch.from_numpy(index), out, fingerprint=fp)
+            except ValueError as e:
+                assert policy == "error" and "already recorded" in str(e)
+            if k == 2 and path is not None:
+                rec.write(path)
+        if path is not None:
+            rec.write(path)
+            return [rec.result(), pc.Predictions.read(path)], len(calls)
+        if policy != "error":
+            rec.on_duplicate = "last" if policy == "first" else "first"
+            index = batches[0][:4]
+            rec.add(torch.from_numpy(index), torch.zeros(4, 3), fingerprint=torch.from_numpy(prints[index] + 2))
+        rec.add(torch.from_numpy(chunks[5]), torch.ones(16, 3), fingerprint=torch.from_numpy(prints[chunks[5]]))
+        return [rec.result()], len(calls)
+
+    for path in (tmp_path / "compiled", None):
+        compiled = feed(pc.Recorder(num_items=n, on_duplicate=policy), path, True)
+        general = feed(pc.Recorder(num_items=n, on_duplicate=policy), path and tmp_path / "general", False)
+        for a, b in zip(compiled[0], general[0]):
+            assert torch.equal(a.index, b.index) and torch.equal(a.fingerprints, b.fingerprints)
+            assert torch.equal(a.tensor(), b.tensor())
+            sa, sb = a.summary(), b.summary()
+            assert (sa.conflicts, sa.conflicted, sa.fingerprinted) == (sb.conflicts, sb.conflicted, sb.fingerprinted)
+            changed = set(chunks[0][::2].tolist()) | (set(chunks[0][:4].tolist()) if path is None else set())
+            assert sa.fingerprinted and sa.conflicts == (0 if policy == "error" else len(changed))
+        # the first fingerprinted add, the first after a shard or a change of policy, and repeats
+        # go the general way; the others do not
+        assert compiled[1] <= general[1] - 2
+
+
+def test_plain_add_fingerprints_the_compiled_pass_refuses_go_the_general_way():
+    rec = pc.Recorder(num_items=10)
+    rec.add(torch.arange(3), torch.zeros(3, 2), fingerprint=torch.arange(3))
+    with pytest.raises(ValueError, match="one entry per index"):
+        rec.add(torch.arange(3, 6), torch.zeros(3, 2), fingerprint=torch.arange(2))
+    with pytest.raises((TypeError, ValueError), match="fingerprint"):
+        rec.add(torch.arange(3, 6), torch.zeros(3, 2), fingerprint=torch.zeros(3))
+    rec.add(np.arange(3, 6), torch.zeros(3, 2), fingerprint=np.arange(3, 6, dtype=np.int32))
+    rec.add(torch.arange(6, 8), torch.zeros(2, 2), fingerprint=torch.arange(12, 16)[::2])
+    assert rec.result().fingerprints.tolist() == [0, 1, 2, 3, 4, 5, 12, 14]
 
 
 def test_fingerprints_survive_shards_read_and_resume_and_resume_verifies(tmp_path):

@@ -31,9 +31,11 @@ class FastPath:
     ``plain`` is True while the seed article's call, a plain index and one per-example tensor,
     can go straight to ``add_plain(index, output)``: the view is current, the outputs are one
     per-example tensor, and the store's rows are neither shared with a result nor waiting on a
-    GPU copy. ``add_plain`` is then the compiled view's own method (no Python step between the
-    caller and C++): it returns the batch size, or -1 having changed nothing, and counts the
-    rows it records, which the store adds to its own count (:meth:`pending_records`).
+    GPU copy. ``add_plain(index, output[, fingerprint])`` is then the compiled view's own method
+    (no Python step between the caller and C++): it returns the batch size, or -1 having changed
+    nothing, and counts the rows it records, which the store adds to its own count
+    (:meth:`pending_records`). Given fingerprints, it books them in the slot table's prints once
+    the table has them (the first fingerprinted record takes the general path and makes them).
     """
 
     def __init__(self, store) -> None:
@@ -43,6 +45,8 @@ class FastPath:
         self.token_names: frozenset = frozenset()
         self.plain = False
         self.add_plain = None
+        self.books_prints = False  # the Targets hold the slot table's prints
+        self.booked_prints = False  # the last pass booked its batch's fingerprints
 
     @staticmethod
     def available() -> bool:
@@ -54,7 +58,7 @@ class FastPath:
         if self.targets is not None:
             self.store._records += self.targets.records  # what add_plain recorded through these
         self.targets = self.add_plain = None
-        self.plain = False
+        self.plain = self.books_prints = False
 
     def pending_records(self) -> int:
         """Rows recorded by ``add_plain`` that the store has not counted yet."""
@@ -74,7 +78,12 @@ class FastPath:
             self.names = tuple(store.specs)
             self.token_names = frozenset(n for n, s in store.specs.items() if s.per_token)
             storage = [store.dense[n].rows if n in store.dense else store.tokens[n].starts for n in self.names]
-            self.targets = RecordTargets(storage, store.table.count, store.table.token_len)
+            table = store.table
+            self.targets = RecordTargets(storage, table.count, table.token_len)
+            if table.prints is not None and table.count.shape[1] == 1:
+                # add_plain books the fingerprints it is given into slots that have none yet
+                self.targets.set_prints(table.prints, table.printed)
+                self.books_prints = True
             self.add_plain = self.targets.add_plain
         # The plain call's index is positions: never for a store that files by key.
         self.plain = self.names == (SINGLE,) and not self.token_names and not store.keyed
@@ -99,14 +108,16 @@ class FastPath:
         store = self.store
         chunks = [store.tokens[n] for n in names if n in token_names]
         self._set_chunks(chunks)
-        outcome = record_rows(index, ids.views, lengths, ids.left, sources, self.targets)
+        prints = ids.prints if self.books_prints else None  # (a pass takes view 0 only, as the Targets have)
+        outcome = record_rows(index, ids.views, lengths, ids.left, sources, self.targets, prints)
         if outcome.needs_rows:  # a per-token output's last chunk is full: a new one, then the same pass again
             for c in chunks:
                 c.room(outcome.needs_rows)
             self._set_chunks(chunks)
-            outcome = record_rows(index, ids.views, lengths, ids.left, sources, self.targets)
+            outcome = record_rows(index, ids.views, lengths, ids.left, sources, self.targets, prints)
         if not outcome.recorded:
             return -1
+        self.booked_prints = prints is not None
         n = len(ids.index)
         store._records += n
         return n

@@ -136,6 +136,10 @@ class SlotTable:
         self.disagreements += disagreements
         self.max_disagreement = max(self.max_disagreement, max_disagreement)
 
+    def any_printed(self, index: np.ndarray, views: Optional[np.ndarray]) -> bool:
+        """Whether any (index, view) already has a print (recorded in memory or in a shard)."""
+        return self.printed is not None and bool(self.recorded(index, views, self.printed).any())
+
     def compare_prints(self, index: np.ndarray, views: Optional[np.ndarray], slots: np.ndarray, prints: np.ndarray):
         """(conflict, same, ref) of a block's rows against the prints held and each other: see
         :class:`Claim`. ``slots`` numbers the block's (index, view) pairs among themselves."""
@@ -279,7 +283,9 @@ class SlotTable:
         if lengths is not None and per_token:
             self._check_lengths(index, views, lengths, slot, combine_views, source, what, item)
         printed = {}
-        if prints is not None and (seen or repeats):
+        # Compared with any print held: under "last" and "mean" a slot written to a shard holds no
+        # record in memory, but its print is still the input it was recorded from.
+        if prints is not None and (seen or repeats or self.any_printed(index, views)):
             printed = dict(zip(("conflict", "same", "ref"), self.compare_prints(index, views, slot, prints)))
         if not (seen or repeats) or self.on_duplicate == "mean":
             return Claim(None, prev, seen or repeats, top, vmax, **printed)

@@ -191,11 +191,13 @@ class Store(RowWriter):
         rows under their keys' slots); the batch size, or -1, having changed nothing."""
         if self.fast is None:
             return -1
+        if ids.prints is not None and ids.keys is None and self.table.any_printed(ids.index, ids.views):
+            return -1  # inputs to compare with the prints held: the claim does it
         if ids.keys is None:
             if self.keyed:
                 return -1
             n = self.fast.add(ids, outputs, per_token)
-            if n >= 0:
+            if n >= 0 and not self.fast.booked_prints:
                 self._book_prints(ids, None)
             return n
         if not self.keyed:
@@ -205,16 +207,22 @@ class Store(RowWriter):
             slots, new_keys = self.keys.plan("Recorder.add", keys)
         except (TypeError, ValueError):
             return -1  # the general path names the bad key
+        if ids.prints is not None and self.table.any_printed(np.asarray(slots, np.int64), ids.views):
+            return -1
         n = self.fast.add(ids._replace(index=slots, index_t=None), outputs, per_token)
         if n >= 0:
             self.keys.commit(new_keys)
-            self._book_prints(ids._replace(index=slots), None)
+            if not self.fast.booked_prints:
+                self._book_prints(ids._replace(index=slots), None)
         return n
 
     def _book_prints(self, ids: Identity, claim, differ=(0, 0.0)) -> None:
         """The fingerprints of rows just written (nothing without them)."""
         if ids.prints is not None and len(ids.index):
+            first = self.table.prints is None
             self.table.book_prints(self.table.slots(ids.index, ids.views), ids.prints, claim, *differ)
+            if first:
+                self._storage_changed()  # the compiled view books fingerprints from now on
 
     def absorb(self, block: SlotBlock, source: str, repeat_hint: str = "") -> None:
         """Merge ``block`` under ``on_duplicate``, as a batch added now would be; ``source`` names it in errors.
