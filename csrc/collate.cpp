@@ -465,8 +465,15 @@ LeafOut tensor_leaf(const Leaf& leaf, const std::vector<py::object>& objs, const
           // each piece hashed right after its copy, while it is still in L1
           char* dst = base + l.first_row(b) * row;
           const int64_t n = l.lengths[b] * row;
+          const char* header = headers.data() + header_at[b];
+          const size_t header_size = header_at[b + 1] - header_at[b];
+          if (n <= kHashPiece) {
+            copy_span(dst, src[b], n, stream);
+            digests[b] = xxh3_64_prefixed(header, header_size, src[b], n);
+            continue;
+          }
           Xxh3 h;
-          h.update(headers.data() + header_at[b], header_at[b + 1] - header_at[b]);
+          h.update(header, header_size);
           for (int64_t at = 0; at < n; at += kHashPiece) {
             const int64_t piece = std::min(kHashPiece, n - at);
             copy_span(dst + at, src[b] + at, piece, stream);

@@ -23,18 +23,7 @@ constexpr size_t kMaxDims = 64;
 
 void append_u64(std::string& s, uint64_t v) { s.append(reinterpret_cast<const char*>(&v), 8); }
 
-uint64_t tagged(char tag, const void* data, size_t n) {
-  unsigned char small[240];
-  if (n < sizeof(small)) {  // one call, no streaming state
-    small[0] = static_cast<unsigned char>(tag);
-    if (n > 0) std::memcpy(small + 1, data, n);
-    return xxh3_64(small, n + 1);
-  }
-  Xxh3 h;
-  h.update(&tag, 1);
-  h.update(data, n);
-  return h.digest();
-}
+uint64_t tagged(char tag, const void* data, size_t n) { return xxh3_64_prefixed(&tag, 1, data, n); }
 
 }  // namespace
 
@@ -76,10 +65,7 @@ std::string tensor_header(at::ScalarType dtype, at::IntArrayRef sizes) {
 }
 
 uint64_t bytes_digest(const char* header, size_t header_size, const void* data, size_t n) {
-  Xxh3 h;
-  h.update(header, header_size);
-  h.update(data, n);
-  return h.digest();
+  return xxh3_64_prefixed(header, header_size, data, n);
 }
 
 uint64_t bytes_digest(const std::string& header, const void* data, size_t n) {
@@ -97,16 +83,7 @@ uint64_t sequence_digest(char tag, const uint64_t* children, size_t n) {
   head[0] = static_cast<unsigned char>(tag);
   const uint64_t count = n;
   std::memcpy(head + 1, &count, 8);
-  if (n <= 28) {  // 9 + 8n <= 240 bytes: one call
-    unsigned char small[240];
-    std::memcpy(small, head, 9);
-    if (n > 0) std::memcpy(small + 9, children, 8 * n);
-    return xxh3_64(small, 9 + 8 * n);
-  }
-  Xxh3 h;
-  h.update(head, 9);
-  h.update(children, 8 * n);
-  return h.digest();
+  return xxh3_64_prefixed(head, 9, children, 8 * n);
 }
 
 uint64_t sequence_digest(char tag, const std::vector<uint64_t>& children) {
@@ -329,6 +306,13 @@ void bind_fingerprint(py::module_& m) {
       },
       py::arg("data"), py::arg("piece") = SIZE_MAX,
       "XXH3-64 of `data` fed to the streaming hash `piece` bytes at a time (the digest does not depend on it).");
+  m.def(
+      "xxh3_64_prefixed",
+      [](const py::bytes& head, const py::bytes& data) {
+        const std::string_view h(head), d(data);
+        return xxh3_64_prefixed(h.data(), h.size(), d.data(), d.size());
+      },
+      py::arg("head"), py::arg("data"), "XXH3-64 of head + data, in one call.");
   m.attr("xxh3_isa") = xxh3_isa();
 }
 

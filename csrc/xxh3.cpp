@@ -261,6 +261,16 @@ const Isa& isa() {
   return chosen;
 }
 
+// The input's last 64 bytes as the final stripe, then the accumulators merged into the digest.
+uint64_t finish(uint64_t* acc, const unsigned char* last_stripe, uint64_t total) {
+  accumulate_scalar(acc, last_stripe, kSecret + kLastStripeOffset);
+  uint64_t result = total * kP64_1;
+  for (size_t i = 0; i < 4; ++i) {
+    result += fold128(acc[2 * i] ^ secret64(kMergeOffset + 16 * i), acc[2 * i + 1] ^ secret64(kMergeOffset + 16 * i + 8));
+  }
+  return avalanche(result);
+}
+
 }  // namespace
 
 Xxh3::Xxh3() : acc_{kP32_3, kP64_1, kP64_2, kP64_3, kP64_4, kP32_2, kP64_5, kP32_1} {}
@@ -315,12 +325,7 @@ uint64_t Xxh3::digest() const {
     std::memcpy(tail, last_ + buffered_, before);
     std::memcpy(tail + before, buf_, buffered_);
   }
-  accumulate_scalar(acc, last, kSecret + kLastStripeOffset);
-  uint64_t result = total_ * kP64_1;
-  for (size_t i = 0; i < 4; ++i) {
-    result += fold128(acc[2 * i] ^ secret64(kMergeOffset + 16 * i), acc[2 * i + 1] ^ secret64(kMergeOffset + 16 * i + 8));
-  }
-  return avalanche(result);
+  return finish(acc, last, total_);
 }
 
 uint64_t xxh3_64(const void* data, size_t n) {
@@ -328,6 +333,35 @@ uint64_t xxh3_64(const void* data, size_t n) {
   Xxh3 h;
   h.update(data, n);
   return h.digest();
+}
+
+uint64_t xxh3_64_prefixed(const void* head, size_t head_size, const void* data, size_t n) {
+  const auto* h = static_cast<const unsigned char*>(head);
+  const auto* d = static_cast<const unsigned char*>(data);
+  const size_t total = head_size + n;
+  if (total <= 240) {
+    unsigned char joined[240];
+    if (head_size > 0) std::memcpy(joined, h, head_size);
+    if (n > 0) std::memcpy(joined + head_size, d, n);
+    return short_digest(joined, total);
+  }
+  if (head_size >= kStripe) {
+    Xxh3 state;
+    state.update(head, head_size);
+    state.update(data, n);
+    return state.digest();
+  }
+  // The first stripe joins the head to the data's first bytes; every later one, the input's last
+  // included, lies in the data (total > 240 and head_size < 64: n > 176).
+  alignas(64) uint64_t acc[8] = {kP32_3, kP64_1, kP64_2, kP64_3, kP64_4, kP32_2, kP64_5, kP32_1};
+  unsigned char first[kStripe];
+  std::memcpy(first, h, head_size);
+  std::memcpy(first + head_size, d, kStripe - head_size);
+  const size_t stripes = (total - 1) / kStripe;  // >= 3: each followed by at least one byte
+  const StripesFn fn = isa().fn;
+  const size_t in_block = fn(acc, first, 1, 0);
+  fn(acc, d + (kStripe - head_size), stripes - 1, in_block);
+  return finish(acc, d + n - kStripe, total);
 }
 
 const char* xxh3_isa() { return isa().name; }

@@ -29,6 +29,9 @@ class Xxh3 {
 
 uint64_t xxh3_64(const void* data, size_t n);
 
+// XXH3-64 of `head` followed by `data`, in one call (a short head: a tensor's, a tag).
+uint64_t xxh3_64_prefixed(const void* head, size_t head_size, const void* data, size_t n);
+
 // The instruction set the long-input loop uses here: "avx512", "avx2" or "scalar".
 const char* xxh3_isa();
 

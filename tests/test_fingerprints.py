@@ -71,6 +71,20 @@ def test_without_the_xxhash_package_fingerprints_are_the_same(monkeypatch):
     assert [fp.digest(v) for v in values] == expected
 
 
+@pytest.mark.skipif(not pc.ops.HAS_EXTENSION, reason="the compiled extension is not built")
+@pytest.mark.parametrize("head", [0, 1, 9, 16, 26, 63, 64, 65, 300])
+def test_xxh3_of_a_head_and_its_data_in_one_call(head):
+    from provcollate import _C
+
+    rng = np.random.default_rng(head)
+    h = bytes(rng.integers(0, 256, head, dtype=np.uint8))
+    for n in [0, 1, 100, 175, 176, 177, 200, 239 - head, 240 - head, 241 - head, 300, 1024, 1025, 5000]:
+        if n < 0:
+            continue
+        d = bytes(rng.integers(0, 256, n, dtype=np.uint8))
+        assert _C.xxh3_64_prefixed(h, d) == xxhash.xxh3_64_intdigest(h + d), (head, n)
+
+
 ISA_CHECK = """
 import os, sys, xxhash
 from provcollate import _C
@@ -80,6 +94,8 @@ for n in sys.argv[2:]:
     ref = xxhash.xxh3_64_intdigest(data)
     for piece in (1, 7, 63, 64, 65, 255, 256, 257, 1000, len(data) + 1):
         assert _C.xxh3_64(data, piece) == ref, (n, piece, _C.xxh3_isa)
+    for head in (1, 26, 63):
+        assert _C.xxh3_64_prefixed(data[:head], data[head:]) == ref, (n, head, _C.xxh3_isa)
 print(_C.xxh3_isa)
 """
 
