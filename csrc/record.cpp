@@ -9,8 +9,9 @@
 //            slot's first row `starts` [cap, 1] and, set before each pass, the last chunk with
 //            its `cursor` (TokenRows.cursor: [first free row, rows handed out], which a pass
 //            advances as it claims the rows it then writes) and global first row), and the slot
-//            table's `count` [cap, 1] and `token_len` [cap, 1]. Made once per storage layout
-//            (FastPath.refresh).
+//            table's `count` [cap, 1] and `token_len` [cap, 1] (and, once the table has them, its
+//            fingerprints `prints` and their marks `printed`, which a pass given its batch's
+//            fingerprints writes with its claims). Made once per storage layout (FastPath.refresh).
 //   Outcome: `recorded` (the batch is in), `rows` (the rows each per-token output took) and
 //            `needs_rows` (> 0: a last chunk has no room for that many rows; nothing changed).
 #include "record.h"
