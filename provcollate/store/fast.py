@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -109,6 +110,8 @@ class FastPath:
         chunks = [store.tokens[n] for n in names if n in token_names]
         self._set_chunks(chunks)
         prints = ids.prints if self.books_prints else None  # (a pass takes view 0 only, as the Targets have)
+        if ids.prints is not None and prints is None and store.table.any_printed(np.asarray(ids.index, np.int64), ids.views):
+            return -1  # inputs to compare with prints held (the pass itself hands those back when it books them)
         outcome = record_rows(index, ids.views, lengths, ids.left, sources, self.targets, prints)
         if outcome.needs_rows:  # a per-token output's last chunk is full: a new one, then the same pass again
             for c in chunks:

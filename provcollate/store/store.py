@@ -191,8 +191,6 @@ class Store(RowWriter):
         rows under their keys' slots); the batch size, or -1, having changed nothing."""
         if self.fast is None:
             return -1
-        if ids.prints is not None and ids.keys is None and self.table.any_printed(ids.index, ids.views):
-            return -1  # inputs to compare with the prints held: the claim does it
         if ids.keys is None:
             if self.keyed:
                 return -1
@@ -207,8 +205,6 @@ class Store(RowWriter):
             slots, new_keys = self.keys.plan("Recorder.add", keys)
         except (TypeError, ValueError):
             return -1  # the general path names the bad key
-        if ids.prints is not None and self.table.any_printed(np.asarray(slots, np.int64), ids.views):
-            return -1
         n = self.fast.add(ids._replace(index=slots, index_t=None), outputs, per_token)
         if n >= 0:
             self.keys.commit(new_keys)
