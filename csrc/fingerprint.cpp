@@ -91,23 +91,13 @@ uint64_t sequence_digest(char tag, const std::vector<uint64_t>& children) {
 }
 
 uint64_t mapping_digest(std::pair<uint64_t, uint64_t>* pairs, size_t n) {
+  static_assert(sizeof(std::pair<uint64_t, uint64_t>) == 16, "pairs lie as (key digest, value digest) words");
   std::sort(pairs, pairs + n);
-  std::vector<uint64_t> large;
-  uint64_t small[30];  // b"M" + u64(n) + 2n u64s, after one byte of tag: up to 14 entries here
-  uint64_t* words = small;
-  if (2 * n + 2 > 30) {
-    large.resize(2 * n + 2);
-    words = large.data();
-  }
-  for (size_t i = 0; i < n; ++i) {
-    words[2 + 2 * i] = pairs[i].first;
-    words[3 + 2 * i] = pairs[i].second;
-  }
-  words[1] = n;
-  // the encoding starts 7 bytes into words[0]: the tag byte right before u64(n)
-  unsigned char* bytes = reinterpret_cast<unsigned char*>(words) + 7;
-  bytes[0] = 'M';
-  return xxh3_64(bytes, 9 + 16 * n);
+  unsigned char head[9];
+  head[0] = 'M';
+  const uint64_t count = n;
+  std::memcpy(head + 1, &count, 8);
+  return xxh3_64_prefixed(head, 9, pairs, 16 * n);
 }
 
 uint64_t mapping_digest(std::vector<std::pair<uint64_t, uint64_t>> pairs) {

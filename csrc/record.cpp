@@ -310,7 +310,7 @@ int64_t claim_rows(const int64_t* index, int64_t B, int64_t cap, count_t* count,
   return B;
 }
 
-// Checks, claims and copies, without Python objects (the caller may have released the GIL).
+// claim_rows, booking the batch's fingerprints with the claims when there are any.
 template <typename count_t, typename Rows>
 int64_t claim_with_prints(const int64_t* index, int64_t B, int64_t cap, count_t* count, const Rows rows,
                           const Prints* prints) {
@@ -318,6 +318,7 @@ int64_t claim_with_prints(const int64_t* index, int64_t B, int64_t cap, count_t*
   return claim_rows(index, B, cap, count, PrintedRows<Rows>{rows, *prints});
 }
 
+// Checks, claims and copies, without Python objects (the caller may have released the GIL).
 template <typename count_t>
 int64_t record(const int64_t* index, const int64_t* views, const int64_t* lengths, bool left,
                int64_t B, int64_t cap, count_t* count, int64_t* token_len,

@@ -33,6 +33,7 @@ constexpr size_t kStripe = 64;
 constexpr size_t kStripesPerBlock = 16;  // (192 - 64) / 8
 constexpr size_t kLastStripeOffset = 121;  // 192 - 64 - 7
 constexpr size_t kMergeOffset = 11;
+constexpr uint64_t kInitAcc[8] = {kP32_3, kP64_1, kP64_2, kP64_3, kP64_4, kP32_2, kP64_5, kP32_1};
 
 alignas(64) constexpr unsigned char kSecret[192] = {
     0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
@@ -156,8 +157,8 @@ size_t stripes_scalar(uint64_t* acc, const unsigned char* p, size_t stripes, siz
 }
 
 #ifdef PROVCOLLATE_XXH3_X86
-// The vector loops: stripes one by one up to a block's end, then whole blocks (AVX-512 holds the
-// block's 16 keys in registers), then the rest.
+// The vector loops. AVX2 holds the accumulators in two registers; AVX-512 in one, and runs whole
+// blocks with the block's 16 keys held in registers.
 __attribute__((target("avx2"))) inline __m256i step256(__m256i acc, __m256i d, __m256i key) {
   const __m256i k = _mm256_xor_si256(d, key);
   const __m256i m = _mm256_mul_epu32(k, _mm256_srli_epi64(k, 32));
@@ -273,7 +274,7 @@ uint64_t finish(uint64_t* acc, const unsigned char* last_stripe, uint64_t total)
 
 }  // namespace
 
-Xxh3::Xxh3() : acc_{kP32_3, kP64_1, kP64_2, kP64_3, kP64_4, kP32_2, kP64_5, kP32_1} {}
+Xxh3::Xxh3() { std::memcpy(acc_, kInitAcc, sizeof(acc_)); }
 
 void Xxh3::consume(const unsigned char* p, size_t stripes) {
   stripes_in_block_ = isa().fn(acc_, p, stripes, stripes_in_block_);
@@ -314,8 +315,7 @@ uint64_t Xxh3::digest() const {
   alignas(64) uint64_t acc[8];
   std::memcpy(acc, acc_, sizeof(acc));
   const size_t stripes = (buffered_ - 1) / kStripe;
-  const size_t in_block = isa().fn(acc, buf_, stripes, stripes_in_block_);
-  (void)in_block;  // the last stripe is never followed by a scramble
+  isa().fn(acc, buf_, stripes, stripes_in_block_);  // the last stripe is never followed by a scramble
   unsigned char tail[kStripe];
   const unsigned char* last = tail;
   if (buffered_ >= kStripe) {
@@ -328,12 +328,7 @@ uint64_t Xxh3::digest() const {
   return finish(acc, last, total_);
 }
 
-uint64_t xxh3_64(const void* data, size_t n) {
-  if (n <= 240) return short_digest(static_cast<const unsigned char*>(data), n);
-  Xxh3 h;
-  h.update(data, n);
-  return h.digest();
-}
+uint64_t xxh3_64(const void* data, size_t n) { return xxh3_64_prefixed(nullptr, 0, data, n); }
 
 uint64_t xxh3_64_prefixed(const void* head, size_t head_size, const void* data, size_t n) {
   const auto* h = static_cast<const unsigned char*>(head);
@@ -353,9 +348,10 @@ uint64_t xxh3_64_prefixed(const void* head, size_t head_size, const void* data, 
   }
   // The first stripe joins the head to the data's first bytes; every later one, the input's last
   // included, lies in the data (total > 240 and head_size < 64: n > 176).
-  alignas(64) uint64_t acc[8] = {kP32_3, kP64_1, kP64_2, kP64_3, kP64_4, kP32_2, kP64_5, kP32_1};
+  alignas(64) uint64_t acc[8];
+  std::memcpy(acc, kInitAcc, sizeof(acc));
   unsigned char first[kStripe];
-  std::memcpy(first, h, head_size);
+  if (head_size > 0) std::memcpy(first, h, head_size);
   std::memcpy(first + head_size, d, kStripe - head_size);
   const size_t stripes = (total - 1) / kStripe;  // >= 3: each followed by at least one byte
   const StripesFn fn = isa().fn;

@@ -113,11 +113,7 @@ class SlotTable:
         if self.prints is None:
             self.prints, self.printed = np.zeros(self.count.shape, np.int64), np.zeros(self.count.shape, bool)
         flat_prints, flat_printed = self.prints.reshape(-1), self.printed.reshape(-1)
-        if claim is None:  # the compiled pass: slots held no record in memory and none repeats
-            if self.on_duplicate != "last":
-                fresh = ~flat_printed[slots]  # a slot written to a shard keeps its first input's print
-                if not fresh.all():
-                    slots, prints = slots[fresh], prints[fresh]
+        if claim is None:  # the compiled pass: slots with no record and no print (FastPath hands back others)
             flat_prints[slots] = prints
             flat_printed[slots] = True
             return
